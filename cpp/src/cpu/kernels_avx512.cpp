@@ -1,0 +1,5 @@
+// STUB (helper: kernels)
+#include "cpu/kernels.h"
+namespace ps::cpu {
+const KernelSet kAvx512Kernels = kScalarKernels;
+}

@@ -1,0 +1,85 @@
+// A loaded model: hyper-parameters, weights (views into the GGUF mapping), tokenizer, the KV
+// cache and the per-token scratch buffers, and the forward pass.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "arch.h"
+#include "gguf.h"
+#include "tensor.h"
+#include "threadpool.h"
+#include "tokenizer.h"
+
+namespace ps {
+
+struct ModelParams {
+    int n_ctx = 0;            // 0: the model's training context
+    int n_threads = 0;        // 0: all cores
+    int n_batch = 256;        // prompt tokens processed per forward
+    std::string sparsity = "auto";  // dense | exact | predict | auto
+    float act_threshold = NAN;      // overrides prosparse.activation_threshold when not NaN
+};
+
+struct HParams {
+    Arch arch = Arch::LLAMA;
+    int n_vocab = 0, n_embd = 0, n_layer = 0, n_head = 0, n_head_kv = 0, n_ff = 0;
+    int head_dim = 0, n_rot = 0, n_ctx_train = 0;
+    float rms_eps = 1e-5f, rope_theta = 10000.0f, rope_freq_scale = 1.0f;
+    Activation act = Activation::SILU;
+    float act_threshold = 0.0f;
+    float embedding_scale = 1.0f, residual_scale = 1.0f, logit_scale = 1.0f;
+};
+
+struct LayerWeights {
+    const Tensor *attn_norm = nullptr, *wq = nullptr, *wk = nullptr, *wv = nullptr, *wo = nullptr;
+    const Tensor *ffn_norm = nullptr, *ffn_gate = nullptr, *ffn_up = nullptr;
+    const Tensor *ffn_down = nullptr, *ffn_down_t = nullptr;  // one of the two
+    const Tensor *fc1 = nullptr, *fc2 = nullptr, *act_freq = nullptr;  // optional
+};
+
+struct ModelStats {
+    int64_t n_prompt_tokens = 0, n_decode_tokens = 0;
+    double prompt_seconds = 0.0, decode_seconds = 0.0;
+    double weight_bytes_per_token = 0.0;  // bytes of weights the last decode step read
+};
+
+class Model {
+public:
+    Model(const std::string& path, const ModelParams& params);
+    ~Model();
+
+    const HParams& hparams() const { return hp_; }
+    const Tokenizer& tokenizer() const { return *tok_; }
+    const GGUFFile& file() const { return *file_; }
+    int n_ctx() const { return n_ctx_; }
+    int n_past() const { return n_past_; }
+    int n_threads() const;
+    const std::string& strategy() const { return strategy_; }
+    const ModelStats& stats() const { return stats_; }
+
+    // Drops the cached positions from n onwards (n <= n_past), so that the next eval continues
+    // from position n. This is how a new prompt reuses the prefix it shares with the last one.
+    void rewind(int n);
+
+    // Runs n tokens at positions n_past .. n_past+n-1 and appends them to the KV cache.
+    // Writes n_vocab logits for the last token, or for every token when all_logits, to `logits`
+    // (sized n_vocab or n * n_vocab). Throws if the context would overflow or an id is invalid.
+    void eval(const int32_t* tokens, int n, bool all_logits, float* logits);
+
+private:
+    struct Impl;
+    std::unique_ptr<GGUFFile> file_;
+    std::unique_ptr<Tokenizer> tok_;
+    HParams hp_;
+    int n_ctx_ = 0;
+    int n_past_ = 0;
+    std::string strategy_;
+    ModelStats stats_;
+    std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace ps

@@ -1,0 +1,306 @@
+// The nanobind module prosparse_rt._core: the only file that knows about Python.
+// It translates types and errors and releases the GIL around long work; the friendly API,
+// argument checking and docstrings live in python/prosparse_rt.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <cstring>
+#include <memory>
+#include <mutex>
+
+#include "common.h"
+#include "cpu/kernels.h"
+#include "gguf.h"
+#include "model.h"
+#include "ops.h"
+#include "quant.h"
+#include "sampler.h"
+#include "threadpool.h"
+#include "tokenizer.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace {
+
+using F32Array = nb::ndarray<nb::numpy, float>;
+
+// A numpy array that owns a heap copy of its data (never a view into a reused buffer).
+F32Array owned_array(std::vector<float>&& v, std::initializer_list<size_t> shape) {
+    auto* heap = new std::vector<float>(std::move(v));
+    nb::capsule owner(heap, [](void* p) noexcept { delete static_cast<std::vector<float>*>(p); });
+    return F32Array(heap->data(), shape.size(), shape.begin(), owner);
+}
+
+nb::bytes to_bytes(const std::string& s) { return nb::bytes(s.data(), s.size()); }
+
+nb::object gguf_value_to_py(const ps::GGUFValue& v) {
+    using T = ps::GGUFType;
+    switch (v.type) {
+        case T::UINT8: case T::UINT16: case T::UINT32: case T::UINT64:
+            return nb::int_(v.u);
+        case T::INT8: case T::INT16: case T::INT32: case T::INT64:
+            return nb::int_(v.i);
+        case T::FLOAT32: case T::FLOAT64: return nb::float_(v.f);
+        case T::BOOL: return nb::bool_(v.u != 0);
+        case T::STRING: return nb::str(v.str.data(), v.str.size());
+        case T::ARRAY: {
+            // Large arrays (vocabularies) are left out of the summary dict: callers that need
+            // them read the GGUF with the gguf package.
+            if (v.arr_n > 1024) return nb::none();
+            nb::list out;
+            if (v.arr_type == T::STRING) {
+                for (auto s : v.arr_strings) out.append(nb::str(s.data(), s.size()));
+                return out;
+            }
+            ps::GGUFValue e;
+            e.type = v.arr_type;
+            size_t esz = 0;
+            switch (v.arr_type) {
+                case T::UINT8: case T::INT8: case T::BOOL: esz = 1; break;
+                case T::UINT16: case T::INT16: esz = 2; break;
+                case T::UINT32: case T::INT32: case T::FLOAT32: esz = 4; break;
+                case T::UINT64: case T::INT64: case T::FLOAT64: esz = 8; break;
+                default: return nb::none();
+            }
+            for (uint64_t i = 0; i < v.arr_n; ++i) {
+                const uint8_t* p = v.arr_data + i * esz;
+                switch (v.arr_type) {
+                    case T::UINT8: out.append(nb::int_(p[0])); break;
+                    case T::INT8: out.append(nb::int_(int8_t(p[0]))); break;
+                    case T::BOOL: out.append(nb::bool_(p[0] != 0)); break;
+                    case T::UINT16: { uint16_t x; std::memcpy(&x, p, 2); out.append(nb::int_(x)); break; }
+                    case T::INT16: { int16_t x; std::memcpy(&x, p, 2); out.append(nb::int_(x)); break; }
+                    case T::UINT32: { uint32_t x; std::memcpy(&x, p, 4); out.append(nb::int_(x)); break; }
+                    case T::INT32: { int32_t x; std::memcpy(&x, p, 4); out.append(nb::int_(x)); break; }
+                    case T::FLOAT32: { float x; std::memcpy(&x, p, 4); out.append(nb::float_(x)); break; }
+                    case T::UINT64: { uint64_t x; std::memcpy(&x, p, 8); out.append(nb::int_(x)); break; }
+                    case T::INT64: { int64_t x; std::memcpy(&x, p, 8); out.append(nb::int_(x)); break; }
+                    case T::FLOAT64: { double x; std::memcpy(&x, p, 8); out.append(nb::float_(x)); break; }
+                    default: break;
+                }
+            }
+            return out;
+        }
+    }
+    return nb::none();
+}
+
+nb::dict metadata_dict(const ps::GGUFFile& f) {
+    nb::dict d;
+    for (const auto& [k, v] : f.metadata()) d[nb::str(k.data(), k.size())] = gguf_value_to_py(v);
+    return d;
+}
+
+// A tokenizer loaded on its own from a GGUF (tests and tools that need no weights).
+struct PyTokenizer {
+    std::unique_ptr<ps::GGUFFile> file;
+    std::unique_ptr<ps::Tokenizer> tok;
+    explicit PyTokenizer(const std::string& path)
+        : file(std::make_unique<ps::GGUFFile>(path)), tok(ps::Tokenizer::from_gguf(*file)) {}
+};
+
+std::vector<int32_t> checked_ids(const std::vector<int32_t>& ids, int n_vocab) {
+    for (int32_t id : ids)
+        if (id < 0 || id >= n_vocab)
+            throw ps::Error(ps::strfmt("token id %d is out of range [0, %d)", id, n_vocab));
+    return ids;
+}
+
+nb::dict hparams_dict(const ps::HParams& hp) {
+    nb::dict d;
+    d["arch"] = ps::arch_name(hp.arch);
+    d["n_vocab"] = hp.n_vocab; d["n_embd"] = hp.n_embd; d["n_layer"] = hp.n_layer;
+    d["n_head"] = hp.n_head; d["n_head_kv"] = hp.n_head_kv; d["n_ff"] = hp.n_ff;
+    d["head_dim"] = hp.head_dim; d["n_ctx_train"] = hp.n_ctx_train;
+    d["rms_eps"] = hp.rms_eps; d["rope_theta"] = hp.rope_theta;
+    d["activation"] = ps::activation_name(hp.act); d["activation_threshold"] = hp.act_threshold;
+    d["embedding_scale"] = hp.embedding_scale; d["residual_scale"] = hp.residual_scale;
+    d["logit_scale"] = hp.logit_scale;
+    return d;
+}
+
+}  // namespace
+
+NB_MODULE(_core, m) {
+    m.doc() = "prosparse-rt native core (use prosparse_rt.Model instead)";
+    nb::register_exception_translator([](const std::exception_ptr& p, void*) {
+        try {
+            std::rethrow_exception(p);
+        } catch (const ps::Error& e) {
+            PyErr_SetString(PyExc_ValueError, e.what());
+        }
+    });
+
+    nb::class_<PyTokenizer>(m, "Tokenizer")
+        .def("__init__", [](PyTokenizer* self, const std::string& path) {
+            nb::gil_scoped_release r;
+            new (self) PyTokenizer(path);
+        }, "path"_a)
+        .def("encode", [](const PyTokenizer& t, const std::string& text, bool add_bos, bool special) {
+            nb::gil_scoped_release r;
+            return t.tok->encode(text, add_bos, special);
+        }, "text"_a, "add_bos"_a, "special"_a)
+        .def("decode", [](const PyTokenizer& t, const std::vector<int32_t>& ids, bool special) {
+            return to_bytes(t.tok->decode(checked_ids(ids, t.tok->n_vocab()), special));
+        }, "ids"_a, "render_special"_a = false)
+        .def("token_to_piece", [](const PyTokenizer& t, int32_t id, bool special) {
+            checked_ids({id}, t.tok->n_vocab());
+            return to_bytes(t.tok->token_to_piece(id, special));
+        }, "id"_a, "render_special"_a = false)
+        .def_prop_ro("n_vocab", [](const PyTokenizer& t) { return t.tok->n_vocab(); })
+        .def_prop_ro("bos", [](const PyTokenizer& t) { return t.tok->bos(); })
+        .def_prop_ro("eos", [](const PyTokenizer& t) { return t.tok->eos(); })
+        .def_prop_ro("add_bos_default", [](const PyTokenizer& t) { return t.tok->add_bos_default(); })
+        .def("is_eog", [](const PyTokenizer& t, int32_t id) { return t.tok->is_eog(id); });
+
+    nb::class_<ps::Sampler>(m, "Sampler")
+        .def("__init__", [](ps::Sampler* self, float temperature, int top_k, float top_p, float min_p,
+                            float repeat_penalty, int repeat_last_n, uint64_t seed) {
+            ps::SamplerParams p;
+            p.temperature = temperature; p.top_k = top_k; p.top_p = top_p; p.min_p = min_p;
+            p.repeat_penalty = repeat_penalty; p.repeat_last_n = repeat_last_n; p.seed = seed;
+            new (self) ps::Sampler(p);
+        }, "temperature"_a, "top_k"_a, "top_p"_a, "min_p"_a, "repeat_penalty"_a,
+           "repeat_last_n"_a, "seed"_a)
+        .def("sample", [](ps::Sampler& s, nb::ndarray<const float, nb::ndim<1>, nb::c_contig> logits,
+                          const std::vector<int32_t>& history) {
+            return s.sample(logits.data(), int(logits.shape(0)), history);
+        }, "logits"_a, "history"_a);
+
+    nb::class_<ps::Model>(m, "Model")
+        .def("__init__", [](ps::Model* self, const std::string& path, int n_ctx, int n_threads,
+                            int n_batch, const std::string& sparsity, float act_threshold) {
+            ps::ModelParams p;
+            p.n_ctx = n_ctx; p.n_threads = n_threads; p.n_batch = n_batch;
+            p.sparsity = sparsity; p.act_threshold = act_threshold;
+            nb::gil_scoped_release r;
+            new (self) ps::Model(path, p);
+        }, "path"_a, "n_ctx"_a = 0, "n_threads"_a = 0, "n_batch"_a = 256,
+           "sparsity"_a = "auto", "act_threshold"_a = NAN)
+        .def("eval", [](ps::Model& mdl, const std::vector<int32_t>& tokens, bool all_logits) {
+            const int n_vocab = mdl.hparams().n_vocab;
+            auto ids = checked_ids(tokens, n_vocab);
+            std::vector<float> out(size_t(all_logits ? ids.size() : 1) * size_t(n_vocab));
+            {
+                nb::gil_scoped_release r;
+                mdl.eval(ids.data(), int(ids.size()), all_logits, out.data());
+            }
+            if (all_logits) return owned_array(std::move(out), {ids.size(), size_t(n_vocab)});
+            return owned_array(std::move(out), {size_t(n_vocab)});
+        }, "tokens"_a, "all_logits"_a = false,
+           "Run tokens after the cached ones; returns the last token's logits (or all rows).")
+        .def("rewind", &ps::Model::rewind, "n"_a)
+        .def_prop_ro("n_past", &ps::Model::n_past)
+        .def_prop_ro("n_ctx", &ps::Model::n_ctx)
+        .def_prop_ro("n_threads", &ps::Model::n_threads)
+        .def_prop_ro("strategy", &ps::Model::strategy)
+        .def_prop_ro("n_vocab", [](const ps::Model& mdl) { return mdl.hparams().n_vocab; })
+        .def_prop_ro("hparams", [](const ps::Model& mdl) { return hparams_dict(mdl.hparams()); })
+        .def_prop_ro("metadata", [](const ps::Model& mdl) { return metadata_dict(mdl.file()); })
+        .def("tokenize", [](const ps::Model& mdl, const std::string& text, bool add_bos, bool special) {
+            nb::gil_scoped_release r;
+            return mdl.tokenizer().encode(text, add_bos, special);
+        }, "text"_a, "add_bos"_a, "special"_a)
+        .def("detokenize", [](const ps::Model& mdl, const std::vector<int32_t>& ids, bool special) {
+            return to_bytes(mdl.tokenizer().decode(checked_ids(ids, mdl.tokenizer().n_vocab()), special));
+        }, "ids"_a, "render_special"_a = false)
+        .def("token_to_piece", [](const ps::Model& mdl, int32_t id, bool special) {
+            checked_ids({id}, mdl.tokenizer().n_vocab());
+            return to_bytes(mdl.tokenizer().token_to_piece(id, special));
+        }, "id"_a, "render_special"_a = false)
+        .def("is_eog", [](const ps::Model& mdl, int32_t id) { return mdl.tokenizer().is_eog(id); })
+        .def_prop_ro("bos", [](const ps::Model& mdl) { return mdl.tokenizer().bos(); })
+        .def_prop_ro("eos", [](const ps::Model& mdl) { return mdl.tokenizer().eos(); })
+        .def_prop_ro("add_bos_default", [](const ps::Model& mdl) { return mdl.tokenizer().add_bos_default(); })
+        .def("stats", [](const ps::Model& mdl) {
+            const auto& s = mdl.stats();
+            nb::dict d;
+            d["n_prompt_tokens"] = s.n_prompt_tokens; d["n_decode_tokens"] = s.n_decode_tokens;
+            d["prompt_seconds"] = s.prompt_seconds; d["decode_seconds"] = s.decode_seconds;
+            d["weight_bytes_per_token"] = s.weight_bytes_per_token;
+            return d;
+        });
+
+    // Low-level hooks for the tests, which compare our kernels and loader against the gguf
+    // package and numpy. Not part of the API.
+    nb::module_ t = m.def_submodule("_testing", "internal test hooks");
+    t.def("isas", []() {
+        std::vector<std::string> out;
+        for (const char* n : {"scalar", "avx2", "avx512"})
+            if (ps::cpu::kernels_for(n)) out.emplace_back(n);
+        return out;
+    });
+    t.def("active_isa", []() { return std::string(ps::cpu::kernels().isa); });
+    t.def("type_name", [](uint32_t type) { return std::string(ps::type_name(type)); });
+    t.def("dequantize", [](uint32_t type, nb::bytes data, int64_t n) {
+        auto ty = ps::GgmlType(type);
+        if (!ps::type_supported(ty)) throw ps::Error("unsupported type");
+        if (n < 0 || n % ps::type_info(type)->block_size != 0 || size_t(data.size()) != ps::row_bytes(ty, n))
+            throw ps::Error("size mismatch");
+        std::vector<float> out(static_cast<size_t>(n));
+        ps::dequantize_row(ty, data.c_str(), out.data(), n);
+        return owned_array(std::move(out), {size_t(n)});
+    }, "type"_a, "data"_a, "n"_a);
+    t.def("quantize", [](uint32_t type, nb::ndarray<const float, nb::ndim<1>, nb::c_contig> x) {
+        auto ty = ps::GgmlType(type);
+        int64_t n = int64_t(x.shape(0));
+        if (!ps::type_supported(ty) || n % ps::type_info(type)->block_size != 0)
+            throw ps::Error("unsupported type or size");
+        std::string out(ps::row_bytes(ty, n), '\0');
+        ps::quantize_row(ty, x.data(), &out[0], n);
+        return to_bytes(out);
+    }, "type"_a, "x"_a);
+    t.def("gemm", [](const std::string& isa, uint32_t type, nb::bytes W, int64_t nr, int64_t k,
+                     nb::ndarray<const float, nb::ndim<2>, nb::c_contig> X) {
+        const ps::cpu::KernelSet* ks = ps::cpu::kernels_for(isa.c_str());
+        if (!ks) throw ps::Error("isa not available: " + isa);
+        auto ty = ps::GgmlType(type);
+        if (!ps::type_supported(ty) || k % ps::type_info(type)->block_size != 0 ||
+            size_t(W.size()) != size_t(nr) * ps::row_bytes(ty, k) || int64_t(X.shape(1)) != k)
+            throw ps::Error("shape mismatch");
+        const int64_t nc = int64_t(X.shape(0));
+        const size_t xs = ps::cpu::act_row_bytes(ty, k);
+        std::vector<uint8_t> xa(xs * size_t(nc));
+        for (int64_t c = 0; c < nc; ++c) ks->quantize_act(ty, X.data() + c * k, xa.data() + c * xs, k);
+        std::vector<float> Y(size_t(nc * nr));
+        ks->gemm(ty, k, W.c_str(), ps::row_bytes(ty, k), nr, xa.data(), xs, nc, Y.data(), nr);
+        return owned_array(std::move(Y), {size_t(nc), size_t(nr)});
+    }, "isa"_a, "type"_a, "W"_a, "nr"_a, "k"_a, "X"_a);
+    t.def("matmul", [](uint32_t type, nb::bytes W, int64_t nr, int64_t k,
+                       nb::ndarray<const float, nb::ndim<2>, nb::c_contig> X, int n_threads) {
+        ps::Tensor w;
+        w.name = "w"; w.type = ps::GgmlType(type); w.n_dims = 2; w.ne[0] = k; w.ne[1] = nr;
+        if (!ps::type_supported(w.type) || k % ps::type_info(type)->block_size != 0 ||
+            size_t(W.size()) != size_t(nr) * ps::row_bytes(w.type, k) || int64_t(X.shape(1)) != k)
+            throw ps::Error("shape mismatch");
+        w.data = reinterpret_cast<const uint8_t*>(W.c_str()); w.nbytes = W.size();
+        const int64_t nt = int64_t(X.shape(0));
+        std::vector<float> Y(size_t(nt * nr));
+        std::vector<uint8_t> scratch;
+        ps::ThreadPool pool(n_threads);
+        ps::matmul(pool, w, X.data(), nt, Y.data(), scratch);
+        return owned_array(std::move(Y), {size_t(nt), size_t(nr)});
+    }, "type"_a, "W"_a, "nr"_a, "k"_a, "X"_a, "n_threads"_a);
+    t.def("gguf_summary", [](const std::string& path) {
+        std::unique_ptr<ps::GGUFFile> f;
+        {
+            nb::gil_scoped_release r;
+            f = std::make_unique<ps::GGUFFile>(path);
+        }
+        nb::dict d;
+        d["version"] = f->version();
+        d["powerinfer"] = f->is_powerinfer();
+        d["metadata"] = metadata_dict(*f);
+        nb::list ts;
+        for (const auto& tn : f->tensors()) {
+            nb::list shape;
+            for (int i = 0; i < tn.n_dims; ++i) shape.append(tn.ne[i]);
+            ts.append(nb::make_tuple(tn.name, ps::type_name(tn.type), shape, tn.nbytes));
+        }
+        d["tensors"] = ts;
+        return d;
+    }, "path"_a);
+}
