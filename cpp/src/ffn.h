@@ -15,6 +15,7 @@ namespace ps {
 struct FfnScratch {
     std::vector<float> gate, up;      // [n_tokens][n_ff]
     std::vector<uint8_t> act_buf;     // converted activations for matmul
+    std::vector<float> down_rows;     // per-thread dequantized slices of ffn_down_t rows
 };
 
 // out[t] = FFN(h[t]) for n_tokens rows of n_embd; h is the ffn_norm output.

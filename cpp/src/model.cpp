@@ -1,11 +1,338 @@
-// STUB (me)
+// Loading (hyper-parameters and tensors per architecture) and the forward pass.
+// The forward reads as the maths: embed -> for each layer (RMSNorm, attention with RoPE and the
+// KV cache, residual; RMSNorm, FFN, residual) -> final norm -> output head. MiniCPM differs only
+// by three scales (embedding, residual branch, logits).
 #include "model.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+
 #include "common.h"
+#include "ffn.h"
+#include "ops.h"
+#include "vec.h"
+
 namespace ps {
-struct Model::Impl { std::unique_ptr<ThreadPool> pool; };
-Model::Model(const std::string& path, const ModelParams&) : file_(std::make_unique<GGUFFile>(path)) { fail("ni"); }
-Model::~Model() = default;
-int Model::n_threads() const { return 1; }
-void Model::rewind(int) {}
-void Model::eval(const int32_t*, int, bool, float*) { fail("ni"); }
+
+namespace {
+
+// f32 copy of a 1-D tensor (norm weights), whatever its stored type.
+std::vector<float> to_f32(const Tensor& t) {
+    std::vector<float> v(size_t(t.ne[0]) * size_t(t.nrows()));
+    for (int64_t r = 0; r < t.nrows(); ++r)
+        dequantize_row(t.type, t.row(r), v.data() + size_t(r) * size_t(t.ne[0]), t.ne[0]);
+    return v;
 }
+
+// Uninitialised float storage: the KV cache may be gigabytes, and untouched pages cost nothing.
+struct FloatBuf {
+    float* p = nullptr;
+    explicit FloatBuf(size_t n = 0) { reset(n); }
+    ~FloatBuf() { std::free(p); }
+    FloatBuf(const FloatBuf&) = delete;
+    FloatBuf& operator=(const FloatBuf&) = delete;
+    void reset(size_t n) {
+        std::free(p);
+        p = n ? static_cast<float*>(std::malloc(n * sizeof(float))) : nullptr;
+        if (n && !p) fail(strfmt("out of memory allocating %zu MB", n * sizeof(float) >> 20));
+    }
+};
+
+}  // namespace
+
+struct Model::Impl {
+    std::unique_ptr<ThreadPool> pool;
+    const Tensor* tok_embd = nullptr;
+    const Tensor* output = nullptr;  // token_embd when tied
+    std::vector<float> output_norm;
+    std::vector<LayerWeights> layers;
+    std::vector<std::vector<float>> attn_norm, ffn_norm;
+
+    // KV cache: [layer][pos][n_head_kv * head_dim], f32 so that f32 models match references.
+    FloatBuf k_cache, v_cache;
+    size_t kv_layer_stride = 0;
+
+    // Scratch for one batch (llama2.c's RunState): allocated once, reused every token.
+    int n_batch = 0;
+    std::vector<float> x, xn, q, k, v, attn, branch, logits_rows;
+    std::vector<float> scores;  // [thread][n_ctx]
+    std::vector<uint8_t> act_buf;
+    FfnScratch ffn;
+};
+
+namespace {
+
+const Tensor* require(const GGUFFile& f, const std::string& name) {
+    const Tensor* t = f.tensor(name);
+    if (!t) fail(strfmt("%s: tensor '%s' is missing", f.path().c_str(), name.c_str()));
+    return t;
+}
+
+void check_shape(const GGUFFile& f, const Tensor* t, int64_t ne0, int64_t ne1) {
+    const bool ok = t->ne[0] == ne0 && t->ne[1] == ne1 && t->ne[2] == 1 && t->ne[3] == 1;
+    if (!ok)
+        fail(strfmt("%s: tensor '%s' has shape {%lld, %lld}, expected {%lld, %lld}", f.path().c_str(),
+                    t->name.c_str(), (long long)t->ne[0], (long long)t->ne[1], (long long)ne0,
+                    (long long)ne1));
+}
+
+HParams read_hparams(const GGUFFile& f) {
+    HParams hp;
+    const std::string arch = f.get_str_opt("general.architecture").value_or("");
+    if (!arch_from_name(arch, &hp.arch))
+        fail(strfmt("%s: unknown architecture '%s' (supported: llama, minicpm)", f.path().c_str(), arch.c_str()));
+    const Arch a = hp.arch;
+    auto geti = [&](Key k) { return f.get_int(key(a, k)); };
+    auto pos_int = [&](Key k, int64_t v) {
+        if (v <= 0 || v > (int64_t(1) << 30))
+            fail(strfmt("%s: %s = %lld is out of range", f.path().c_str(), key(a, k).c_str(), (long long)v));
+        return int(v);
+    };
+    hp.n_embd = pos_int(Key::EMBEDDING_LENGTH, geti(Key::EMBEDDING_LENGTH));
+    hp.n_layer = pos_int(Key::BLOCK_COUNT, geti(Key::BLOCK_COUNT));
+    hp.n_ff = pos_int(Key::FEED_FORWARD_LENGTH, geti(Key::FEED_FORWARD_LENGTH));
+    hp.n_head = pos_int(Key::HEAD_COUNT, geti(Key::HEAD_COUNT));
+    hp.n_head_kv = pos_int(Key::HEAD_COUNT_KV, f.get_int(key(a, Key::HEAD_COUNT_KV), hp.n_head));
+    hp.n_ctx_train = pos_int(Key::CONTEXT_LENGTH, f.get_int(key(a, Key::CONTEXT_LENGTH), 2048));
+    if (hp.n_embd % hp.n_head != 0)
+        fail(strfmt("%s: embedding length %d is not a multiple of the head count %d", f.path().c_str(), hp.n_embd, hp.n_head));
+    if (hp.n_head % hp.n_head_kv != 0)
+        fail(strfmt("%s: head count %d is not a multiple of the KV head count %d", f.path().c_str(), hp.n_head, hp.n_head_kv));
+    hp.head_dim = hp.n_embd / hp.n_head;
+    hp.n_rot = int(f.get_int(key(a, Key::ROPE_DIMENSION_COUNT), hp.head_dim));
+    if (hp.n_rot <= 0 || hp.n_rot > hp.head_dim || hp.n_rot % 2)
+        fail(strfmt("%s: rope dimension count %d is invalid for head size %d", f.path().c_str(), hp.n_rot, hp.head_dim));
+    hp.rms_eps = float(f.get_float(key(a, Key::RMS_EPS), 1e-5));
+    hp.rope_theta = float(f.get_float(key(a, Key::ROPE_FREQ_BASE), 10000.0));
+    if (!(hp.rms_eps >= 0.0f) || !(hp.rope_theta > 0.0f))
+        fail(strfmt("%s: invalid RMS epsilon or RoPE base", f.path().c_str()));
+    const std::string scaling = f.get_str_opt(key(a, Key::ROPE_SCALING_TYPE)).value_or("none");
+    if (scaling == "linear") {
+        const double factor = f.get_float(key(a, Key::ROPE_SCALING_FACTOR), 1.0);
+        if (!(factor > 0.0)) fail(strfmt("%s: invalid rope scaling factor", f.path().c_str()));
+        hp.rope_freq_scale = float(1.0 / factor);
+    } else if (scaling != "none") {
+        fail(strfmt("%s: rope scaling '%s' is not supported (only none and linear)", f.path().c_str(), scaling.c_str()));
+    }
+    if (a == Arch::MINICPM) {
+        hp.embedding_scale = float(f.get_float(key(a, Key::EMBEDDING_SCALE), 1.0));
+        hp.residual_scale = float(f.get_float(key(a, Key::RESIDUAL_SCALE), 1.0));
+        hp.logit_scale = float(f.get_float(key(a, Key::LOGIT_SCALE), 1.0));
+        if (!(hp.logit_scale != 0.0f) || !std::isfinite(hp.logit_scale))
+            fail(strfmt("%s: invalid logit scale", f.path().c_str()));
+    }
+    // Activation: ours from prosparse.*; a PowerInfer file is ReLU; a plain llama.cpp file SiLU.
+    if (auto act = f.get_str_opt(key(a, Key::PS_ACTIVATION))) {
+        if (!activation_from_name(*act, &hp.act))
+            fail(strfmt("%s: unknown activation '%s' (supported: silu, relu, fatrelu)", f.path().c_str(), act->c_str()));
+        hp.act_threshold = float(f.get_float(key(a, Key::PS_ACTIVATION_THRESHOLD), 0.0));
+    } else if (f.is_powerinfer()) {
+        hp.act = Activation::RELU;
+    }
+    return hp;
+}
+
+}  // namespace
+
+Model::Model(const std::string& path, const ModelParams& params)
+    : file_(std::make_unique<GGUFFile>(path)), impl_(std::make_unique<Impl>()) {
+    const GGUFFile& f = *file_;
+    hp_ = read_hparams(f);
+    if (!std::isnan(params.act_threshold)) {
+        if (!std::isfinite(params.act_threshold)) fail("activation threshold must be finite");
+        hp_.act_threshold = params.act_threshold;
+        if (hp_.act == Activation::RELU && params.act_threshold != 0.0f) hp_.act = Activation::FATRELU;
+    }
+    tok_ = Tokenizer::from_gguf(f);
+    Impl& m = *impl_;
+
+    const int E = hp_.n_embd, H = hp_.n_head * hp_.head_dim, KV = hp_.n_head_kv * hp_.head_dim;
+    m.tok_embd = require(f, tensor_name(TensorName::TOKEN_EMBD));
+    if (m.tok_embd->ne[0] != E || m.tok_embd->n_dims != 2)
+        fail(strfmt("%s: token_embd.weight has row length %lld, expected %d", path.c_str(), (long long)m.tok_embd->ne[0], E));
+    hp_.n_vocab = int(m.tok_embd->ne[1]);
+    if (hp_.n_vocab != tok_->n_vocab())
+        fail(strfmt("%s: the embedding has %d rows but the vocabulary %d tokens", path.c_str(), hp_.n_vocab, tok_->n_vocab()));
+    m.output = f.tensor(tensor_name(TensorName::OUTPUT));
+    if (!m.output) m.output = m.tok_embd;  // tied embeddings
+    check_shape(f, m.output, E, hp_.n_vocab);
+    const Tensor* onorm = require(f, tensor_name(TensorName::OUTPUT_NORM));
+    check_shape(f, onorm, E, 1);
+    m.output_norm = to_f32(*onorm);
+
+    m.layers.resize(size_t(hp_.n_layer));
+    for (int il = 0; il < hp_.n_layer; ++il) {
+        LayerWeights& L = m.layers[size_t(il)];
+        auto req = [&](TensorName t) { return require(f, tensor_name(t, il)); };
+        L.attn_norm = req(TensorName::ATTN_NORM); check_shape(f, L.attn_norm, E, 1);
+        L.wq = req(TensorName::ATTN_Q); check_shape(f, L.wq, E, H);
+        L.wk = req(TensorName::ATTN_K); check_shape(f, L.wk, E, KV);
+        L.wv = req(TensorName::ATTN_V); check_shape(f, L.wv, E, KV);
+        L.wo = req(TensorName::ATTN_OUT); check_shape(f, L.wo, H, E);
+        L.ffn_norm = req(TensorName::FFN_NORM); check_shape(f, L.ffn_norm, E, 1);
+        L.ffn_gate = req(TensorName::FFN_GATE); check_shape(f, L.ffn_gate, E, hp_.n_ff);
+        L.ffn_up = req(TensorName::FFN_UP); check_shape(f, L.ffn_up, E, hp_.n_ff);
+        L.ffn_down_t = f.tensor(tensor_name(TensorName::FFN_DOWN_T, il));
+        if (L.ffn_down_t) {
+            check_shape(f, L.ffn_down_t, E, hp_.n_ff);
+        } else {
+            L.ffn_down = req(TensorName::FFN_DOWN);
+            check_shape(f, L.ffn_down, hp_.n_ff, E);
+        }
+        L.fc1 = f.tensor(tensor_name(TensorName::FC1, il));
+        L.fc2 = f.tensor(tensor_name(TensorName::FC2, il));
+        L.act_freq = f.tensor(tensor_name(TensorName::FFN_ACT_FREQ, il));
+        m.attn_norm.push_back(to_f32(*L.attn_norm));
+        m.ffn_norm.push_back(to_f32(*L.ffn_norm));
+    }
+
+    if (params.n_ctx < 0) fail(strfmt("n_ctx must be >= 0, got %d", params.n_ctx));
+    n_ctx_ = params.n_ctx == 0 ? hp_.n_ctx_train : params.n_ctx;
+    int nt = params.n_threads;
+    if (nt < 0) fail(strfmt("n_threads must be >= 0, got %d", nt));
+    if (nt == 0) nt = std::max(1u, std::thread::hardware_concurrency());
+    if (params.n_batch < 1) fail(strfmt("n_batch must be >= 1, got %d", params.n_batch));
+    m.n_batch = std::min(params.n_batch, n_ctx_);
+    m.pool = std::make_unique<ThreadPool>(nt);
+
+    if (params.sparsity == "dense" || params.sparsity == "auto") {
+        strategy_ = "dense";
+    } else if (params.sparsity == "exact" || params.sparsity == "predict") {
+        fail(strfmt("sparsity '%s' is not available yet (dense only)", params.sparsity.c_str()));
+    } else {
+        fail(strfmt("unknown sparsity '%s' (dense, exact, predict, auto)", params.sparsity.c_str()));
+    }
+
+    m.kv_layer_stride = size_t(n_ctx_) * size_t(KV);
+    m.k_cache.reset(m.kv_layer_stride * size_t(hp_.n_layer));
+    m.v_cache.reset(m.kv_layer_stride * size_t(hp_.n_layer));
+
+    const size_t nb = size_t(m.n_batch);
+    m.x.resize(nb * E); m.xn.resize(nb * E); m.attn.resize(nb * H); m.branch.resize(nb * E);
+    m.q.resize(nb * H); m.k.resize(nb * KV); m.v.resize(nb * KV);
+    m.scores.resize(size_t(nt) * size_t(n_ctx_));
+}
+
+Model::~Model() = default;
+
+int Model::n_threads() const { return impl_->pool->size(); }
+
+void Model::rewind(int n) {
+    if (n < 0 || n > n_past_) fail(strfmt("cannot rewind to %d: %d positions are cached", n, n_past_));
+    n_past_ = n;
+}
+
+namespace {
+
+// llama.cpp's "normal" RoPE: rotate adjacent pairs (x[2i], x[2i+1]) by pos * base^(-2i/n_rot).
+// The converter permutes Q/K rows so that this equals Hugging Face's rotate_half convention.
+void rope(float* x, int n_heads, int head_dim, int n_rot, int pos, float theta, float freq_scale) {
+    for (int i = 0; i < n_rot / 2; ++i) {
+        const double inv_freq = std::pow(double(theta), -2.0 * i / n_rot);
+        const double ang = double(pos) * double(freq_scale) * inv_freq;
+        const float c = float(std::cos(ang)), s = float(std::sin(ang));
+        for (int h = 0; h < n_heads; ++h) {
+            float* p = x + size_t(h) * head_dim + 2 * i;
+            const float a = p[0], b = p[1];
+            p[0] = a * c - b * s;
+            p[1] = a * s + b * c;
+        }
+    }
+}
+
+}  // namespace
+
+void Model::eval(const int32_t* tokens, int n, bool all_logits, float* logits) {
+    if (n <= 0) fail("eval needs at least one token");
+    if (int64_t(n_past_) + n > n_ctx_)
+        fail(strfmt("context overflow: %d cached + %d new tokens exceed n_ctx = %d", n_past_, n, n_ctx_));
+    for (int i = 0; i < n; ++i)
+        if (tokens[i] < 0 || tokens[i] >= hp_.n_vocab)
+            fail(strfmt("token id %d is out of range [0, %d)", tokens[i], hp_.n_vocab));
+
+    Impl& m = *impl_;
+    ThreadPool& pool = *m.pool;
+    const auto t0 = std::chrono::steady_clock::now();
+    const int E = hp_.n_embd, HD = hp_.head_dim, NH = hp_.n_head, NKV = hp_.n_head_kv;
+    const int H = NH * HD, KV = NKV * HD, V = hp_.n_vocab;
+    const float attn_scale = 1.0f / std::sqrt(float(HD));
+
+    for (int b0 = 0; b0 < n; b0 += m.n_batch) {
+        const int nb = std::min(m.n_batch, n - b0);
+        const int p0 = n_past_;
+
+        for (int t = 0; t < nb; ++t) {
+            float* xt = m.x.data() + size_t(t) * E;
+            dequantize_row(m.tok_embd->type, m.tok_embd->row(tokens[b0 + t]), xt, E);
+            if (hp_.embedding_scale != 1.0f) vec_scale(xt, hp_.embedding_scale, E);
+        }
+
+        for (int il = 0; il < hp_.n_layer; ++il) {
+            const LayerWeights& L = m.layers[size_t(il)];
+            float* kc = m.k_cache.p + size_t(il) * m.kv_layer_stride;
+            float* vc = m.v_cache.p + size_t(il) * m.kv_layer_stride;
+
+            // attention
+            for (int t = 0; t < nb; ++t)
+                rms_norm(m.xn.data() + size_t(t) * E, m.x.data() + size_t(t) * E, m.attn_norm[size_t(il)].data(), E, hp_.rms_eps);
+            matmul(pool, *L.wq, m.xn.data(), nb, m.q.data(), m.act_buf);
+            matmul(pool, *L.wk, m.xn.data(), nb, m.k.data(), m.act_buf);
+            matmul(pool, *L.wv, m.xn.data(), nb, m.v.data(), m.act_buf);
+            for (int t = 0; t < nb; ++t) {
+                rope(m.q.data() + size_t(t) * H, NH, HD, hp_.n_rot, p0 + t, hp_.rope_theta, hp_.rope_freq_scale);
+                rope(m.k.data() + size_t(t) * KV, NKV, HD, hp_.n_rot, p0 + t, hp_.rope_theta, hp_.rope_freq_scale);
+            }
+            std::memcpy(kc + size_t(p0) * KV, m.k.data(), sizeof(float) * size_t(nb) * KV);
+            std::memcpy(vc + size_t(p0) * KV, m.v.data(), sizeof(float) * size_t(nb) * KV);
+
+            // one task per (token, head): causal softmax(q k / sqrt(d)) v over the cache
+            pool.parallel_for(int64_t(nb) * NH, [&](int64_t task, int thread) {
+                const int t = int(task / NH), h = int(task % NH), kvh = h / (NH / NKV);
+                const int n_keys = p0 + t + 1;
+                const float* qh = m.q.data() + size_t(t) * H + size_t(h) * HD;
+                float* sc = m.scores.data() + size_t(thread) * size_t(n_ctx_);
+                for (int p = 0; p < n_keys; ++p)
+                    sc[p] = vec_dot(qh, kc + size_t(p) * KV + size_t(kvh) * HD, HD) * attn_scale;
+                softmax(sc, n_keys);
+                float* out = m.attn.data() + size_t(t) * H + size_t(h) * HD;
+                std::fill(out, out + HD, 0.0f);
+                for (int p = 0; p < n_keys; ++p) vec_axpy(out, sc[p], vc + size_t(p) * KV + size_t(kvh) * HD, HD);
+            });
+            matmul(pool, *L.wo, m.attn.data(), nb, m.branch.data(), m.act_buf);
+            vec_add_scaled(m.x.data(), m.branch.data(), hp_.residual_scale, int64_t(nb) * E);
+
+            // feed-forward
+            for (int t = 0; t < nb; ++t)
+                rms_norm(m.xn.data() + size_t(t) * E, m.x.data() + size_t(t) * E, m.ffn_norm[size_t(il)].data(), E, hp_.rms_eps);
+            ffn_dense(pool, hp_, L, m.xn.data(), nb, m.branch.data(), m.ffn);
+            vec_add_scaled(m.x.data(), m.branch.data(), hp_.residual_scale, int64_t(nb) * E);
+        }
+        n_past_ += nb;
+
+        // output head, only for the rows the caller wants
+        const int first = all_logits ? 0 : (b0 + nb == n ? nb - 1 : nb);
+        const int n_out = nb - first;
+        if (n_out > 0) {
+            for (int t = first; t < nb; ++t)
+                rms_norm(m.xn.data() + size_t(t - first) * E, m.x.data() + size_t(t) * E, m.output_norm.data(), E, hp_.rms_eps);
+            float* dst = logits + (all_logits ? size_t(b0) * V : 0);
+            matmul(pool, *m.output, m.xn.data(), n_out, dst, m.act_buf);
+            if (hp_.logit_scale != 1.0f) vec_scale(dst, 1.0f / hp_.logit_scale, int64_t(n_out) * V);
+        }
+    }
+
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (n == 1) {
+        stats_.n_decode_tokens += 1;
+        stats_.decode_seconds += secs;
+    } else {
+        stats_.n_prompt_tokens += n;
+        stats_.prompt_seconds += secs;
+    }
+}
+
+}  // namespace ps
