@@ -1,20 +1,472 @@
-// STUB (helper: gguf loader)
+// GGUF reader. The file is mapped read-only and parsed through a bounds-checked cursor: every
+// count, length and offset read from the file is checked against the bytes that remain before it
+// is used, so a corrupt or hostile file produces a ps::Error, never a huge allocation, an
+// out-of-bounds read or a crash.
 #include "gguf.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <limits>
+#include <string>
+
 #include "common.h"
+
 namespace ps {
-const char* gguf_type_name(GGUFType) { return "?"; }
-GGUFFile::GGUFFile(const std::string& path) : path_(path) { fail("GGUF loader not implemented"); }
-GGUFFile::~GGUFFile() {}
-const GGUFValue* GGUFFile::find(std::string_view) const { return nullptr; }
-std::string GGUFFile::get_str(std::string_view) const { fail("ni"); }
-std::optional<std::string> GGUFFile::get_str_opt(std::string_view) const { return std::nullopt; }
-int64_t GGUFFile::get_int(std::string_view) const { fail("ni"); }
-int64_t GGUFFile::get_int(std::string_view, int64_t d) const { return d; }
-double GGUFFile::get_float(std::string_view) const { fail("ni"); }
-double GGUFFile::get_float(std::string_view, double d) const { return d; }
-bool GGUFFile::get_bool(std::string_view, bool d) const { return d; }
-std::vector<std::string_view> GGUFFile::get_str_array(std::string_view) const { return {}; }
-std::vector<float> GGUFFile::get_float_array(std::string_view) const { return {}; }
-std::vector<int64_t> GGUFFile::get_int_array(std::string_view) const { return {}; }
-const Tensor* GGUFFile::tensor(std::string_view) const { return nullptr; }
+
+namespace {
+
+constexpr uint32_t kMagicGGUF = 0x46554747;  // "GGUF" read little-endian
+constexpr uint32_t kMagicPWRI = 0x49525750;  // "PWRI": PowerInfer's files, same layout
+constexpr uint64_t kDefaultAlignment = 32;
+constexpr int kMaxDims = 4;
+
+// The smallest encoding of one metadata pair (8-byte key length, empty key, 4-byte type, a
+// 1-byte value) and of one tensor info (empty name, n_dims, one dimension, type, offset). A count
+// larger than the remaining bytes allow is corrupt, whatever it says.
+constexpr uint64_t kMinKVBytes = 8 + 4 + 1;
+constexpr uint64_t kMinTensorInfoBytes = 8 + 4 + 8 + 4 + 8;
+
+size_t value_size(GGUFType t) {
+    switch (t) {
+        case GGUFType::UINT8: case GGUFType::INT8: case GGUFType::BOOL: return 1;
+        case GGUFType::UINT16: case GGUFType::INT16: return 2;
+        case GGUFType::UINT32: case GGUFType::INT32: case GGUFType::FLOAT32: return 4;
+        case GGUFType::UINT64: case GGUFType::INT64: case GGUFType::FLOAT64: return 8;
+        default: return 0;  // STRING, ARRAY: variable
+    }
 }
+
+bool is_known_type(uint32_t t) { return t <= uint32_t(GGUFType::FLOAT64); }
+bool is_int_type(GGUFType t) {
+    switch (t) {
+        case GGUFType::UINT8: case GGUFType::INT8: case GGUFType::UINT16: case GGUFType::INT16:
+        case GGUFType::UINT32: case GGUFType::INT32: case GGUFType::UINT64: case GGUFType::INT64:
+            return true;
+        default: return false;
+    }
+}
+bool is_unsigned(GGUFType t) {
+    return t == GGUFType::UINT8 || t == GGUFType::UINT16 || t == GGUFType::UINT32 ||
+           t == GGUFType::UINT64;
+}
+bool is_float_type(GGUFType t) { return t == GGUFType::FLOAT32 || t == GGUFType::FLOAT64; }
+
+// Decodes one little-endian scalar of type t at p into v's payload fields.
+void decode_scalar(GGUFType t, const uint8_t* p, GGUFValue& v) {
+    switch (t) {
+        case GGUFType::UINT8: v.u = p[0]; break;
+        case GGUFType::INT8: v.i = int8_t(p[0]); break;
+        case GGUFType::BOOL: v.u = p[0] != 0; break;
+        case GGUFType::UINT16: { uint16_t x; std::memcpy(&x, p, 2); v.u = x; break; }
+        case GGUFType::INT16: { int16_t x; std::memcpy(&x, p, 2); v.i = x; break; }
+        case GGUFType::UINT32: { uint32_t x; std::memcpy(&x, p, 4); v.u = x; break; }
+        case GGUFType::INT32: { int32_t x; std::memcpy(&x, p, 4); v.i = x; break; }
+        case GGUFType::UINT64: std::memcpy(&v.u, p, 8); break;
+        case GGUFType::INT64: std::memcpy(&v.i, p, 8); break;
+        case GGUFType::FLOAT32: { float x; std::memcpy(&x, p, 4); v.f = x; break; }
+        case GGUFType::FLOAT64: std::memcpy(&v.f, p, 8); break;
+        default: break;
+    }
+    // Keep the other views consistent where they are exact, so a reader may use any of them.
+    if (is_unsigned(t) || t == GGUFType::BOOL) {
+        v.i = v.u <= uint64_t(std::numeric_limits<int64_t>::max()) ? int64_t(v.u) : 0;
+        v.f = double(v.u);
+    } else if (is_int_type(t)) {
+        v.u = v.i >= 0 ? uint64_t(v.i) : 0;
+        v.f = double(v.i);
+    }
+}
+
+// A cursor over the mapping that refuses to move past its end.
+class Reader {
+public:
+    Reader(const uint8_t* base, size_t size, const std::string& path)
+        : base_(base), size_(size), path_(path) {}
+
+    size_t pos() const { return pos_; }
+    size_t remaining() const { return size_ - pos_; }
+
+    [[noreturn]] void bad(const std::string& what) const {
+        fail(strfmt("%s: %s (at byte %zu of %zu)", path_.c_str(), what.c_str(), pos_, size_));
+    }
+
+    const uint8_t* take(uint64_t n, const char* what) {
+        if (n > remaining())
+            bad(strfmt("file is truncated: %s needs %llu bytes, %zu remain", what,
+                       (unsigned long long)n, remaining()));
+        const uint8_t* p = base_ + pos_;
+        pos_ += size_t(n);
+        return p;
+    }
+    template <class T>
+    T read(const char* what) {
+        T v;
+        std::memcpy(&v, take(sizeof(T), what), sizeof(T));
+        return v;
+    }
+    std::string_view read_string(const char* what) {
+        const uint64_t n = read<uint64_t>(what);
+        const uint8_t* p = take(n, what);
+        return std::string_view(reinterpret_cast<const char*>(p), size_t(n));
+    }
+
+private:
+    const uint8_t* base_;
+    size_t size_;
+    size_t pos_ = 0;
+    const std::string& path_;
+};
+
+// Reads one metadata value of type t (already known to be a valid type id).
+void read_value(Reader& r, GGUFType t, GGUFValue& v, const std::string& key) {
+    v.type = t;
+    if (t == GGUFType::STRING) {
+        v.str = r.read_string(strfmt("the string value of '%s'", key.c_str()).c_str());
+        return;
+    }
+    if (t != GGUFType::ARRAY) {
+        decode_scalar(t, r.take(value_size(t), strfmt("the value of '%s'", key.c_str()).c_str()), v);
+        return;
+    }
+    const uint32_t et = r.read<uint32_t>("an array element type");
+    if (!is_known_type(et))
+        r.bad(strfmt("key '%s' is an array of unknown value type %u", key.c_str(), et));
+    v.arr_type = GGUFType(et);
+    if (v.arr_type == GGUFType::ARRAY)
+        r.bad(strfmt("key '%s' is an array of arrays, which GGUF readers do not support", key.c_str()));
+    const uint64_t n = r.read<uint64_t>("an array length");
+    v.arr_n = n;
+    if (v.arr_type == GGUFType::STRING) {
+        // Each string takes at least its 8-byte length: bound the count before reserving.
+        if (n > r.remaining() / 8)
+            r.bad(strfmt("key '%s' claims %llu strings, more than the file can hold", key.c_str(),
+                         (unsigned long long)n));
+        v.arr_strings.reserve(size_t(n));
+        const std::string what = strfmt("a string in array '%s'", key.c_str());
+        for (uint64_t i = 0; i < n; ++i) v.arr_strings.push_back(r.read_string(what.c_str()));
+        return;
+    }
+    const size_t es = value_size(v.arr_type);
+    if (n > r.remaining() / es)
+        r.bad(strfmt("key '%s' claims %llu elements of %s, more than the file can hold", key.c_str(),
+                     (unsigned long long)n, gguf_type_name(v.arr_type)));
+    v.arr_data = r.take(n * es, "array data");
+}
+
+// a * b into *out; false if the product does not fit in int64_t.
+bool mul_ok(int64_t a, int64_t b, int64_t* out) { return !__builtin_mul_overflow(a, b, out); }
+
+}  // namespace
+
+const char* gguf_type_name(GGUFType t) {
+    switch (t) {
+        case GGUFType::UINT8: return "uint8";
+        case GGUFType::INT8: return "int8";
+        case GGUFType::UINT16: return "uint16";
+        case GGUFType::INT16: return "int16";
+        case GGUFType::UINT32: return "uint32";
+        case GGUFType::INT32: return "int32";
+        case GGUFType::FLOAT32: return "float32";
+        case GGUFType::BOOL: return "bool";
+        case GGUFType::STRING: return "string";
+        case GGUFType::ARRAY: return "array";
+        case GGUFType::UINT64: return "uint64";
+        case GGUFType::INT64: return "int64";
+        case GGUFType::FLOAT64: return "float64";
+    }
+    return "unknown";
+}
+
+GGUFFile::GGUFFile(const std::string& path) : path_(path) {
+    const char* p = path.c_str();
+    int fd = ::open(p, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        const int err = errno;
+        if (err == ENOENT) fail(strfmt("%s: file does not exist", p));
+        fail(strfmt("%s: cannot open: %s", p, std::strerror(err)));
+    }
+    struct stat st;
+    if (::fstat(fd, &st) != 0) {
+        const int err = errno;
+        ::close(fd);
+        fail(strfmt("%s: cannot stat: %s", p, std::strerror(err)));
+    }
+    if (!S_ISREG(st.st_mode)) {
+        ::close(fd);
+        fail(strfmt("%s: not a regular file%s", p, S_ISDIR(st.st_mode) ? " (it is a directory)" : ""));
+    }
+    if (st.st_size == 0) {
+        ::close(fd);
+        fail(strfmt("%s: file is empty, not a GGUF file", p));
+    }
+    size_ = size_t(st.st_size);
+    void* m = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
+    const int map_err = errno;
+    ::close(fd);  // the mapping keeps the file alive
+    if (m == MAP_FAILED) {
+        size_ = 0;
+        fail(strfmt("%s: cannot map file: %s", p, std::strerror(map_err)));
+    }
+    base_ = static_cast<uint8_t*>(m);
+
+    // The constructor has not finished, so the destructor will not run: unmap on any error.
+    try {
+        Reader r(base_, size_, path_);
+
+        if (size_ < 4) r.bad("file is too small to be a GGUF file");
+        const uint32_t magic = r.read<uint32_t>("the magic");
+        if (magic == kMagicPWRI) powerinfer_ = true;
+        else if (magic != kMagicGGUF)
+            fail(strfmt("%s: not a GGUF file (starts with bytes %02x %02x %02x %02x, expected \"GGUF\")",
+                        p, base_[0], base_[1], base_[2], base_[3]));
+
+        version_ = r.read<uint32_t>("the version");
+        if (version_ != 2 && version_ != 3) {
+            if (version_ == 1) fail(strfmt("%s: GGUF version 1 is not supported (only 2 and 3)", p));
+            // A big-endian file (allowed from v3) has its version bytes reversed.
+            if (version_ == 0x02000000u || version_ == 0x03000000u)
+                fail(strfmt("%s: big-endian GGUF files are not supported", p));
+            fail(strfmt("%s: unsupported GGUF version %u (only 2 and 3)", p, version_));
+        }
+
+        const uint64_t n_tensors = r.read<uint64_t>("the tensor count");
+        const uint64_t n_kv = r.read<uint64_t>("the metadata count");
+        if (n_kv > r.remaining() / kMinKVBytes)
+            r.bad(strfmt("metadata count %llu is more than the file can hold", (unsigned long long)n_kv));
+        if (n_tensors > r.remaining() / kMinTensorInfoBytes)
+            r.bad(strfmt("tensor count %llu is more than the file can hold", (unsigned long long)n_tensors));
+
+        // ---- metadata ----
+        kv_.reserve(size_t(n_kv));
+        kv_index_.reserve(size_t(n_kv));
+        for (uint64_t k = 0; k < n_kv; ++k) {
+            const std::string_view key = r.read_string("a metadata key");
+            std::string skey(key);
+            if (kv_index_.count(skey)) r.bad(strfmt("duplicate metadata key '%s'", skey.c_str()));
+            const uint32_t t = r.read<uint32_t>("a metadata value type");
+            if (!is_known_type(t)) r.bad(strfmt("key '%s' has unknown value type %u", skey.c_str(), t));
+            GGUFValue v;
+            read_value(r, GGUFType(t), v, skey);
+            kv_index_.emplace(skey, kv_.size());
+            kv_.emplace_back(std::move(skey), std::move(v));
+        }
+
+        uint64_t alignment = kDefaultAlignment;
+        if (const GGUFValue* a = find("general.alignment")) {
+            if (!is_int_type(a->type))
+                fail(strfmt("%s: general.alignment has type %s, expected an integer", p,
+                            gguf_type_name(a->type)));
+            const uint64_t al = is_unsigned(a->type) ? a->u : (a->i > 0 ? uint64_t(a->i) : 0);
+            if (al == 0 || (al & (al - 1)) != 0)
+                fail(strfmt("%s: general.alignment is %s, not a positive power of two", p,
+                            is_unsigned(a->type) ? std::to_string(a->u).c_str()
+                                                 : std::to_string(a->i).c_str()));
+            alignment = al;
+        }
+
+        // ---- tensor infos ----
+        tensors_.reserve(size_t(n_tensors));
+        tensor_index_.reserve(size_t(n_tensors));
+        std::vector<uint64_t> offsets;
+        offsets.reserve(size_t(n_tensors));
+        for (uint64_t ti = 0; ti < n_tensors; ++ti) {
+            Tensor t;
+            t.name = std::string(r.read_string("a tensor name"));
+            const char* tn = t.name.c_str();
+            if (tensor_index_.count(t.name)) r.bad(strfmt("duplicate tensor name '%s'", tn));
+            const uint32_t nd = r.read<uint32_t>("a tensor's dimension count");
+            if (nd < 1 || nd > uint32_t(kMaxDims))
+                r.bad(strfmt("tensor '%s' has %u dimensions (must be 1 to %d)", tn, nd, kMaxDims));
+            t.n_dims = int(nd);
+            int64_t nelem = 1;
+            for (uint32_t d = 0; d < nd; ++d) {
+                const uint64_t ne = r.read<uint64_t>("a tensor dimension");
+                if (ne == 0 || ne > uint64_t(std::numeric_limits<int64_t>::max()))
+                    r.bad(strfmt("tensor '%s' has invalid dimension %u: %llu", tn, d, (unsigned long long)ne));
+                t.ne[d] = int64_t(ne);
+                if (!mul_ok(nelem, t.ne[d], &nelem))
+                    r.bad(strfmt("tensor '%s' has too many elements (overflow)", tn));
+            }
+            const uint32_t type = r.read<uint32_t>("a tensor type");
+            const TypeInfo* info = type_info(type);
+            if (info == nullptr)
+                r.bad(strfmt("tensor '%s' has unknown type id %u", tn, type));
+            if (!info->supported)
+                fail(strfmt("%s: tensor '%s' has type %s, which prosparse-rt does not support "
+                            "(supported: f32, f16, bf16, q8_0, q4_0, q4_1)", p, tn, info->name));
+            t.type = GgmlType(type);
+            if (t.ne[0] % info->block_size != 0)
+                r.bad(strfmt("tensor '%s' of type %s has rows of %lld elements, not a multiple of "
+                             "the block size %lld", tn, info->name, (long long)t.ne[0],
+                             (long long)info->block_size));
+            int64_t nbytes = 0;
+            if (!mul_ok(nelem / info->block_size, int64_t(info->block_bytes), &nbytes))
+                r.bad(strfmt("tensor '%s' is too large (overflow)", tn));
+            t.nbytes = size_t(nbytes);
+            const uint64_t off = r.read<uint64_t>("a tensor data offset");
+            if (off % alignment != 0)
+                r.bad(strfmt("tensor '%s' has data offset %llu, not a multiple of the alignment %llu",
+                             tn, (unsigned long long)off, (unsigned long long)alignment));
+            offsets.push_back(off);
+            tensor_index_.emplace(t.name, tensors_.size());
+            tensors_.push_back(std::move(t));
+        }
+
+        // ---- tensor data: starts at the next multiple of the alignment ----
+        const uint64_t header_end = r.pos();
+        const uint64_t data_start = header_end + (alignment - header_end % alignment) % alignment;
+        if (!tensors_.empty() && (data_start < header_end || data_start > size_))
+            fail(strfmt("%s: file is truncated: tensor data would start at byte %llu, file has %zu",
+                        p, (unsigned long long)data_start, size_));
+        const uint64_t data_size = tensors_.empty() ? 0 : size_ - data_start;
+        for (size_t i = 0; i < tensors_.size(); ++i) {
+            Tensor& t = tensors_[i];
+            const uint64_t off = offsets[i];
+            if (off > data_size || t.nbytes > data_size - off)
+                fail(strfmt("%s: tensor '%s' (%zu bytes at data offset %llu) extends past the end of "
+                            "the file (%llu bytes of tensor data): the file is truncated or corrupt",
+                            p, t.name.c_str(), t.nbytes, (unsigned long long)off,
+                            (unsigned long long)data_size));
+            t.data = base_ + data_start + off;
+        }
+    } catch (...) {
+        ::munmap(base_, size_);
+        base_ = nullptr;
+        throw;
+    }
+}
+
+GGUFFile::~GGUFFile() {
+    if (base_ != nullptr) ::munmap(base_, size_);
+    if (fd_ >= 0) ::close(fd_);
+}
+
+const GGUFValue* GGUFFile::find(std::string_view key) const {
+    auto it = kv_index_.find(std::string(key));
+    return it == kv_index_.end() ? nullptr : &kv_[it->second].second;
+}
+
+namespace {
+
+[[noreturn]] void wrong_type(const std::string& path, std::string_view key, const GGUFValue& v,
+                             const char* wanted) {
+    std::string have = gguf_type_name(v.type);
+    if (v.type == GGUFType::ARRAY) have = strfmt("array of %s", gguf_type_name(v.arr_type));
+    fail(strfmt("%s: metadata key '%.*s' has type %s, expected %s", path.c_str(), int(key.size()),
+                key.data(), have.c_str(), wanted));
+}
+
+[[noreturn]] void missing(const std::string& path, std::string_view key) {
+    fail(strfmt("%s: required metadata key '%.*s' is missing", path.c_str(), int(key.size()), key.data()));
+}
+
+int64_t as_int(const std::string& path, std::string_view key, const GGUFValue& v) {
+    if (!is_int_type(v.type)) wrong_type(path, key, v, "an integer");
+    if (v.type == GGUFType::UINT64 && v.u > uint64_t(std::numeric_limits<int64_t>::max()))
+        fail(strfmt("%s: metadata key '%.*s' = %llu is out of range", path.c_str(), int(key.size()),
+                    key.data(), (unsigned long long)v.u));
+    return is_unsigned(v.type) ? int64_t(v.u) : v.i;
+}
+
+double as_float(const std::string& path, std::string_view key, const GGUFValue& v) {
+    if (is_float_type(v.type)) return v.f;
+    if (is_int_type(v.type)) return is_unsigned(v.type) ? double(v.u) : double(v.i);
+    wrong_type(path, key, v, "a number");
+}
+
+}  // namespace
+
+std::string GGUFFile::get_str(std::string_view key) const {
+    const GGUFValue* v = find(key);
+    if (!v) missing(path_, key);
+    if (v->type != GGUFType::STRING) wrong_type(path_, key, *v, "string");
+    return std::string(v->str);
+}
+
+std::optional<std::string> GGUFFile::get_str_opt(std::string_view key) const {
+    const GGUFValue* v = find(key);
+    if (!v) return std::nullopt;
+    if (v->type != GGUFType::STRING) wrong_type(path_, key, *v, "string");
+    return std::string(v->str);
+}
+
+int64_t GGUFFile::get_int(std::string_view key) const {
+    const GGUFValue* v = find(key);
+    if (!v) missing(path_, key);
+    return as_int(path_, key, *v);
+}
+
+int64_t GGUFFile::get_int(std::string_view key, int64_t def) const {
+    const GGUFValue* v = find(key);
+    return v ? as_int(path_, key, *v) : def;
+}
+
+double GGUFFile::get_float(std::string_view key) const {
+    const GGUFValue* v = find(key);
+    if (!v) missing(path_, key);
+    return as_float(path_, key, *v);
+}
+
+double GGUFFile::get_float(std::string_view key, double def) const {
+    const GGUFValue* v = find(key);
+    return v ? as_float(path_, key, *v) : def;
+}
+
+bool GGUFFile::get_bool(std::string_view key, bool def) const {
+    const GGUFValue* v = find(key);
+    if (!v) return def;
+    if (v->type != GGUFType::BOOL) wrong_type(path_, key, *v, "bool");
+    return v->u != 0;
+}
+
+std::vector<std::string_view> GGUFFile::get_str_array(std::string_view key) const {
+    const GGUFValue* v = find(key);
+    if (!v) return {};
+    if (v->type != GGUFType::ARRAY || v->arr_type != GGUFType::STRING)
+        wrong_type(path_, key, *v, "array of string");
+    return v->arr_strings;
+}
+
+std::vector<float> GGUFFile::get_float_array(std::string_view key) const {
+    const GGUFValue* v = find(key);
+    if (!v) return {};
+    if (v->type != GGUFType::ARRAY || !(is_float_type(v->arr_type) || is_int_type(v->arr_type)))
+        wrong_type(path_, key, *v, "array of numbers");
+    std::vector<float> out(size_t(v->arr_n));
+    const size_t es = value_size(v->arr_type);
+    for (size_t i = 0; i < out.size(); ++i) {
+        GGUFValue e;
+        e.type = v->arr_type;
+        decode_scalar(v->arr_type, v->arr_data + i * es, e);
+        out[i] = float(as_float(path_, key, e));
+    }
+    return out;
+}
+
+std::vector<int64_t> GGUFFile::get_int_array(std::string_view key) const {
+    const GGUFValue* v = find(key);
+    if (!v) return {};
+    if (v->type != GGUFType::ARRAY || !is_int_type(v->arr_type))
+        wrong_type(path_, key, *v, "array of integers");
+    std::vector<int64_t> out(size_t(v->arr_n));
+    const size_t es = value_size(v->arr_type);
+    for (size_t i = 0; i < out.size(); ++i) {
+        GGUFValue e;
+        e.type = v->arr_type;
+        decode_scalar(v->arr_type, v->arr_data + i * es, e);
+        out[i] = as_int(path_, key, e);
+    }
+    return out;
+}
+
+const Tensor* GGUFFile::tensor(std::string_view name) const {
+    auto it = tensor_index_.find(std::string(name));
+    return it == tensor_index_.end() ? nullptr : &tensors_[it->second];
+}
+
+}  // namespace ps
