@@ -1,2 +1,10 @@
-"""prosparse-rt: a llama.cpp-style runtime for activation-sparse LLMs."""
-from . import _core  # noqa: F401
+"""prosparse-rt: a llama.cpp-style runtime for activation-sparse LLMs.
+
+>>> from prosparse_rt import Model
+>>> m = Model("model.gguf")
+>>> print(m.generate("The capital of France is", max_tokens=16, temperature=0.0))
+"""
+from .model import Model
+
+__all__ = ["Model"]
+__version__ = "0.1.0"

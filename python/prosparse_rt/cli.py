@@ -1,0 +1,85 @@
+"""prosparse-run: llama.cpp-like command line for generating text."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+DEFAULT_PROMPT = "Explain in two sentences why the sky is blue."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="prosparse-run",
+        description="Generate text with a GGUF model (llama.cpp-style flags). "
+                    "Without -m, runs the default model (SmolLM2-135M-Instruct, downloaded once).")
+    p.add_argument("-m", "--model", help="GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
+    p.add_argument("-p", "--prompt", default=None, help=f"prompt (default: {DEFAULT_PROMPT!r} as a chat)")
+    p.add_argument("-f", "--file", help="read the prompt from a file")
+    p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (default 128)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
+    p.add_argument("-c", "--ctx-size", type=int, default=2048, help="context size (0 = model's own; default 2048)")
+    p.add_argument("-b", "--batch-size", type=int, default=256, help="prompt tokens per forward pass")
+    p.add_argument("--temp", type=float, default=0.8, help="temperature (0 = greedy)")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--min-p", type=float, default=0.05)
+    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("-s", "--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--sparsity", default="auto", choices=["auto", "dense", "exact", "predict"],
+                   help="FFN strategy (default auto: exact where the activation is sparse, else dense)")
+    p.add_argument("--act-threshold", type=float, default=None,
+                   help="override the FATReLU threshold t (keep x >= t)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log loading details")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from . import default_model
+    from .model import Model
+
+    try:
+        path = args.model or str(default_model.path())
+        prompt = args.prompt
+        chat = args.chat
+        if args.file:
+            with open(args.file, encoding="utf-8") as fh:
+                prompt = fh.read()
+        if prompt is None:
+            prompt, chat = DEFAULT_PROMPT, True
+        model = Model(path, n_ctx=args.ctx_size, n_threads=args.threads, sparsity=args.sparsity,
+                      verbose=args.verbose, n_batch=args.batch_size, activation_threshold=args.act_threshold)
+        hp = model.hparams
+        print(f"prosparse-run: {path} ({hp['arch']}, {hp['n_layer']} layers, activation {hp['activation']}), "
+              f"FFN strategy: {model.strategy}", file=sys.stderr)
+        kwargs = dict(max_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
+                      min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed, stop=args.stop,
+                      stream=True)
+        t0 = time.perf_counter()
+        if chat:
+            stream = model.chat([{"role": "user", "content": prompt}], **kwargs)
+        else:
+            sys.stdout.write(prompt)
+            stream = model.generate(prompt, **kwargs)
+        for piece in stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        s = model.stats
+        print(f"prompt: {s['n_prompt_tokens']} tokens, {s['prompt_tokens_per_second']:.1f} tok/s | "
+              f"decode: {s['n_decode_tokens']} tokens, {s['decode_tokens_per_second']:.1f} tok/s | "
+              f"total {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+        return 0
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError) as e:
+        print(f"prosparse-run: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
