@@ -303,4 +303,38 @@ NB_MODULE(_core, m) {
         d["tensors"] = ts;
         return d;
     }, "path"_a);
+    // Loader/weight-type hooks for tests/test_gguf.py and tests/test_quant.py.
+    t.def("gguf_tensor_bytes", [](const std::string& path, const std::string& name) {
+        ps::GGUFFile f(path);
+        const ps::Tensor* tn = f.tensor(name);
+        if (!tn) throw ps::Error("no tensor named " + name);
+        return nb::bytes(reinterpret_cast<const char*>(tn->data), tn->nbytes);
+    }, "path"_a, "name"_a);
+    t.def("gguf_get", [](const std::string& path, const std::string& key,
+                         const std::string& kind) -> nb::object {
+        ps::GGUFFile f(path);
+        if (kind == "str") return nb::str(f.get_str(key).c_str());
+        if (kind == "int") return nb::int_(f.get_int(key));
+        if (kind == "float") return nb::float_(f.get_float(key));
+        if (kind == "bool") return nb::bool_(f.get_bool(key, false));
+        if (kind == "str_array") {
+            nb::list out;
+            for (auto s : f.get_str_array(key)) out.append(nb::str(s.data(), s.size()));
+            return out;
+        }
+        if (kind == "float_array") return nb::cast(f.get_float_array(key));
+        if (kind == "int_array") return nb::cast(f.get_int_array(key));
+        throw ps::Error("unknown kind " + kind);
+    }, "path"_a, "key"_a, "kind"_a);
+    t.def("type_layout", [](uint32_t type) -> nb::object {
+        const ps::TypeInfo* ti = ps::type_info(type);
+        if (!ti) return nb::none();
+        return nb::make_tuple(ti->name, ti->block_size, ti->block_bytes, ti->supported);
+    }, "type"_a);
+    t.def("quantize_q8_1", [](nb::ndarray<const float, nb::ndim<1>, nb::c_contig> x) {
+        const int64_t n = int64_t(x.shape(0));
+        std::vector<ps::block_q8_1> out(size_t(n / ps::QK));
+        ps::quantize_row_q8_1(x.data(), out.data(), n);
+        return nb::bytes(reinterpret_cast<const char*>(out.data()), out.size() * sizeof(ps::block_q8_1));
+    }, "x"_a);
 }
