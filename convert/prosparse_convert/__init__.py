@@ -1,0 +1,6 @@
+"""prosparse-convert: Hugging Face checkpoints and GGUF files to prosparse-rt's GGUF (DESIGN.md)."""
+
+from .convert import Options, convert
+from .errors import ConvertError
+
+__all__ = ["convert", "Options", "ConvertError"]

@@ -1,0 +1,202 @@
+"""Tiny random Hugging Face checkpoints for the converter and runtime tests (seeded, built with
+transformers, saved as the hub would ship them: config.json, model.safetensors, tokenizer files).
+
+Shapes: hidden 64, 2 layers, n_ff 128, head_dim 16, vocab = the SentencePiece model's (384), so that
+every tensor's rows fill whole 32-weight quant blocks. Weights are drawn wider than transformers'
+default (std 0.02) so that logits are far from uniform and activations straddle FATReLU thresholds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+N_VOCAB = 384
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+_TRAINING_TEXT_LINES = 4000
+
+
+def _training_text() -> str:
+    """English text that every Python install has (DESIGN.md: offline text)."""
+    from pydoc_data import topics
+
+    text = "\n".join(topics.topics.values())
+    return "\n".join(line for line in text.splitlines() if line.strip())[:400_000]
+
+
+def write_sentencepiece(model_dir: Path, vocab_size: int = N_VOCAB) -> Path:
+    """A SentencePiece model trained like LLaMA's (bpe, byte_fallback, identity normalization,
+    whitespace kept, digits split); writes tokenizer.model and tokenizer_config.json."""
+    import io
+
+    import sentencepiece as spm
+
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_training_text().splitlines()[:_TRAINING_TEXT_LINES]),
+        model_writer=buf,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        character_coverage=1.0,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
+    (model_dir / "tokenizer.model").write_bytes(buf.getvalue())
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "add_eos_token": False,
+        "chat_template": CHAT_TEMPLATE,
+    }))
+    return model_dir / "tokenizer.model"
+
+
+_SP_CACHE: dict = {}
+
+
+def _tokenizer_files(model_dir: Path) -> None:
+    # Training takes a second; every checkpoint in a session shares one tokenizer.
+    if "bytes" not in _SP_CACHE:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            write_sentencepiece(Path(d))
+            _SP_CACHE["bytes"] = {n: (Path(d) / n).read_bytes()
+                                  for n in ("tokenizer.model", "tokenizer_config.json")}
+    for name, data in _SP_CACHE["bytes"].items():
+        (model_dir / name).write_bytes(data)
+
+
+def llama_config(*, hidden_act="silu", n_head=4, n_head_kv=4, tied=False, n_layer=2, n_embd=64,
+                 n_ff=128, **extra):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=N_VOCAB, hidden_size=n_embd, intermediate_size=n_ff, num_hidden_layers=n_layer,
+        num_attention_heads=n_head, num_key_value_heads=n_head_kv, hidden_act=hidden_act,
+        max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=tied,
+        bos_token_id=1, eos_token_id=2, **extra)
+
+
+def random_llama(config, seed: int = 0):
+    """A LlamaForCausalLM with seeded, deliberately non-trivial weights (norm weights not all 1)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / math.sqrt(p.shape[1]))
+    return model
+
+
+def save_llama(model_dir: Path, model, *, safe=True) -> Path:
+    model_dir = Path(model_dir)
+    model.save_pretrained(model_dir, safe_serialization=safe)
+    _tokenizer_files(model_dir)
+    return model_dir
+
+
+def edit_config(model_dir: Path, **changes) -> dict:
+    """Rewrite keys of config.json (None deletes a key); returns the new config."""
+    path = Path(model_dir) / "config.json"
+    cfg = json.loads(path.read_text())
+    for k, v in changes.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    path.write_text(json.dumps(cfg, indent=2))
+    return cfg
+
+
+def make_llama_dir(model_dir: Path, *, seed: int = 0, **cfg_kw):
+    """(model, directory): a LlamaForCausalLM saved with tokenizer files."""
+    model = random_llama(llama_config(**cfg_kw), seed)
+    return model, save_llama(model_dir, model)
+
+
+def make_fatrelu_dir(model_dir: Path, threshold: float, *, seed: int = 0, **cfg_kw):
+    """(reference model, directory): ProSparse's SparseLlama checkpoint (model_type sparsellama,
+    hidden_act fatrelu, hidden_act_param t). The reference is the LlamaForCausalLM on the same
+    weights with each layer's act_fn replaced by x * (x >= t) (DESIGN.md)."""
+    model = random_llama(llama_config(hidden_act="relu", **cfg_kw), seed)
+    save_llama(model_dir, model)
+    edit_config(model_dir, architectures=["SparseLlamaForCausalLM"], model_type="sparsellama",
+                hidden_act="fatrelu", hidden_act_param=threshold)
+    _use_fatrelu(model, threshold)
+    return model, Path(model_dir)
+
+
+def _use_fatrelu(model, threshold: float) -> None:
+    import torch
+
+    class FATReLU(torch.nn.Module):
+        def forward(self, x):
+            return x * (x >= threshold).to(x.dtype)
+
+    for layer in model.model.layers:
+        layer.mlp.act_fn = FATReLU()
+
+
+def make_minicpm_dir(model_dir: Path, *, scale_emb=12.0, scale_depth=1.4, dim_model_base=16,
+                     seed: int = 0, hidden_act="silu", hidden_act_param=None, **cfg_kw):
+    """(equivalent LlamaForCausalLM, directory): a MiniCPMForCausalLM checkpoint with tied embeddings
+    and llama tensor names, and the LlamaForCausalLM that computes the same function (DESIGN.md
+    "Correctness comes from outside references"): embeddings x scale_emb, o_proj and down_proj x
+    residual_scale, and an untied head = embeddings / logit_scale."""
+    import torch
+    from safetensors.torch import save_file
+
+    cfg = llama_config(tied=False, hidden_act="relu" if hidden_act == "fatrelu" else hidden_act, **cfg_kw)
+    base = random_llama(cfg, seed)
+    if hidden_act == "fatrelu":
+        _use_fatrelu(base, hidden_act_param)
+    n_layer, n_embd = cfg.num_hidden_layers, cfg.hidden_size
+    residual_scale = scale_depth / math.sqrt(n_layer)
+    logit_scale = n_embd / dim_model_base
+
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().clone().contiguous() for k, v in base.state_dict().items() if k != "lm_head.weight"}
+    save_file(sd, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    mcfg = {
+        "architectures": ["MiniCPMForCausalLM"], "model_type": "minicpm",
+        "vocab_size": N_VOCAB, "hidden_size": n_embd, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": n_layer, "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads, "hidden_act": hidden_act,
+        "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": 10000.0, "rope_scaling": None, "tie_word_embeddings": True,
+        "scale_emb": scale_emb, "scale_depth": scale_depth, "dim_model_base": dim_model_base,
+        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32",
+    }
+    if hidden_act_param is not None:
+        mcfg["hidden_act_param"] = hidden_act_param
+    (model_dir / "config.json").write_text(json.dumps(mcfg, indent=2))
+    _tokenizer_files(model_dir)
+
+    with torch.no_grad():
+        emb = base.model.embed_tokens.weight.detach().clone()
+        base.model.embed_tokens.weight.copy_(emb * scale_emb)
+        base.lm_head.weight.copy_(emb / logit_scale)
+        for layer in base.model.layers:
+            layer.self_attn.o_proj.weight.mul_(residual_scale)
+            layer.mlp.down_proj.weight.mul_(residual_scale)
+    return base, model_dir
