@@ -144,8 +144,8 @@ void read_value(Reader& r, GGUFType t, GGUFValue& v, const std::string& key) {
     if (v.arr_type == GGUFType::STRING) {
         // Each string takes at least its 8-byte length: bound the count before reserving.
         if (n > r.remaining() / 8)
-            r.bad(strfmt("key '%s' claims %llu strings, more than the file can hold", key.c_str(),
-                         (unsigned long long)n));
+            r.bad(strfmt("key '%s' claims %llu strings, more than the file can hold "
+                         "(truncated or corrupt)", key.c_str(), (unsigned long long)n));
         v.arr_strings.reserve(size_t(n));
         const std::string what = strfmt("a string in array '%s'", key.c_str());
         for (uint64_t i = 0; i < n; ++i) v.arr_strings.push_back(r.read_string(what.c_str()));
@@ -153,9 +153,40 @@ void read_value(Reader& r, GGUFType t, GGUFValue& v, const std::string& key) {
     }
     const size_t es = value_size(v.arr_type);
     if (n > r.remaining() / es)
-        r.bad(strfmt("key '%s' claims %llu elements of %s, more than the file can hold", key.c_str(),
-                     (unsigned long long)n, gguf_type_name(v.arr_type)));
+        r.bad(strfmt("key '%s' claims %llu elements of %s, more than the file can hold "
+                     "(truncated or corrupt)", key.c_str(), (unsigned long long)n,
+                     gguf_type_name(v.arr_type)));
     v.arr_data = r.take(n * es, "array data");
+}
+
+// Keys and tensor names are identifiers (the spec says ASCII for keys): anything that is not
+// UTF-8 is corruption, and refusing it here keeps every consumer (Python str, log lines) safe.
+// String values are left as bytes: real vocabularies occasionally hold invalid sequences.
+bool valid_utf8(std::string_view s) {
+    const auto* p = reinterpret_cast<const unsigned char*>(s.data());
+    const size_t n = s.size();
+    size_t i = 0;
+    while (i < n) {
+        const unsigned c = p[i];
+        size_t len;
+        uint32_t cp;
+        if (c < 0x80) { ++i; continue; }
+        if ((c & 0xE0) == 0xC0) { len = 2; cp = c & 0x1F; }
+        else if ((c & 0xF0) == 0xE0) { len = 3; cp = c & 0x0F; }
+        else if ((c & 0xF8) == 0xF0) { len = 4; cp = c & 0x07; }
+        else return false;
+        if (n - i < len) return false;
+        for (size_t k = 1; k < len; ++k) {
+            if ((p[i + k] & 0xC0) != 0x80) return false;
+            cp = (cp << 6) | (p[i + k] & 0x3F);
+        }
+        // overlong forms, UTF-16 surrogates and code points past U+10FFFF are not UTF-8
+        if ((len == 2 && cp < 0x80) || (len == 3 && cp < 0x800) || (len == 4 && cp < 0x10000) ||
+            (cp >= 0xD800 && cp <= 0xDFFF) || cp > 0x10FFFF)
+            return false;
+        i += len;
+    }
+    return true;
 }
 
 // a * b into *out; false if the product does not fit in int64_t.
@@ -237,9 +268,11 @@ GGUFFile::GGUFFile(const std::string& path) : path_(path) {
         const uint64_t n_tensors = r.read<uint64_t>("the tensor count");
         const uint64_t n_kv = r.read<uint64_t>("the metadata count");
         if (n_kv > r.remaining() / kMinKVBytes)
-            r.bad(strfmt("metadata count %llu is more than the file can hold", (unsigned long long)n_kv));
+            r.bad(strfmt("metadata count %llu is more than the file can hold (truncated or corrupt)",
+                         (unsigned long long)n_kv));
         if (n_tensors > r.remaining() / kMinTensorInfoBytes)
-            r.bad(strfmt("tensor count %llu is more than the file can hold", (unsigned long long)n_tensors));
+            r.bad(strfmt("tensor count %llu is more than the file can hold (truncated or corrupt)",
+                         (unsigned long long)n_tensors));
 
         // ---- metadata ----
         kv_.reserve(size_t(n_kv));
@@ -247,6 +280,8 @@ GGUFFile::GGUFFile(const std::string& path) : path_(path) {
         for (uint64_t k = 0; k < n_kv; ++k) {
             const std::string_view key = r.read_string("a metadata key");
             std::string skey(key);
+            if (!valid_utf8(key))
+                r.bad(strfmt("metadata key %llu is not valid UTF-8", (unsigned long long)k));
             if (kv_index_.count(skey)) r.bad(strfmt("duplicate metadata key '%s'", skey.c_str()));
             const uint32_t t = r.read<uint32_t>("a metadata value type");
             if (!is_known_type(t)) r.bad(strfmt("key '%s' has unknown value type %u", skey.c_str(), t));
@@ -278,6 +313,8 @@ GGUFFile::GGUFFile(const std::string& path) : path_(path) {
             Tensor t;
             t.name = std::string(r.read_string("a tensor name"));
             const char* tn = t.name.c_str();
+            if (!valid_utf8(t.name))
+                r.bad(strfmt("the name of tensor %llu is not valid UTF-8", (unsigned long long)ti));
             if (tensor_index_.count(t.name)) r.bad(strfmt("duplicate tensor name '%s'", tn));
             const uint32_t nd = r.read<uint32_t>("a tensor's dimension count");
             if (nd < 1 || nd > uint32_t(kMaxDims))
@@ -287,7 +324,8 @@ GGUFFile::GGUFFile(const std::string& path) : path_(path) {
             for (uint32_t d = 0; d < nd; ++d) {
                 const uint64_t ne = r.read<uint64_t>("a tensor dimension");
                 if (ne == 0 || ne > uint64_t(std::numeric_limits<int64_t>::max()))
-                    r.bad(strfmt("tensor '%s' has invalid dimension %u: %llu", tn, d, (unsigned long long)ne));
+                    r.bad(strfmt("tensor '%s' has invalid dimension %u: %llu", tn, d,
+                                 (unsigned long long)ne));
                 t.ne[d] = int64_t(ne);
                 if (!mul_ok(nelem, t.ne[d], &nelem))
                     r.bad(strfmt("tensor '%s' has too many elements (overflow)", tn));
@@ -362,7 +400,8 @@ namespace {
 }
 
 [[noreturn]] void missing(const std::string& path, std::string_view key) {
-    fail(strfmt("%s: required metadata key '%.*s' is missing", path.c_str(), int(key.size()), key.data()));
+    fail(strfmt("%s: required metadata key '%.*s' is missing", path.c_str(), int(key.size()),
+                key.data()));
 }
 
 int64_t as_int(const std::string& path, std::string_view key, const GGUFValue& v) {

@@ -36,6 +36,14 @@ F32Array owned_array(std::vector<float>&& v, std::initializer_list<size_t> shape
 
 nb::bytes to_bytes(const std::string& s) { return nb::bytes(s.data(), s.size()); }
 
+// GGUF strings should be UTF-8, but a few real vocabularies hold invalid sequences: decode with
+// U+FFFD replacements instead of failing the whole metadata dict.
+nb::str utf8_str(std::string_view s) {
+    PyObject* o = PyUnicode_DecodeUTF8(s.data(), Py_ssize_t(s.size()), "replace");
+    if (!o) throw nb::python_error();
+    return nb::steal<nb::str>(o);
+}
+
 nb::object gguf_value_to_py(const ps::GGUFValue& v) {
     using T = ps::GGUFType;
     switch (v.type) {
@@ -45,14 +53,14 @@ nb::object gguf_value_to_py(const ps::GGUFValue& v) {
             return nb::int_(v.i);
         case T::FLOAT32: case T::FLOAT64: return nb::float_(v.f);
         case T::BOOL: return nb::bool_(v.u != 0);
-        case T::STRING: return nb::str(v.str.data(), v.str.size());
+        case T::STRING: return utf8_str(v.str);
         case T::ARRAY: {
             // Large arrays (vocabularies) are left out of the summary dict: callers that need
             // them read the GGUF with the gguf package.
             if (v.arr_n > 1024) return nb::none();
             nb::list out;
             if (v.arr_type == T::STRING) {
-                for (auto s : v.arr_strings) out.append(nb::str(s.data(), s.size()));
+                for (auto s : v.arr_strings) out.append(utf8_str(s));
                 return out;
             }
             ps::GGUFValue e;
@@ -313,13 +321,13 @@ NB_MODULE(_core, m) {
     t.def("gguf_get", [](const std::string& path, const std::string& key,
                          const std::string& kind) -> nb::object {
         ps::GGUFFile f(path);
-        if (kind == "str") return nb::str(f.get_str(key).c_str());
+        if (kind == "str") return utf8_str(f.get_str(key));
         if (kind == "int") return nb::int_(f.get_int(key));
         if (kind == "float") return nb::float_(f.get_float(key));
         if (kind == "bool") return nb::bool_(f.get_bool(key, false));
         if (kind == "str_array") {
             nb::list out;
-            for (auto s : f.get_str_array(key)) out.append(nb::str(s.data(), s.size()));
+            for (auto s : f.get_str_array(key)) out.append(utf8_str(s));
             return out;
         }
         if (kind == "float_array") return nb::cast(f.get_float_array(key));
