@@ -1,0 +1,466 @@
+"""prosparse-convert: files read back with the gguf package's own GGUFReader and dequantizer, compared
+with the Hugging Face weights they came from (DESIGN.md "File format"; llama.cpp's key/tensor names
+and its Q/K permutation)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf.quants import dequantize, quantize
+
+import helpers_models as H
+from prosparse_convert import ConvertError, convert
+from prosparse_convert.cli import main as cli_main
+
+
+# ---------------------------------------------------------------- helpers
+
+def read(path):
+    r = gguf.GGUFReader(str(path))
+    fields = {k: f.contents() for k, f in r.fields.items()}
+    tensors = {t.name: t for t in r.tensors}
+    return fields, tensors
+
+
+def as_f32(t) -> np.ndarray:
+    """A GGUF tensor as float32 in numpy order, dequantized by the gguf package."""
+    return dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)]).astype(np.float32)
+
+
+def hf(model, name) -> np.ndarray:
+    return model.state_dict()[name].detach().float().numpy()
+
+
+def unpermute_llamacpp(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's convention stated directly: within each head, stored rows 2j and 2j+1 are HF rows
+    j and j + head_dim/2 (HF rotates halves, llama.cpp rotates adjacent pairs)."""
+    hd = w.shape[0] // n_head
+    out = np.empty_like(w)
+    for h in range(n_head):
+        for j in range(hd // 2):
+            out[h * hd + j] = w[h * hd + 2 * j]
+            out[h * hd + j + hd // 2] = w[h * hd + 2 * j + 1]
+    return out
+
+
+def conv(src, out, **kw):
+    kw.setdefault("progress", False)
+    return convert(src, out, **kw)
+
+
+# ---------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def relu_gqa(tmp_path_factory):
+    d = tmp_path_factory.mktemp("relu_gqa")
+    model, path = H.make_llama_dir(d / "hf", hidden_act="relu", n_head=4, n_head_kv=2, seed=1)
+    out = conv(path, d / "f32.gguf", outtype="f32")
+    return model, path, out
+
+
+@pytest.fixture(scope="module")
+def silu_tied(tmp_path_factory):
+    d = tmp_path_factory.mktemp("silu_tied")
+    model, path = H.make_llama_dir(d / "hf", hidden_act="silu", tied=True, seed=2)
+    out = conv(path, d / "f32.gguf", outtype="f32")
+    return model, path, out
+
+
+# ---------------------------------------------------------------- metadata
+
+def test_llama_keys_follow_llama_cpp_names_and_config(relu_gqa):
+    model, path, out = relu_gqa
+    f, _ = read(out)
+    c = model.config
+    assert f["general.architecture"] == "llama"
+    assert f["general.name"] == "hf"
+    assert f["general.file_type"] == int(gguf.LlamaFileType.ALL_F32)
+    assert f["llama.context_length"] == c.max_position_embeddings
+    assert f["llama.embedding_length"] == c.hidden_size
+    assert f["llama.block_count"] == c.num_hidden_layers
+    assert f["llama.feed_forward_length"] == c.intermediate_size
+    assert f["llama.attention.head_count"] == c.num_attention_heads
+    assert f["llama.attention.head_count_kv"] == c.num_key_value_heads
+    assert f["llama.rope.dimension_count"] == c.hidden_size // c.num_attention_heads
+    assert f["llama.rope.freq_base"] == pytest.approx(10000.0)
+    assert f["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(c.rms_norm_eps)
+    assert f["llama.vocab_size"] == H.N_VOCAB
+    assert "llama.rope.scaling.type" not in f
+    assert f["prosparse.activation"] == "relu"
+    assert f["prosparse.activation_threshold"] == 0.0
+
+
+def test_silu_model_says_silu_and_has_no_threshold(silu_tied):
+    f, _ = read(silu_tied[2])
+    assert f["prosparse.activation"] == "silu"
+    assert "prosparse.activation_threshold" not in f
+
+
+def test_fatrelu_threshold_comes_from_hidden_act_param(tmp_path):
+    _, path = H.make_fatrelu_dir(tmp_path / "hf", 0.05)
+    f, t = read(conv(path, tmp_path / "o.gguf", outtype="f32"))
+    assert f["prosparse.activation"] == "fatrelu"
+    assert f["prosparse.activation_threshold"] == pytest.approx(0.05)
+    assert "blk.0.ffn_down_t.weight" in t
+
+
+def test_linear_rope_scaling_is_written(tmp_path):
+    _, path = H.make_llama_dir(tmp_path / "hf", rope_scaling={"rope_type": "linear", "factor": 4.0})
+    f, _ = read(conv(path, tmp_path / "o.gguf", outtype="f32"))
+    assert f["llama.rope.scaling.type"] == "linear"
+    assert f["llama.rope.scaling.factor"] == pytest.approx(4.0)
+
+
+def test_chat_template_comes_from_tokenizer_config(relu_gqa):
+    f, _ = read(relu_gqa[2])
+    assert f["tokenizer.chat_template"] == H.CHAT_TEMPLATE
+
+
+# ---------------------------------------------------------------- tensors
+
+def test_tensor_names_and_shapes(relu_gqa):
+    model, _, out = relu_gqa
+    _, t = read(out)
+    c = model.config
+    n, ff, kv = c.hidden_size, c.intermediate_size, c.num_key_value_heads * 16
+    want = {"token_embd.weight": (H.N_VOCAB, n), "output_norm.weight": (n,), "output.weight": (H.N_VOCAB, n)}
+    for i in range(c.num_hidden_layers):
+        want.update({
+            f"blk.{i}.attn_norm.weight": (n,), f"blk.{i}.attn_q.weight": (n, n),
+            f"blk.{i}.attn_k.weight": (kv, n), f"blk.{i}.attn_v.weight": (kv, n),
+            f"blk.{i}.attn_output.weight": (n, n), f"blk.{i}.ffn_norm.weight": (n,),
+            f"blk.{i}.ffn_gate.weight": (ff, n), f"blk.{i}.ffn_up.weight": (ff, n),
+            f"blk.{i}.ffn_down_t.weight": (ff, n),   # neuron-major, instead of ffn_down
+        })
+    assert {k: as_f32(v).shape for k, v in t.items()} == want
+
+
+def test_q_and_k_are_permuted_like_llama_cpp(relu_gqa):
+    model, _, out = relu_gqa
+    _, t = read(out)
+    for i in range(2):
+        p = f"model.layers.{i}.self_attn."
+        np.testing.assert_array_equal(unpermute_llamacpp(as_f32(t[f"blk.{i}.attn_q.weight"]), 4),
+                                      hf(model, p + "q_proj.weight"))
+        np.testing.assert_array_equal(unpermute_llamacpp(as_f32(t[f"blk.{i}.attn_k.weight"]), 2),
+                                      hf(model, p + "k_proj.weight"))
+        np.testing.assert_array_equal(as_f32(t[f"blk.{i}.attn_v.weight"]), hf(model, p + "v_proj.weight"))
+
+
+def test_other_tensors_equal_hf_weights(relu_gqa):
+    model, _, out = relu_gqa
+    _, t = read(out)
+    pairs = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+             "output.weight": "lm_head.weight"}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        pairs.update({f"blk.{i}.attn_norm.weight": p + "input_layernorm.weight",
+                      f"blk.{i}.attn_output.weight": p + "self_attn.o_proj.weight",
+                      f"blk.{i}.ffn_norm.weight": p + "post_attention_layernorm.weight",
+                      f"blk.{i}.ffn_gate.weight": p + "mlp.gate_proj.weight",
+                      f"blk.{i}.ffn_up.weight": p + "mlp.up_proj.weight"})
+    for g, h in pairs.items():
+        np.testing.assert_array_equal(as_f32(t[g]), hf(model, h), err_msg=g)
+
+
+def test_relu_down_projection_is_stored_transposed_as_ffn_down_t(relu_gqa):
+    model, _, out = relu_gqa
+    _, t = read(out)
+    for i in range(2):
+        assert f"blk.{i}.ffn_down.weight" not in t
+        np.testing.assert_array_equal(as_f32(t[f"blk.{i}.ffn_down_t.weight"]),
+                                      hf(model, f"model.layers.{i}.mlp.down_proj.weight").T)
+
+
+def test_silu_keeps_ffn_down_and_tied_head_has_no_output(silu_tied):
+    model, _, out = silu_tied
+    _, t = read(out)
+    assert "output.weight" not in t and "blk.0.ffn_down_t.weight" not in t
+    np.testing.assert_array_equal(as_f32(t["blk.1.ffn_down.weight"]), hf(model, "model.layers.1.mlp.down_proj.weight"))
+    np.testing.assert_array_equal(as_f32(t["token_embd.weight"]), hf(model, "model.embed_tokens.weight"))
+
+
+@pytest.mark.parametrize("outtype,qtype", [("f16", T.F16), ("bf16", T.BF16), ("q8_0", T.Q8_0), ("q4_0", T.Q4_0)])
+def test_outtype_matrices_are_quantized_by_the_gguf_package_norms_stay_f32(relu_gqa, tmp_path, outtype, qtype):
+    model, path, _ = relu_gqa
+    f, t = read(conv(path, tmp_path / "o.gguf", outtype=outtype))
+    assert f["general.file_type"] == int({"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+                                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                                          "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[outtype])
+    for name, ten in t.items():
+        assert ten.tensor_type == (T.F32 if len(ten.shape) == 1 else qtype), name
+    # Bytes identical to the reference quantizer on the same (un-transposed) weights.
+    ref = quantize(hf(model, "model.layers.0.mlp.gate_proj.weight"), qtype)
+    np.testing.assert_array_equal(np.asarray(t["blk.0.ffn_gate.weight"].data).reshape(ref.shape).view(ref.dtype), ref)
+
+
+def test_rows_that_do_not_fill_quant_blocks_fall_back_to_f16(tmp_path):
+    # hidden 48: every matrix row holds 48 weights, not a multiple of 32; n_ff 96 rows (ffn_down_t)
+    # hold 48 too. token_embd [384, 48] likewise.
+    _, path = H.make_llama_dir(tmp_path / "hf", hidden_act="relu", n_embd=48, n_ff=96, n_head=4, n_head_kv=4)
+    _, t = read(conv(path, tmp_path / "o.gguf", outtype="q4_0"))
+    assert t["blk.0.ffn_gate.weight"].tensor_type == T.F16
+    assert t["blk.0.ffn_down_t.weight"].tensor_type == T.F16
+    assert t["blk.0.attn_norm.weight"].tensor_type == T.F32
+
+
+# ---------------------------------------------------------------- input forms
+
+def _all_tensors_equal(a, b):
+    _, ta = read(a)
+    _, tb = read(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        np.testing.assert_array_equal(as_f32(ta[k]), as_f32(tb[k]), err_msg=k)
+
+
+def test_sharded_safetensors_convert_like_a_single_file(relu_gqa, tmp_path):
+    model, path, out = relu_gqa
+    shard_dir = tmp_path / "hf"
+    model.save_pretrained(shard_dir, max_shard_size="40KB")
+    assert (shard_dir / "model.safetensors.index.json").is_file()
+    for n in ("tokenizer.model", "tokenizer_config.json"):
+        (shard_dir / n).write_bytes((path / n).read_bytes())
+    _all_tensors_equal(conv(shard_dir, tmp_path / "o.gguf", outtype="f32"), out)
+
+
+def test_pytorch_bin_checkpoint_converts_like_safetensors(relu_gqa, tmp_path):
+    model, path, out = relu_gqa
+    d = tmp_path / "hf"
+    d.mkdir()
+    (d / "config.json").write_bytes((path / "config.json").read_bytes())
+    torch.save(model.state_dict(), d / "pytorch_model.bin")
+    _all_tensors_equal(conv(d, tmp_path / "o.gguf", outtype="f32"), out)
+
+
+def test_bf16_checkpoint_widens_exactly(tmp_path):
+    # torch's own bf16 -> f32 conversion is the reference.
+    model, path = H.make_llama_dir(tmp_path / "hf", seed=3)
+    model16 = model.to(torch.bfloat16)
+    model16.save_pretrained(tmp_path / "hf16")
+    _, t = read(conv(tmp_path / "hf16", tmp_path / "o.gguf", outtype="f32"))
+    np.testing.assert_array_equal(as_f32(t["blk.0.ffn_up.weight"]), hf(model16, "model.layers.0.mlp.up_proj.weight"))
+
+
+def test_hub_id_that_cannot_be_fetched_is_a_clear_error(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def offline(**kw):
+        raise OSError("no network")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(ConvertError, match="could not fetch 'someone/some-model'.*no network"):
+        conv("someone/some-model", tmp_path / "o.gguf")
+
+
+# ---------------------------------------------------------------- bad input
+
+@pytest.fixture
+def hf_dir(tmp_path):
+    _, path = H.make_llama_dir(tmp_path / "hf", hidden_act="relu", seed=4)
+    return path
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}}, "rope_scaling type 'yarn'"),
+    ({"rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling type 'dynamic'"),
+    ({"attention_bias": True}, "attention_bias"),
+    ({"mlp_bias": True}, "mlp_bias"),
+    ({"head_dim": 32}, "head_dim 32"),
+    ({"hidden_act": "gelu"}, "activation: hidden_act 'gelu'"),
+    ({"hidden_act": "fatrelu"}, "hidden_act_param"),
+    ({"architectures": ["GPT2LMHeadModel"]}, "unsupported architecture: GPT2LMHeadModel"),
+    ({"intermediate_size": 256}, r"shape \[128, 64\], but config.json implies \[256, 64\]"),
+    ({"num_hidden_layers": 3}, "missing tensor 'model.layers.2"),
+    ({"num_hidden_layers": 1}, "unexpected tensor 'model.layers.1"),
+    ({"tie_word_embeddings": False, "vocab_size": 500}, "model.embed_tokens.weight"),
+])
+def test_unsupported_or_inconsistent_config_is_refused_by_name(hf_dir, tmp_path, changes, message):
+    H.edit_config(hf_dir, **changes)
+    out = tmp_path / "o.gguf"
+    with pytest.raises(ConvertError, match=message):
+        conv(hf_dir, out)
+    assert not out.exists()
+    assert not list(tmp_path.glob("o.gguf.tmp-*"))
+
+
+def test_missing_config_json(hf_dir, tmp_path):
+    (hf_dir / "config.json").unlink()
+    with pytest.raises(ConvertError, match="missing file: .*config.json"):
+        conv(hf_dir, tmp_path / "o.gguf")
+
+
+def test_missing_weights(hf_dir, tmp_path):
+    (hf_dir / "model.safetensors").unlink()
+    with pytest.raises(ConvertError, match="no \\*.safetensors or pytorch_model"):
+        conv(hf_dir, tmp_path / "o.gguf")
+
+
+def test_missing_input_path(tmp_path):
+    with pytest.raises(ConvertError, match="input not found"):
+        conv(str(tmp_path / "nope" / "x"), tmp_path / "o.gguf")
+
+
+def test_untied_config_without_lm_head(tmp_path):
+    model, path = H.make_llama_dir(tmp_path / "hf", tied=True)
+    H.edit_config(path, tie_word_embeddings=False)
+    with pytest.raises(ConvertError, match="missing tensor 'lm_head.weight'"):
+        conv(path, tmp_path / "o.gguf")
+
+
+def test_truncated_safetensors_is_refused(hf_dir, tmp_path):
+    p = hf_dir / "model.safetensors"
+    p.write_bytes(p.read_bytes()[:-100])
+    with pytest.raises(ConvertError, match="offsets .* file size"):
+        conv(hf_dir, tmp_path / "o.gguf")
+
+
+def test_failure_while_writing_removes_the_temp_file_and_keeps_the_old_output(hf_dir, tmp_path):
+    # A NaN in the last layer is found only after the header and earlier tensors are written.
+    from safetensors.torch import load_file, save_file
+    sd = load_file(str(hf_dir / "model.safetensors"))
+    sd["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(sd, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "o.gguf"
+    out.write_bytes(b"previous file")
+    with pytest.raises(ConvertError, match="blk.1.ffn_up.weight: tensor contains NaN"):
+        conv(hf_dir, out)
+    assert out.read_bytes() == b"previous file"
+    assert not list(tmp_path.glob("o.gguf.tmp-*"))
+
+
+def test_interrupt_while_writing_removes_the_temp_file(hf_dir, tmp_path, monkeypatch):
+    from prosparse_convert import quant
+    calls = []
+    real = quant.encode
+
+    def interrupted(a, q):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(a, q)
+    monkeypatch.setattr(quant, "encode", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        conv(hf_dir, tmp_path / "o.gguf")
+    assert os.listdir(tmp_path) == ["hf"]
+
+
+def test_cli_prints_the_error_and_exits_1(hf_dir, tmp_path, capsys):
+    H.edit_config(hf_dir, hidden_act="gelu")
+    assert cli_main([str(hf_dir), str(tmp_path / "o.gguf"), "--no-progress"]) == 1
+    assert "error: unsupported activation: hidden_act 'gelu'" in capsys.readouterr().err
+
+
+def test_cli_converts(hf_dir, tmp_path):
+    assert cli_main([str(hf_dir), str(tmp_path / "o.gguf"), "--outtype", "q8_0", "--no-progress"]) == 0
+    f, _ = read(tmp_path / "o.gguf")
+    assert f["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_Q8_0)
+
+
+# ---------------------------------------------------------------- issue 3: sparse extras
+
+def _powerinfer_dirs(d: Path, n_layer=2, n_embd=64, n_ff=128, ranks=(32, 48), seed=5):
+    """PowerInfer's layout: model_{i}.pt {fc1.weight [R, n_embd], fc2.weight [n_ff, R]} and
+    activation_{i}.pt neuron counts."""
+    g = torch.Generator().manual_seed(seed)
+    (d / "pred").mkdir(parents=True)
+    (d / "act").mkdir()
+    for i in range(n_layer):
+        torch.save({"fc1.weight": torch.randn(ranks[i], n_embd, generator=g),
+                    "fc2.weight": torch.randn(n_ff, ranks[i], generator=g)}, d / "pred" / f"model_{i}.pt")
+        torch.save(torch.randint(0, 1000, (n_ff,), generator=g), d / "act" / f"activation_{i}.pt")
+    return d / "pred", d / "act"
+
+
+def test_predictors_and_activation_counts_are_written(hf_dir, tmp_path):
+    pred, act = _powerinfer_dirs(tmp_path)
+    f, t = read(conv(hf_dir, tmp_path / "o.gguf", outtype="f32", predictor=pred, activation=act))
+    for i, r in enumerate((32, 48)):
+        sd = torch.load(pred / f"model_{i}.pt")
+        fc1, fc2 = t[f"blk.{i}.fc1.weight"], t[f"blk.{i}.fc2.weight"]
+        assert fc1.tensor_type == T.F16 and as_f32(fc1).shape == (r, 64) and as_f32(fc2).shape == (128, r)
+        np.testing.assert_array_equal(as_f32(fc1), sd["fc1.weight"].half().float().numpy())
+        np.testing.assert_array_equal(as_f32(fc2), sd["fc2.weight"].half().float().numpy())
+        counts = torch.load(act / f"activation_{i}.pt").double().numpy()
+        np.testing.assert_allclose(as_f32(t[f"blk.{i}.ffn_act_freq"]), counts / counts.max(), rtol=1e-6)
+    assert f["prosparse.neuron_order"] == "original"
+    assert f["prosparse.predictor.threshold"] == 0.0
+
+
+def test_predictor_type_quantizes_predictors(hf_dir, tmp_path):
+    pred, _ = _powerinfer_dirs(tmp_path)
+    _, t = read(conv(hf_dir, tmp_path / "o.gguf", predictor=pred, predictor_type="q8_0"))
+    assert t["blk.0.fc1.weight"].tensor_type == T.Q8_0
+    assert t["blk.0.fc2.weight"].tensor_type == T.Q8_0      # rows of R=32
+    assert t["blk.1.fc2.weight"].tensor_type == T.F16       # rows of R=48: not whole blocks
+
+
+def test_frequency_order_moves_every_per_neuron_tensor_together(hf_dir, tmp_path):
+    pred, act = _powerinfer_dirs(tmp_path)
+    _, t0 = read(conv(hf_dir, tmp_path / "a.gguf", outtype="f32", predictor=pred, activation=act))
+    f1, t1 = read(conv(hf_dir, tmp_path / "b.gguf", outtype="f32", predictor=pred, activation=act,
+                       neuron_order="frequency"))
+    assert f1["prosparse.neuron_order"] == "frequency"
+    for i in range(2):
+        freq0 = as_f32(t0[f"blk.{i}.ffn_act_freq"])
+        perm = np.argsort(-freq0, kind="stable")
+        assert np.all(np.diff(as_f32(t1[f"blk.{i}.ffn_act_freq"])) <= 0)   # hottest first
+        for name in ("ffn_gate.weight", "ffn_up.weight", "ffn_down_t.weight", "fc2.weight", "ffn_act_freq"):
+            np.testing.assert_array_equal(as_f32(t1[f"blk.{i}.{name}"]), as_f32(t0[f"blk.{i}.{name}"])[perm], err_msg=name)
+        np.testing.assert_array_equal(as_f32(t1[f"blk.{i}.fc1.weight"]), as_f32(t0[f"blk.{i}.fc1.weight"]))
+
+
+def test_frequency_order_needs_statistics(hf_dir, tmp_path):
+    with pytest.raises(ConvertError, match="needs neuron statistics"):
+        conv(hf_dir, tmp_path / "o.gguf", neuron_order="frequency")
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda p, a: (p / "model_1.pt").unlink(), "missing file: .*model_1.pt"),
+    (lambda p, a: (a / "activation_0.pt").unlink(), "missing file: .*activation_0.pt"),
+    (lambda p, a: torch.save({"fc1.weight": torch.zeros(8, 64), "fc2.weight": torch.zeros(8, 128)}, p / "model_2.pt"),
+     "model_2.pt is for layer 2, but the model has 2 layers"),
+    (lambda p, a: torch.save({"fc1.weight": torch.zeros(8, 60), "fc2.weight": torch.zeros(128, 8)}, p / "model_0.pt"),
+     r"fc1.weight has shape \[8, 60\], expected \[R, 64\]"),
+    (lambda p, a: torch.save({"fc1.weight": torch.zeros(8, 64), "fc2.weight": torch.zeros(128, 16)}, p / "model_0.pt"),
+     r"fc2.weight has shape \[128, 16\], expected \[128, 8\]"),
+    (lambda p, a: torch.save({"fc1.weight": torch.zeros(8, 64)}, p / "model_0.pt"), "missing fc2.weight"),
+    (lambda p, a: torch.save(torch.ones(100), a / "activation_1.pt"), r"counts have shape \[100\], expected \[128\]"),
+])
+def test_bad_powerinfer_directories_are_clear_errors(hf_dir, tmp_path, damage, message):
+    pred, act = _powerinfer_dirs(tmp_path)
+    damage(pred, act)
+    with pytest.raises(ConvertError, match=message):
+        conv(hf_dir, tmp_path / "o.gguf", predictor=pred, activation=act)
+    assert not (tmp_path / "o.gguf").exists()
+
+
+def test_predictors_on_a_silu_model_are_refused(tmp_path):
+    _, path = H.make_llama_dir(tmp_path / "hf", hidden_act="silu")
+    pred, _ = _powerinfer_dirs(tmp_path)
+    with pytest.raises(ConvertError, match="predictors need a relu or fatrelu model"):
+        conv(path, tmp_path / "o.gguf", predictor=pred)
+
+
+def test_llama_cpp_format_is_plain(silu_tied, tmp_path):
+    model, path, _ = silu_tied
+    f, t = read(conv(path, tmp_path / "o.gguf", outtype="f32", format="llama.cpp"))
+    assert not [k for k in f if k.startswith("prosparse.")]
+    assert "blk.0.ffn_down.weight" in t
+    assert not [k for k in t if "ffn_down_t" in k or "fc1" in k or "act_freq" in k]
+
+
+def test_llama_cpp_format_refuses_what_llama_cpp_would_run_wrongly(hf_dir, tmp_path):
+    with pytest.raises(ConvertError, match="relu model, but llama.cpp's llama computes SiLU"):
+        conv(hf_dir, tmp_path / "o.gguf", format="llama.cpp")
+
+
+def test_llama_cpp_format_refuses_extras(silu_tied, tmp_path):
+    with pytest.raises(ConvertError, match="cannot take --activation"):
+        conv(silu_tied[1], tmp_path / "o.gguf", format="llama.cpp", activation=tmp_path)
