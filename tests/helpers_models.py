@@ -200,3 +200,78 @@ def make_minicpm_dir(model_dir: Path, *, scale_emb=12.0, scale_depth=1.4, dim_mo
             layer.self_attn.o_proj.weight.mul_(residual_scale)
             layer.mlp.down_proj.weight.mul_(residual_scale)
     return base, model_dir
+
+
+def unpermute_qk(w, n_head: int):
+    """Inverse of llama.cpp's Q/K row permutation, stated directly: within each head, stored rows
+    2j and 2j+1 are HF rows j and j + head_dim/2 (HF rotates halves, llama.cpp adjacent pairs)."""
+    import numpy as np
+
+    hd = w.shape[0] // n_head
+    heads = w.reshape(n_head, hd // 2, 2, *w.shape[1:])
+    return np.ascontiguousarray(np.concatenate([heads[:, :, 0], heads[:, :, 1]], axis=1).reshape(w.shape))
+
+
+def gguf_tensors_f32(path) -> dict:
+    """Every tensor of a GGUF file as float32 in numpy order, dequantized by the gguf package."""
+    import gguf
+    import numpy as np
+    from gguf.quants import dequantize
+
+    r = gguf.GGUFReader(str(path))
+    return {t.name: dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])
+            .astype(np.float32) for t in r.tensors}
+
+
+def llama_from_gguf(path, config):
+    """A LlamaForCausalLM (config as given) holding the weights a converted llama GGUF stores,
+    dequantized: the reference for quantized files (DESIGN.md: "compare against transformers on the
+    same dequantized weights")."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    t = gguf_tensors_f32(path)
+    sd = {"model.embed_tokens.weight": t["token_embd.weight"], "model.norm.weight": t["output_norm.weight"]}
+    sd["lm_head.weight"] = t.get("output.weight", t["token_embd.weight"])
+    for i in range(config.num_hidden_layers):
+        p, b = f"model.layers.{i}.", f"blk.{i}."
+        down = t[b + "ffn_down.weight"] if b + "ffn_down.weight" in t else t[b + "ffn_down_t.weight"].T
+        sd.update({
+            p + "input_layernorm.weight": t[b + "attn_norm.weight"],
+            p + "self_attn.q_proj.weight": unpermute_qk(t[b + "attn_q.weight"], config.num_attention_heads),
+            p + "self_attn.k_proj.weight": unpermute_qk(t[b + "attn_k.weight"], config.num_key_value_heads),
+            p + "self_attn.v_proj.weight": t[b + "attn_v.weight"],
+            p + "self_attn.o_proj.weight": t[b + "attn_output.weight"],
+            p + "post_attention_layernorm.weight": t[b + "ffn_norm.weight"],
+            p + "mlp.gate_proj.weight": t[b + "ffn_gate.weight"],
+            p + "mlp.up_proj.weight": t[b + "ffn_up.weight"],
+            p + "mlp.down_proj.weight": down,
+        })
+    model = LlamaForCausalLM(config).eval()
+    missing, unexpected = model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in sd.items()},
+                                                strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model
+
+
+def hf_logits(model, ids):
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([list(ids)])).logits[0].float().numpy()
+
+
+def prompt_ids(n: int = 20, seed: int = 0):
+    """n token ids, never the specials 0..2, the same every run."""
+    import numpy as np
+
+    return [int(x) for x in np.random.default_rng(seed).integers(3, N_VOCAB, n)]
+
+
+def rel_error(ours, ref) -> float:
+    """DESIGN.md's measure: max |ours - ref| / max |ref| over the whole logits array."""
+    import numpy as np
+
+    return float(np.abs(np.asarray(ours) - np.asarray(ref)).max() / np.abs(np.asarray(ref)).max())
