@@ -1,6 +1,140 @@
-// STUB (helper: kernels)
+// matmul and the sparse row operations: activations converted once, then fixed-size pieces of
+// work handed to the pool. Each piece writes only its own outputs (or its own partial-sum buffer).
 #include "ops.h"
+
+#include <algorithm>
+#include <cstring>
+
 #include "common.h"
+#include "cpu/kernels.h"
+
 namespace ps {
-void matmul(ThreadPool&, const Tensor&, const float*, int64_t, float*, std::vector<uint8_t>&) { fail("ni"); }
+
+namespace {
+
+constexpr int64_t kRowChunk = 32;      // weight rows per matmul task
+constexpr int64_t kColChunk = 128;     // output columns per batched axpy task (multiple of 32)
+constexpr int64_t kAxpyChunks = 16;    // target partial sums for a single-token axpy
+constexpr int64_t kAxpyMinChunk = 32;  // ... but no fewer rows than this in each
+
+void check_weight(const Tensor& W, const char* op) {
+    if (W.n_dims > 2 || W.ne[2] != 1 || W.ne[3] != 1)
+        fail(strfmt("%s: tensor '%s' is not 2-D", op, W.name.c_str()));
+    if (cpu::weight_bytes(W.type, W.ne[0]) == 0)
+        fail(strfmt("%s: tensor '%s' has type %s, which has no kernel", op, W.name.c_str(), type_name(W.type)));
+    if (W.type != GgmlType::F32 && W.type != GgmlType::F16 && W.type != GgmlType::BF16 && W.ne[0] % QK != 0)
+        fail(strfmt("%s: tensor '%s' has rows of %lld, not a multiple of %d", op, W.name.c_str(),
+                    (long long)W.ne[0], QK));
 }
+
+void check_rows(const Tensor& W, const int32_t* rows, int64_t n, const char* op) {
+    if (n < 0) fail(strfmt("%s: negative row count %lld", op, (long long)n));
+    if (!rows) {
+        if (n > W.ne[1])
+            fail(strfmt("%s: %lld rows requested from '%s', which has %lld", op, (long long)n,
+                        W.name.c_str(), (long long)W.ne[1]));
+        return;
+    }
+    for (int64_t i = 0; i < n; ++i)
+        if (rows[i] < 0 || rows[i] >= W.ne[1])
+            fail(strfmt("%s: row index %d out of range [0, %lld) for '%s'", op, rows[i],
+                        (long long)W.ne[1], W.name.c_str()));
+}
+
+// Converts every token's activation row once into scratch; returns the converted row stride.
+size_t convert_acts(ThreadPool& pool, const cpu::KernelSet& ks, GgmlType type, int64_t k,
+                    const float* X, int64_t n_tokens, std::vector<uint8_t>& scratch) {
+    const size_t xs = cpu::act_row_bytes(type, k);
+    if (scratch.size() < xs * size_t(n_tokens)) scratch.resize(xs * size_t(n_tokens));
+    uint8_t* xa = scratch.data();
+    pool.parallel_for(n_tokens, [&](int64_t t, int) { ks.quantize_act(type, X + t * k, xa + size_t(t) * xs, k); });
+    return xs;
+}
+
+void gemm_chunks(ThreadPool& pool, const Tensor& W, const int32_t* rows, int64_t n, const float* X,
+                 int64_t n_tokens, float* Y, std::vector<uint8_t>& scratch) {
+    if (n == 0 || n_tokens <= 0) return;
+    const cpu::KernelSet& ks = cpu::kernels();
+    const int64_t k = W.ne[0];
+    const size_t xs = convert_acts(pool, ks, W.type, k, X, n_tokens, scratch);
+    const uint8_t* xa = scratch.data();
+    const size_t stride = W.row_stride();
+    const int64_t n_chunks = (n + kRowChunk - 1) / kRowChunk;
+    pool.parallel_for(n_chunks, [&](int64_t ch, int) {
+        const int64_t i0 = ch * kRowChunk, cnt = std::min(kRowChunk, n - i0);
+        if (rows)
+            ks.gemm_rows(W.type, k, W.data, stride, rows + i0, cnt, xa, xs, n_tokens, Y + i0, n);
+        else
+            ks.gemm(W.type, k, W.data + size_t(i0) * stride, stride, cnt, xa, xs, n_tokens, Y + i0, n);
+    });
+}
+
+}  // namespace
+
+void matmul(ThreadPool& pool, const Tensor& W, const float* X, int64_t n_tokens, float* Y,
+            std::vector<uint8_t>& scratch) {
+    check_weight(W, "matmul");
+    gemm_chunks(pool, W, nullptr, W.ne[1], X, n_tokens, Y, scratch);
+}
+
+void matmul_rows(ThreadPool& pool, const Tensor& W, const int32_t* rows, int64_t n,
+                 const float* X, int64_t n_tokens, float* Y, std::vector<uint8_t>& scratch) {
+    check_weight(W, "matmul_rows");
+    check_rows(W, rows, n, "matmul_rows");
+    gemm_chunks(pool, W, rows, n, X, n_tokens, Y, scratch);
+}
+
+void axpy_rows(ThreadPool& pool, const Tensor& W, const int32_t* rows, int64_t n, const float* C,
+               int64_t n_tokens, float* Y, std::vector<float>& scratch) {
+    check_weight(W, "axpy_rows");
+    check_rows(W, rows, n, "axpy_rows");
+    if (n_tokens <= 0) return;
+    const cpu::KernelSet& ks = cpu::kernels();
+    const int64_t k = W.ne[0];
+    const size_t stride = W.row_stride();
+    const int64_t n_col_chunks = (k + kColChunk - 1) / kColChunk;
+
+    if (n_tokens > 1) {
+        // A batch: each task owns a slice of the output columns for every token and sums all
+        // listed rows into it in index order; no partial buffers, no reduction.
+        pool.parallel_for(n_col_chunks, [&](int64_t ch, int) {
+            const int64_t j0 = ch * kColChunk, len = std::min(kColChunk, k - j0);
+            for (int64_t t = 0; t < n_tokens; ++t) std::memset(Y + t * k + j0, 0, size_t(len) * sizeof(float));
+            ks.axpy_rows(W.type, len, W.data + cpu::weight_bytes(W.type, j0), stride, rows, n, C, n, n_tokens,
+                         Y + j0, k);
+        });
+        return;
+    }
+
+    // One token: cut the index list into chunks (their size a function of n alone), each summed
+    // into its own buffer, then add the buffers in chunk order.
+    int64_t chunk = std::max(kAxpyMinChunk, (n + kAxpyChunks - 1) / kAxpyChunks);
+    chunk = (chunk + 3) / 4 * 4;
+    const int64_t n_chunks = n == 0 ? 0 : (n + chunk - 1) / chunk;
+    if (n_chunks <= 1) {
+        std::memset(Y, 0, size_t(k) * sizeof(float));
+        if (n > 0) ks.axpy_rows(W.type, k, W.data, stride, rows, n, C, n, 1, Y, k);
+        return;
+    }
+    if (scratch.size() < size_t(n_chunks * k)) scratch.resize(size_t(n_chunks * k));
+    float* part = scratch.data();
+    pool.parallel_for(n_chunks, [&](int64_t ch, int) {
+        const int64_t i0 = ch * chunk, cnt = std::min(chunk, n - i0);
+        float* p = part + ch * k;
+        std::memset(p, 0, size_t(k) * sizeof(float));
+        if (rows)
+            ks.axpy_rows(W.type, k, W.data, stride, rows + i0, cnt, C + i0, n, 1, p, k);
+        else
+            ks.axpy_rows(W.type, k, W.data + size_t(i0) * stride, stride, nullptr, cnt, C + i0, n, 1, p, k);
+    });
+    pool.parallel_for(n_col_chunks, [&](int64_t ch, int) {
+        const int64_t j0 = ch * kColChunk, j1 = std::min(k, j0 + kColChunk);
+        for (int64_t j = j0; j < j1; ++j) {
+            float s = part[j];
+            for (int64_t c = 1; c < n_chunks; ++c) s += part[c * k + j];
+            Y[j] = s;
+        }
+    });
+}
+
+}  // namespace ps

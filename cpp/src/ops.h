@@ -1,4 +1,7 @@
 // Whole-tensor operations built on the kernels and the thread pool.
+// Every one splits its work into pieces whose size depends only on the shapes, never on the
+// thread count, and fixes the order of every sum: results are bitwise the same for any number of
+// threads and on every run (DESIGN.md "The FFN strategies").
 #pragma once
 
 #include <cstdint>
@@ -15,5 +18,18 @@ namespace ps {
 // Work is split into fixed row chunks, so results do not depend on the thread count.
 void matmul(ThreadPool& pool, const Tensor& W, const float* X, int64_t n_tokens, float* Y,
             std::vector<uint8_t>& scratch);
+
+// Sparse gate/up: like matmul, over the listed rows only:
+// Y[t * n + i] = dot(row rows[i] of W, X[t]) for i < n. Throws if a row index is out of range.
+void matmul_rows(ThreadPool& pool, const Tensor& W, const int32_t* rows, int64_t n,
+                 const float* X, int64_t n_tokens, float* Y, std::vector<uint8_t>& scratch);
+
+// Sparse down projection from the neuron-major ffn_down_t W ({n_embd, n_ff}: one row of n_embd
+// weights per neuron): Y[t * n_embd + j] = sum_i C[t * n + i] * W[rows[i]][j] (Y is
+// overwritten). rows == nullptr means rows 0..n-1 (the dense case). A single token cuts the index
+// list into fixed chunks whose partial sums are added in chunk order; a batch cuts the n_embd
+// columns instead and sums every row in index order. `scratch` holds the partial sums.
+void axpy_rows(ThreadPool& pool, const Tensor& W, const int32_t* rows, int64_t n, const float* C,
+               int64_t n_tokens, float* Y, std::vector<float>& scratch);
 
 }  // namespace ps

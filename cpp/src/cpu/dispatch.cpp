@@ -1,7 +1,56 @@
-// STUB (helper: kernels)
-#include "cpu/kernels.h"
+// The single point that chooses a kernel set: the best one this CPU runs, once, unless
+// PROSPARSE_ISA names one (scalar | avx2 | avx512) for testing and benchmarking.
+#include <cstdlib>
 #include <cstring>
+
+#include "common.h"
+#include "cpu/kernels.h"
+
 namespace ps::cpu {
-const KernelSet& kernels() { return kScalarKernels; }
-const KernelSet* kernels_for(const char* isa) { return std::strcmp(isa, "scalar") == 0 ? &kScalarKernels : nullptr; }
+
+namespace {
+
+bool cpu_has(const char* isa) {
+    if (std::strcmp(isa, "scalar") == 0) return true;
+#if defined(PROSPARSE_X86) && (defined(__GNUC__) || defined(__clang__))
+    __builtin_cpu_init();
+    if (std::strcmp(isa, "avx2") == 0)
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+               __builtin_cpu_supports("f16c");
+    if (std::strcmp(isa, "avx512") == 0)
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+               __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx512f") &&
+               __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+               __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vnni");
+#endif
+    return false;
 }
+
+const KernelSet* choose() {
+    if (const char* forced = std::getenv("PROSPARSE_ISA"); forced && *forced) {
+        if (const KernelSet* ks = kernels_for(forced)) return ks;
+        fail(strfmt("PROSPARSE_ISA=%s: not one of scalar, avx2, avx512 that this CPU supports", forced));
+    }
+    for (const char* isa : {"avx512", "avx2"})
+        if (const KernelSet* ks = kernels_for(isa)) return ks;
+    return &kScalarKernels;
+}
+
+}  // namespace
+
+const KernelSet* kernels_for(const char* isa) {
+    if (!isa || !cpu_has(isa)) return nullptr;
+    if (std::strcmp(isa, "scalar") == 0) return &kScalarKernels;
+#if defined(PROSPARSE_X86)
+    if (std::strcmp(isa, "avx2") == 0) return &kAvx2Kernels;
+    if (std::strcmp(isa, "avx512") == 0) return &kAvx512Kernels;
+#endif
+    return nullptr;
+}
+
+const KernelSet& kernels() {
+    static const KernelSet* chosen = choose();  // thread-safe one-time initialisation
+    return *chosen;
+}
+
+}  // namespace ps::cpu

@@ -14,10 +14,25 @@ namespace ps::cpu {
 // F32 for F32/F16/BF16 weights, Q8_0 for Q8_0/Q4_0, our Q8_1 for Q4_1.
 size_t act_row_bytes(GgmlType w, int64_t k);
 
+// Bytes of n weights of a type the kernels support (n a multiple of the block size), 0 for any
+// other type. The kernels' own copy of quant.h's row_bytes, inline so the hot loops can use it.
+inline size_t weight_bytes(GgmlType w, int64_t n) {
+    switch (w) {
+        case GgmlType::F32: return size_t(n) * 4;
+        case GgmlType::F16: case GgmlType::BF16: return size_t(n) * 2;
+        case GgmlType::Q8_0: return size_t(n / QK) * sizeof(block_q8_0);
+        case GgmlType::Q4_0: return size_t(n / QK) * sizeof(block_q4_0);
+        case GgmlType::Q4_1: return size_t(n / QK) * sizeof(block_q4_1);
+        default: return 0;
+    }
+}
+
 struct KernelSet {
     const char* isa;  // "scalar", "avx2", "avx512"
 
     // Convert one activation row of k floats to the format weights of type w multiply with.
+    // Q8_0/Q8_1 rounding follows llama.cpp's reference quantizer bit for bit (round half away
+    // from zero), in every instruction set, so activations never depend on the ISA.
     void (*quantize_act)(GgmlType w, const float* x, void* xa, int64_t k);
 
     // Y[c * ldy + r] = dot(row r of W, activation row c), for r < nr and c < nc.
@@ -25,6 +40,20 @@ struct KernelSet {
     // of the block size of w.
     void (*gemm)(GgmlType w, int64_t k, const void* W, size_t w_stride, int64_t nr,
                  const void* X, size_t x_stride, int64_t nc, float* Y, int64_t ldy);
+
+    // Sparse gate/up (DESIGN.md "The FFN strategies"): gemm over listed rows only,
+    // Y[c * ldy + i] = dot(row rows[i] of W, activation row c), for i < n and c < nc.
+    // The caller guarantees 0 <= rows[i] < rows of W.
+    void (*gemm_rows)(GgmlType w, int64_t k, const void* W, size_t w_stride, const int32_t* rows,
+                      int64_t n, const void* X, size_t x_stride, int64_t nc, float* Y, int64_t ldy);
+
+    // Sparse down projection over the neuron-major ffn_down_t:
+    // Y[c * ldy + j] += sum_i C[c * ldc + i] * W[rows[i]][j], for j < k and c < nc, where W's
+    // rows hold k weights each (rows == nullptr: rows 0..n-1). The sum over i is taken in a fixed
+    // grouping that depends only on i, never on which columns a call covers, so callers may
+    // split the columns (at block boundaries, offsetting W by row_bytes(w, j0)) freely.
+    void (*axpy_rows)(GgmlType w, int64_t k, const void* W, size_t w_stride, const int32_t* rows,
+                      int64_t n, const float* C, int64_t ldc, int64_t nc, float* Y, int64_t ldy);
 };
 
 // The best set this CPU supports, chosen once. PROSPARSE_ISA=scalar|avx2|avx512 forces one.

@@ -1,5 +1,58 @@
-// STUB (helper: kernels)
+// AVX2 + FMA + F16C kernels (Haswell / Zen 1 and later). Compiled with those instruction sets
+// only for this file; dispatch.cpp calls them after checking the CPU.
+#if defined(PROSPARSE_X86)
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "common.h"
 #include "cpu/kernels.h"
+
 namespace ps::cpu {
-const KernelSet kAvx2Kernels = kScalarKernels;
+namespace {
+
+using VF = __m256;
+constexpr int kVW = 8;
+constexpr bool kVnni = false;
+constexpr int kTileC = 2;  // 16 ymm registers: 4 x 2 accumulators plus operands
+
+inline VF vzero() { return _mm256_setzero_ps(); }
+inline VF vset1(float f) { return _mm256_set1_ps(f); }
+inline VF vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, VF v) { _mm256_storeu_ps(p, v); }
+inline VF vmul(VF a, VF b) { return _mm256_mul_ps(a, b); }
+inline VF vfma(VF a, VF b, VF c) { return _mm256_fmadd_ps(a, b, c); }
+inline float vhsum(VF v);
+
+inline void i8x32_to_f(__m256i q, VF* out) {
+    const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+    out[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
+    out[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
+    out[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
+    out[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
 }
+
+inline VF wload(ps::GgmlType w, const uint8_t* row, int64_t j) {
+    if (w == ps::GgmlType::F32) return _mm256_loadu_ps(reinterpret_cast<const float*>(row) + j);
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * j));
+    if (w == ps::GgmlType::F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));  // bf16
+}
+
+// maddubs saturates pairs at int16; every caller keeps |u * s| pairs under 32767.
+inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+}
+
+#include "cpu/kernels_x86.inc"
+
+inline float vhsum(VF v) { return hsum8(v); }
+
+}  // namespace
+
+const KernelSet kAvx2Kernels = {"avx2", quantize_act, gemm, gemm_rows, axpy_rows};
+
+}  // namespace ps::cpu
+#endif

@@ -1,9 +1,270 @@
-// STUB (helper: kernels)
-#include "cpu/kernels.h"
+// The reference kernels: plain C++, one dot product or one row update at a time, written to be
+// obviously correct. The SIMD sets are tested against these (tests/test_kernels.py), and they
+// are the fallback on CPUs (or architectures) without AVX2.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
 #include "common.h"
+#include "cpu/kernels.h"
+
 namespace ps::cpu {
-size_t act_row_bytes(GgmlType, int64_t k) { return size_t(k) * 4; }
-static void qa(GgmlType, const float*, void*, int64_t) { fail("ni"); }
-static void gm(GgmlType, int64_t, const void*, size_t, int64_t, const void*, size_t, int64_t, float*, int64_t) { fail("ni"); }
-const KernelSet kScalarKernels = {"scalar", qa, gm};
+
+namespace {
+
+// Local half/bfloat16 decoders so that the kernels do not depend on quant.cpp's conversion
+// routines (the SIMD files use F16C instead).
+float half_to_float(uint16_t h) {
+    const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1Fu;
+    uint32_t man = h & 0x3FFu;
+    uint32_t bits;
+    if (exp == 0x1F) {
+        bits = sign | 0x7F800000u | (man << 13);  // inf / NaN
+    } else if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else {  // subnormal: renormalise
+            int e = -1;
+            do { man <<= 1; ++e; } while ((man & 0x400u) == 0);
+            bits = sign | uint32_t(127 - 15 - e) << 23 | (man & 0x3FFu) << 13;
+        }
+    } else {
+        bits = sign | (exp + 112) << 23 | man << 13;
+    }
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
 }
+
+uint16_t float_to_half(float f) {  // round to nearest even, like F16C and numpy
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000u;
+    x &= 0x7FFFFFFFu;
+    if (x > 0x7F800000u) return uint16_t(sign | 0x7E00u);  // NaN
+    if (x >= 0x477FF000u) return uint16_t(sign | 0x7C00u);  // rounds to inf
+    if (x < 0x38800000u) {  // subnormal half (or zero): scale by 2^24 and round as integer
+        float a;
+        std::memcpy(&a, &x, 4);
+        return uint16_t(sign | uint32_t(std::nearbyint(a * 16777216.0f)));
+    }
+    const uint32_t lsb = (x >> 13) & 1u;
+    x += 0xFFFu + lsb;  // round to nearest even on the 13 dropped bits
+    return uint16_t(sign | ((x - (112u << 23)) >> 13));
+}
+
+float bf16_to_float(uint16_t h) {
+    const uint32_t bits = uint32_t(h) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+// llama.cpp's reference quantizer for activations: d = amax / 127, q = roundf(x / d) with
+// roundf's half-away-from-zero rounding. Q8_1 keeps d as a float and s = d * sum(q).
+void quantize_q8_0(const float* x, block_q8_0* y, int64_t k) {
+    for (int64_t b = 0; b < k / QK; ++b) {
+        float amax = 0.0f;
+        for (int j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(x[b * QK + j]));
+        const float d = amax / 127.0f;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        y[b].d = float_to_half(d);
+        for (int j = 0; j < QK; ++j) y[b].qs[j] = int8_t(std::roundf(x[b * QK + j] * id));
+    }
+}
+
+void quantize_q8_1(const float* x, block_q8_1* y, int64_t k) {
+    for (int64_t b = 0; b < k / QK; ++b) {
+        float amax = 0.0f;
+        for (int j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(x[b * QK + j]));
+        const float d = amax / 127.0f;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        int sum = 0;
+        for (int j = 0; j < QK; ++j) {
+            y[b].qs[j] = int8_t(std::roundf(x[b * QK + j] * id));
+            sum += y[b].qs[j];
+        }
+        y[b].d = d;
+        y[b].s = d * float(sum);
+    }
+}
+
+void quantize_act(GgmlType w, const float* x, void* xa, int64_t k) {
+    switch (w) {
+        case GgmlType::F32: case GgmlType::F16: case GgmlType::BF16:
+            std::memcpy(xa, x, size_t(k) * sizeof(float));
+            return;
+        case GgmlType::Q8_0: case GgmlType::Q4_0:
+            quantize_q8_0(x, static_cast<block_q8_0*>(xa), k);
+            return;
+        case GgmlType::Q4_1:
+            quantize_q8_1(x, static_cast<block_q8_1*>(xa), k);
+            return;
+        default:
+            fail(strfmt("no kernel for weight type %s", type_name(w)));
+    }
+}
+
+// One dot product of a weight row with a converted activation row.
+float dot(GgmlType w, int64_t k, const uint8_t* wr, const uint8_t* xr) {
+    float acc = 0.0f;
+    switch (w) {
+        case GgmlType::F32: {
+            const float* a = reinterpret_cast<const float*>(wr);
+            const float* x = reinterpret_cast<const float*>(xr);
+            for (int64_t j = 0; j < k; ++j) acc += a[j] * x[j];
+            return acc;
+        }
+        case GgmlType::F16: case GgmlType::BF16: {
+            const float* x = reinterpret_cast<const float*>(xr);
+            for (int64_t j = 0; j < k; ++j) {
+                uint16_t h;
+                std::memcpy(&h, wr + 2 * j, 2);
+                acc += (w == GgmlType::F16 ? half_to_float(h) : bf16_to_float(h)) * x[j];
+            }
+            return acc;
+        }
+        case GgmlType::Q8_0: {
+            const auto* a = reinterpret_cast<const block_q8_0*>(wr);
+            const auto* x = reinterpret_cast<const block_q8_0*>(xr);
+            for (int64_t b = 0; b < k / QK; ++b) {
+                int sumi = 0;
+                for (int j = 0; j < QK; ++j) sumi += a[b].qs[j] * x[b].qs[j];
+                acc += half_to_float(a[b].d) * half_to_float(x[b].d) * float(sumi);
+            }
+            return acc;
+        }
+        case GgmlType::Q4_0: {
+            const auto* a = reinterpret_cast<const block_q4_0*>(wr);
+            const auto* x = reinterpret_cast<const block_q8_0*>(xr);
+            for (int64_t b = 0; b < k / QK; ++b) {
+                int sumi = 0;
+                for (int j = 0; j < QK / 2; ++j) {
+                    sumi += ((a[b].qs[j] & 0x0F) - 8) * x[b].qs[j];
+                    sumi += ((a[b].qs[j] >> 4) - 8) * x[b].qs[j + QK / 2];
+                }
+                acc += half_to_float(a[b].d) * half_to_float(x[b].d) * float(sumi);
+            }
+            return acc;
+        }
+        case GgmlType::Q4_1: {
+            const auto* a = reinterpret_cast<const block_q4_1*>(wr);
+            const auto* x = reinterpret_cast<const block_q8_1*>(xr);
+            for (int64_t b = 0; b < k / QK; ++b) {
+                int sumi = 0;
+                for (int j = 0; j < QK / 2; ++j) {
+                    sumi += (a[b].qs[j] & 0x0F) * x[b].qs[j];
+                    sumi += (a[b].qs[j] >> 4) * x[b].qs[j + QK / 2];
+                }
+                acc += half_to_float(a[b].d) * x[b].d * float(sumi) + half_to_float(a[b].m) * x[b].s;
+            }
+            return acc;
+        }
+        default:
+            fail(strfmt("no kernel for weight type %s", type_name(w)));
+    }
+}
+
+void gemm_rows(GgmlType w, int64_t k, const void* W, size_t w_stride, const int32_t* rows,
+               int64_t n, const void* X, size_t x_stride, int64_t nc, float* Y, int64_t ldy) {
+    const auto* wb = static_cast<const uint8_t*>(W);
+    const auto* xb = static_cast<const uint8_t*>(X);
+    for (int64_t c = 0; c < nc; ++c)
+        for (int64_t i = 0; i < n; ++i) {
+            const int64_t r = rows ? rows[i] : i;
+            Y[c * ldy + i] = dot(w, k, wb + size_t(r) * w_stride, xb + size_t(c) * x_stride);
+        }
+}
+
+void gemm(GgmlType w, int64_t k, const void* W, size_t w_stride, int64_t nr, const void* X,
+          size_t x_stride, int64_t nc, float* Y, int64_t ldy) {
+    gemm_rows(w, k, W, w_stride, nullptr, nr, X, x_stride, nc, Y, ldy);
+}
+
+// Dequantizes one weight row (k elements) into out.
+void dequant(GgmlType w, const uint8_t* wr, float* out, int64_t k) {
+    switch (w) {
+        case GgmlType::F32:
+            std::memcpy(out, wr, size_t(k) * 4);
+            return;
+        case GgmlType::F16: case GgmlType::BF16:
+            for (int64_t j = 0; j < k; ++j) {
+                uint16_t h;
+                std::memcpy(&h, wr + 2 * j, 2);
+                out[j] = w == GgmlType::F16 ? half_to_float(h) : bf16_to_float(h);
+            }
+            return;
+        case GgmlType::Q8_0: {
+            const auto* a = reinterpret_cast<const block_q8_0*>(wr);
+            for (int64_t b = 0; b < k / QK; ++b)
+                for (int j = 0; j < QK; ++j) out[b * QK + j] = half_to_float(a[b].d) * a[b].qs[j];
+            return;
+        }
+        case GgmlType::Q4_0: {
+            const auto* a = reinterpret_cast<const block_q4_0*>(wr);
+            for (int64_t b = 0; b < k / QK; ++b) {
+                const float d = half_to_float(a[b].d);
+                for (int j = 0; j < QK / 2; ++j) {
+                    out[b * QK + j] = d * ((a[b].qs[j] & 0x0F) - 8);
+                    out[b * QK + j + QK / 2] = d * ((a[b].qs[j] >> 4) - 8);
+                }
+            }
+            return;
+        }
+        case GgmlType::Q4_1: {
+            const auto* a = reinterpret_cast<const block_q4_1*>(wr);
+            for (int64_t b = 0; b < k / QK; ++b) {
+                const float d = half_to_float(a[b].d), m = half_to_float(a[b].m);
+                for (int j = 0; j < QK / 2; ++j) {
+                    out[b * QK + j] = d * (a[b].qs[j] & 0x0F) + m;
+                    out[b * QK + j + QK / 2] = d * (a[b].qs[j] >> 4) + m;
+                }
+            }
+            return;
+        }
+        default:
+            fail(strfmt("no kernel for weight type %s", type_name(w)));
+    }
+}
+
+void axpy_rows(GgmlType w, int64_t k, const void* W, size_t w_stride, const int32_t* rows,
+               int64_t n, const float* C, int64_t ldc, int64_t nc, float* Y, int64_t ldy) {
+    const auto* wb = static_cast<const uint8_t*>(W);
+    // One dequantized row at a time, on the stack in pieces so that any k works without
+    // allocation: columns are independent, so a piece at a time gives the same sums.
+    constexpr int64_t kPiece = 1024;  // a multiple of every block size
+    float buf[kPiece];
+    for (int64_t j0 = 0; j0 < k; j0 += kPiece) {
+        const int64_t len = std::min(kPiece, k - j0);
+        const size_t off = weight_bytes(w, j0);
+        for (int64_t i = 0; i < n; ++i) {
+            const int64_t r = rows ? rows[i] : i;
+            dequant(w, wb + size_t(r) * w_stride + off, buf, len);
+            for (int64_t c = 0; c < nc; ++c) {
+                const float coef = C[c * ldc + i];
+                float* y = Y + c * ldy + j0;
+                for (int64_t j = 0; j < len; ++j) y[j] += coef * buf[j];
+            }
+        }
+    }
+}
+
+}  // namespace
+
+size_t act_row_bytes(GgmlType w, int64_t k) {
+    switch (w) {
+        case GgmlType::F32: case GgmlType::F16: case GgmlType::BF16:
+            return size_t(k) * sizeof(float);
+        case GgmlType::Q8_0: case GgmlType::Q4_0:
+            return size_t(k / QK) * sizeof(block_q8_0);
+        case GgmlType::Q4_1:
+            return size_t(k / QK) * sizeof(block_q8_1);
+        default:
+            fail(strfmt("no kernel for weight type %s", type_name(w)));
+    }
+}
+
+const KernelSet kScalarKernels = {"scalar", quantize_act, gemm, gemm_rows, axpy_rows};
+
+}  // namespace ps::cpu
