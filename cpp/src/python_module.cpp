@@ -243,6 +243,10 @@ NB_MODULE(_core, m) {
     });
     t.def("active_isa", []() { return std::string(ps::cpu::kernels().isa); });
     t.def("type_name", [](uint32_t type) { return std::string(ps::type_name(type)); });
+    // Tokenizes arbitrary bytes (invalid UTF-8 included), which a Python str cannot carry.
+    t.def("encode_bytes", [](const PyTokenizer& tok, nb::bytes data, bool add_bos, bool special) {
+        return tok.tok->encode(std::string_view(data.c_str(), data.size()), add_bos, special);
+    }, "tokenizer"_a, "data"_a, "add_bos"_a, "special"_a);
     t.def("dequantize", [](uint32_t type, nb::bytes data, int64_t n) {
         auto ty = ps::GgmlType(type);
         if (!ps::type_supported(ty)) throw ps::Error("unsupported type");

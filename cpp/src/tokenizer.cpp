@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <deque>
 #include <queue>
 #include <unordered_map>
 
@@ -190,12 +191,13 @@ protected:
     virtual void encode_text(std::string_view text, bool after_special, std::vector<int32_t>& out) const = 0;
 
     int32_t find_token(std::string_view text) const {
-        auto it = text_to_id_.find(std::string(text));
+        auto it = text_to_id_.find(text);
         return it == text_to_id_.end() ? -1 : it->second;
     }
 
     bool spm_;
-    std::unordered_map<std::string, int32_t> text_to_id_;
+    // Keys view tokens_' strings, which never move after construction (reserved up front).
+    std::unordered_map<std::string_view, int32_t> text_to_id_;
     std::vector<uint8_t> attr_;
     std::vector<std::string> piece_;   // bytes each token stands for, specials rendered as text
     std::vector<int32_t> specials_;    // control / user-defined / unknown ids, longest text first
@@ -247,7 +249,7 @@ VocabTokenizer::VocabTokenizer(const GGUFFile& f, bool spm) : spm_(spm) {
         token_type_[i] = int32_t(t);
         attr_[i] = a;
         if (tokens[i].empty()) continue;  // never matched; decodes to nothing
-        auto ins = text_to_id_.emplace(tokens_.back(), int32_t(i));
+        auto ins = text_to_id_.emplace(std::string_view(tokens_.back()), int32_t(i));
         if (!ins.second)
             fail(strfmt("%s: duplicate token '%.*s' (ids %d and %zu)", f.path().c_str(),
                         int(std::min<size_t>(tokens[i].size(), 64)), tokens[i].data(), ins.first->second, i));
@@ -596,7 +598,7 @@ private:
         if (ex != extra_ids_.end()) return ex->second;
         const int32_t id = int32_t(tokens_.size() + extra_.size());
         extra_.push_back(s);
-        extra_ids_.emplace(s, id);
+        extra_ids_.emplace(std::string_view(extra_.back()), id);
         return id;
     }
     const std::string& sym_text(int32_t id) const {
@@ -608,8 +610,8 @@ private:
     bool ignore_merges_ = false;
     // Symbols are interned strings: ids below n_vocab are tokens, the rest (merge parts that are
     // not tokens, which a consistent file does not have) live in extra_.
-    std::vector<std::string> extra_;
-    std::unordered_map<std::string, int32_t> extra_ids_;
+    std::deque<std::string> extra_;  // a deque: elements never move, so views of them stay valid
+    std::unordered_map<std::string_view, int32_t> extra_ids_;
     struct Merge { int32_t rank, result; };
     std::unordered_map<uint64_t, Merge> merges_;
     int32_t byte_sym_[256];  // symbol of each byte's alphabet character
