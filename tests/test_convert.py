@@ -464,3 +464,100 @@ def test_llama_cpp_format_refuses_what_llama_cpp_would_run_wrongly(hf_dir, tmp_p
 def test_llama_cpp_format_refuses_extras(silu_tied, tmp_path):
     with pytest.raises(ConvertError, match="cannot take --activation"):
         conv(silu_tied[1], tmp_path / "o.gguf", format="llama.cpp", activation=tmp_path)
+
+
+# ---------------------------------------------------------------- GGUF input
+
+def test_gguf_input_round_trips_unchanged(relu_gqa, tmp_path):
+    _, _, out = relu_gqa
+    again = conv(out, tmp_path / "again.gguf", outtype="f32")
+    _all_tensors_equal(again, out)
+    fa, _ = read(out)
+    fb, _ = read(again)
+    assert fa == fb
+
+
+def test_gguf_input_requantizes_like_a_direct_conversion(relu_gqa, tmp_path):
+    _, path, out = relu_gqa
+    direct = conv(path, tmp_path / "direct.gguf", outtype="q8_0")
+    via = conv(out, tmp_path / "via.gguf", outtype="q8_0")
+    _, td = read(direct)
+    _, tv = read(via)
+    assert td.keys() == tv.keys()
+    for k in td:
+        np.testing.assert_array_equal(np.asarray(td[k].data), np.asarray(tv[k].data), err_msg=k)
+
+
+def test_gguf_input_relayout_to_llama_cpp_and_back(silu_tied, tmp_path):
+    model, _, out = silu_tied
+    plain = conv(out, tmp_path / "plain.gguf", outtype="f32", format="llama.cpp")
+    f, t = read(plain)
+    assert not [k for k in f if k.startswith("prosparse.")]
+    np.testing.assert_array_equal(as_f32(t["blk.0.ffn_down.weight"]), hf(model, "model.layers.0.mlp.down_proj.weight"))
+    # A llama.cpp file without prosparse keys is SiLU, as llama.cpp runs it.
+    f2, _ = read(conv(plain, tmp_path / "ours.gguf", outtype="f32"))
+    assert f2["prosparse.activation"] == "silu"
+
+
+def test_gguf_input_gets_predictors_and_frequency_order(hf_dir, tmp_path):
+    pred, act = _powerinfer_dirs(tmp_path)
+    base = conv(hf_dir, tmp_path / "base.gguf", outtype="f32", activation=act)
+    via = conv(base, tmp_path / "via.gguf", outtype="f32", predictor=pred, neuron_order="frequency")
+    direct = conv(hf_dir, tmp_path / "direct.gguf", outtype="f32", predictor=pred, activation=act,
+                  neuron_order="frequency")
+    _all_tensors_equal(via, direct)
+    assert read(via)[0]["prosparse.neuron_order"] == "frequency"
+
+
+def test_reordered_gguf_refuses_original_order_activation_counts(hf_dir, tmp_path):
+    _, act = _powerinfer_dirs(tmp_path)
+    hot = conv(hf_dir, tmp_path / "hot.gguf", outtype="f32", activation=act, neuron_order="frequency")
+    with pytest.raises(ConvertError, match="already reordered"):
+        conv(hot, tmp_path / "o.gguf", activation=act)
+
+
+def _powerinfer_file(ours: Path, dest: Path, sparse_threshold: float) -> Path:
+    """PowerInfer's layout from one of our relu files: same tensors (ffn_down_t, fc1, fc2), no
+    prosparse keys, powerinfer.sparse_threshold, and the magic PWRI."""
+    r = gguf.GGUFReader(str(ours))
+    w = gguf.GGUFWriter(str(dest), "llama")
+    for k, f in r.fields.items():
+        if k.startswith(("GGUF.", "general.architecture", "prosparse.")):
+            continue
+        if f.types[0] == gguf.GGUFValueType.ARRAY:
+            w.add_key_value(k, f.contents(), f.types[0], sub_type=f.types[-1])
+        else:
+            w.add_key_value(k, f.contents(), f.types[0])
+    w.add_float32("powerinfer.sparse_threshold", sparse_threshold)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    data = bytearray(dest.read_bytes())
+    data[:4] = b"PWRI"
+    dest.write_bytes(bytes(data))
+    return dest
+
+
+def test_powerinfer_gguf_loads_as_relu_with_its_predictor_threshold(hf_dir, tmp_path):
+    pred, _ = _powerinfer_dirs(tmp_path)
+    ours = conv(hf_dir, tmp_path / "ours.gguf", outtype="f32", predictor=pred, predictor_type="f32")
+    pwri = _powerinfer_file(ours, tmp_path / "pwri.gguf", 0.25)
+    f, _ = read(conv(pwri, tmp_path / "o.gguf", outtype="f32", predictor_type="f32"))
+    assert f["prosparse.activation"] == "relu"
+    assert f["prosparse.predictor.threshold"] == pytest.approx(0.25)
+    _all_tensors_equal(tmp_path / "o.gguf", ours)
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda b: b[: len(b) // 2], "cannot read GGUF file"),
+    (lambda b: b[:-100], "cannot read GGUF file"),
+    (lambda b: b"GGUF" + b"\xff" * 20, "cannot read GGUF file"),
+])
+def test_damaged_gguf_input_is_a_clear_error(relu_gqa, tmp_path, damage, message):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(damage(relu_gqa[2].read_bytes()))
+    with pytest.raises(ConvertError, match=message):
+        conv(bad, tmp_path / "o.gguf")

@@ -27,8 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="PowerInfer predictor directory (model_{i}.pt with fc1.weight, fc2.weight)")
     ap.add_argument("--predictor-type", default="f16", choices=["f32", "f16", "q8_0", "q4_0"],
                     help="weight type of predictor matrices (default f16)")
-    ap.add_argument("--predictor-threshold", type=float, default=0.0,
-                    help="cut-off on predictor logits written to the file (default 0 = sigmoid 0.5)")
+    ap.add_argument("--predictor-threshold", type=float, default=None,
+                    help="cut-off on predictor logits written to the file "
+                         "(default: the input file's, else 0 = sigmoid 0.5)")
     ap.add_argument("--activation", type=Path, metavar="DIR",
                     help="PowerInfer activation directory (activation_{i}.pt neuron counts)")
     ap.add_argument("--neuron-order", default="original", choices=NEURON_ORDERS,

@@ -28,7 +28,8 @@ class Options:
     format: str = "prosparse"           # "llama.cpp": a plain dense file that llama.cpp loads
     predictor: Optional[Path] = None    # PowerInfer predictor directory
     predictor_type: str = "f16"
-    predictor_threshold: float = 0.0    # cut-off on predictor logits (0 = sigmoid 0.5)
+    predictor_threshold: Optional[float] = None  # cut-off on predictor logits (0 = sigmoid 0.5);
+    #                                              None: the input file's, else 0
     activation: Optional[Path] = None   # PowerInfer activation-count directory
     neuron_order: str = "original"
     name: Optional[str] = None
@@ -82,6 +83,9 @@ def plan_outputs(src: Source, o: Options) -> Tuple[List[_Out], dict]:
     if predictors is not None and not sparse:
         raise ConvertError(f"predictors need a relu or fatrelu model; this one uses {p.activation}")
     freq = src.act_freq
+    if o.activation is not None and src.neuron_order == "frequency":
+        raise ConvertError("the input's neurons are already reordered (prosparse.neuron_order frequency); "
+                           "PowerInfer activation counts refer to the original order")
     if o.activation is not None:
         freq = read_activation_freq(o.activation, p.n_layer, p.n_ff)
     perms = _layer_perms(src, freq, o.neuron_order)
@@ -170,8 +174,10 @@ def _metadata(src: Source, o: Options, has_predictors: bool, has_freq: bool, ord
             kv[N.PS_ACTIVATION_THRESHOLD] = (p.act_threshold, "f32")
         if has_freq or order == "frequency":
             kv[N.PS_NEURON_ORDER] = (order, "str")
-        if has_predictors:
+        if has_predictors and o.predictor_threshold is not None:
             kv[N.PS_PREDICTOR_THRESHOLD] = (o.predictor_threshold, "f32")
+        elif has_predictors and N.PS_PREDICTOR_THRESHOLD not in src.extra_kv:
+            kv[N.PS_PREDICTOR_THRESHOLD] = (0.0, "f32")
         for k, v in src.extra_kv.items():
             kv.setdefault(k, v)
     return kv
