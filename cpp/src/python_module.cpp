@@ -4,9 +4,13 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/vector.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstring>
+#include <optional>
 #include <memory>
 #include <mutex>
 
@@ -349,4 +353,143 @@ NB_MODULE(_core, m) {
         ps::quantize_row_q8_1(x.data(), out.data(), n);
         return nb::bytes(reinterpret_cast<const char*>(out.data()), out.size() * sizeof(ps::block_q8_1));
     }, "x"_a);
+    // ---- BEGIN kernel test/bench hooks (tests/test_kernels.py, bench/bench_kernels.py) ----
+    // Weights are a raw bytes buffer of nr rows of k weights of `type`; the isa argument picks a
+    // kernel set directly (kernels_for), the *_op hooks go through ops.cpp and the active set.
+    struct KWeight {
+        ps::Tensor t;
+        explicit KWeight(uint32_t type, const nb::bytes& W, int64_t nr, int64_t k) {
+            t.name = "w"; t.type = ps::GgmlType(type); t.n_dims = 2; t.ne[0] = k; t.ne[1] = nr;
+            const ps::TypeInfo* ti = ps::type_info(type);
+            if (!ti || !ti->supported || nr < 0 || k <= 0 || k % ti->block_size != 0 ||
+                ps::cpu::weight_bytes(t.type, k) == 0 || size_t(W.size()) != size_t(nr) * ps::row_bytes(t.type, k))
+                throw ps::Error("weight type/shape does not match the buffer");
+            t.data = reinterpret_cast<const uint8_t*>(W.c_str()); t.nbytes = W.size();
+        }
+    };
+    auto kset = [](const std::string& isa) {
+        const ps::cpu::KernelSet* ks = ps::cpu::kernels_for(isa.c_str());
+        if (!ks) throw ps::Error("isa not available: " + isa);
+        return ks;
+    };
+    auto check_rows = [](const std::vector<int32_t>& rows, int64_t nr) {
+        for (int32_t r : rows)
+            if (r < 0 || r >= nr) throw ps::Error("row index out of range");
+    };
+    t.def("quantize_act", [kset](const std::string& isa, uint32_t type,
+                                 nb::ndarray<const float, nb::ndim<1>, nb::c_contig> x) {
+        const ps::cpu::KernelSet* ks = kset(isa);
+        const int64_t k = int64_t(x.shape(0));
+        if (ps::cpu::weight_bytes(ps::GgmlType(type), k) == 0 || k % ps::QK != 0)
+            throw ps::Error("unsupported type or size");
+        std::string out(ps::cpu::act_row_bytes(ps::GgmlType(type), k), '\0');
+        ks->quantize_act(ps::GgmlType(type), x.data(), &out[0], k);
+        return to_bytes(out);
+    }, "isa"_a, "type"_a, "x"_a);
+    t.def("gemm_rows", [kset, check_rows](const std::string& isa, uint32_t type, nb::bytes W, int64_t nr,
+                                          int64_t k, const std::vector<int32_t>& rows,
+                                          nb::ndarray<const float, nb::ndim<2>, nb::c_contig> X) {
+        const ps::cpu::KernelSet* ks = kset(isa);
+        KWeight w(type, W, nr, k);
+        check_rows(rows, nr);
+        if (int64_t(X.shape(1)) != k) throw ps::Error("shape mismatch");
+        const int64_t nc = int64_t(X.shape(0)), n = int64_t(rows.size());
+        const size_t xs = ps::cpu::act_row_bytes(w.t.type, k);
+        std::vector<uint8_t> xa(xs * size_t(nc));
+        for (int64_t c = 0; c < nc; ++c) ks->quantize_act(w.t.type, X.data() + c * k, xa.data() + c * xs, k);
+        std::vector<float> Y(size_t(nc * n));
+        ks->gemm_rows(w.t.type, k, w.t.data, w.t.row_stride(), rows.data(), n, xa.data(), xs, nc, Y.data(), n);
+        return owned_array(std::move(Y), {size_t(nc), size_t(n)});
+    }, "isa"_a, "type"_a, "W"_a, "nr"_a, "k"_a, "rows"_a, "X"_a);
+    t.def("axpy_rows", [kset, check_rows](const std::string& isa, uint32_t type, nb::bytes W, int64_t nr,
+                                          int64_t k, std::optional<std::vector<int32_t>> rows,
+                                          nb::ndarray<const float, nb::ndim<2>, nb::c_contig> C,
+                                          nb::ndarray<const float, nb::ndim<2>, nb::c_contig> Y0) {
+        const ps::cpu::KernelSet* ks = kset(isa);
+        KWeight w(type, W, nr, k);
+        const int64_t n = rows ? int64_t(rows->size()) : nr;
+        if (rows) check_rows(*rows, nr);
+        const int64_t nc = int64_t(C.shape(0));
+        if (int64_t(C.shape(1)) != n || int64_t(Y0.shape(0)) != nc || int64_t(Y0.shape(1)) != k)
+            throw ps::Error("shape mismatch");
+        std::vector<float> Y(Y0.data(), Y0.data() + size_t(nc * k));
+        ks->axpy_rows(w.t.type, k, w.t.data, w.t.row_stride(), rows ? rows->data() : nullptr, n,
+                      C.data(), n, nc, Y.data(), k);
+        return owned_array(std::move(Y), {size_t(nc), size_t(k)});
+    }, "isa"_a, "type"_a, "W"_a, "nr"_a, "k"_a, "rows"_a, "C"_a, "Y0"_a);
+    t.def("matmul_rows", [](uint32_t type, nb::bytes W, int64_t nr, int64_t k, const std::vector<int32_t>& rows,
+                            nb::ndarray<const float, nb::ndim<2>, nb::c_contig> X, int n_threads) {
+        KWeight w(type, W, nr, k);
+        if (int64_t(X.shape(1)) != k) throw ps::Error("shape mismatch");
+        const int64_t nt = int64_t(X.shape(0)), n = int64_t(rows.size());
+        std::vector<float> Y(size_t(nt * n));
+        std::vector<uint8_t> scratch;
+        {
+            nb::gil_scoped_release r;
+            ps::ThreadPool pool(n_threads);
+            ps::matmul_rows(pool, w.t, rows.data(), n, X.data(), nt, Y.data(), scratch);
+        }
+        return owned_array(std::move(Y), {size_t(nt), size_t(n)});
+    }, "type"_a, "W"_a, "nr"_a, "k"_a, "rows"_a, "X"_a, "n_threads"_a);
+    t.def("axpy_rows_op", [](uint32_t type, nb::bytes W, int64_t nr, int64_t k,
+                             std::optional<std::vector<int32_t>> rows,
+                             nb::ndarray<const float, nb::ndim<2>, nb::c_contig> C, int n_threads) {
+        KWeight w(type, W, nr, k);
+        const int64_t n = rows ? int64_t(rows->size()) : nr;
+        const int64_t nt = int64_t(C.shape(0));
+        if (int64_t(C.shape(1)) != n) throw ps::Error("shape mismatch");
+        std::vector<float> Y(size_t(nt * k));
+        std::vector<float> scratch;
+        {
+            nb::gil_scoped_release r;
+            ps::ThreadPool pool(n_threads);
+            ps::axpy_rows(pool, w.t, rows ? rows->data() : nullptr, n, C.data(), nt, Y.data(), scratch);
+        }
+        return owned_array(std::move(Y), {size_t(nt), size_t(k)});
+    }, "type"_a, "W"_a, "nr"_a, "k"_a, "rows"_a, "C"_a, "n_threads"_a);
+    t.def("parallel_for_raises", [](int n_threads, int64_t n_tasks, int64_t bad_task) {
+        // Runs n_tasks tasks of which bad_task throws; returns how many ran (for the pool tests).
+        std::atomic<int64_t> ran{0};
+        nb::gil_scoped_release r;
+        ps::ThreadPool pool(n_threads);
+        pool.parallel_for(n_tasks, [&](int64_t t, int) {
+            ran.fetch_add(1);
+            if (t == bad_task) throw ps::Error(ps::strfmt("task %lld failed", (long long)t));
+        });
+        return ran.load();
+    }, "n_threads"_a, "n_tasks"_a, "bad_task"_a);
+    t.def("bench_op", [](const std::string& op, uint32_t type, nb::bytes W, int64_t nr, int64_t k,
+                         int64_t n_tokens, int64_t n_active, int n_threads, double min_seconds) {
+        // Seconds per call of matmul / matmul_rows / axpy_rows on the active kernel set, with
+        // one persistent pool (as in the model), repeated for at least min_seconds.
+        KWeight w(type, W, nr, k);
+        if (n_tokens < 1 || n_active < 0 || n_active > nr) throw ps::Error("bad sizes");
+        nb::gil_scoped_release r;
+        const bool axpy = op == "axpy_rows";
+        std::vector<float> X(size_t(n_tokens * (axpy ? n_active : k)), 0.5f);
+        for (size_t i = 0; i < X.size(); ++i) X[i] = float(int(i * 2654435761u % 1000) - 500) * 1e-3f;
+        std::vector<float> Y(size_t(n_tokens * (axpy ? k : (op == "matmul" ? nr : n_active))));
+        std::vector<int32_t> rows(static_cast<size_t>(n_active));
+        for (int64_t i = 0; i < n_active; ++i) rows[size_t(i)] = int32_t(i * nr / std::max<int64_t>(n_active, 1));
+        std::vector<uint8_t> scratch;
+        std::vector<float> fscratch;
+        ps::ThreadPool pool(n_threads);
+        auto once = [&] {
+            if (op == "matmul") ps::matmul(pool, w.t, X.data(), n_tokens, Y.data(), scratch);
+            else if (op == "matmul_rows") ps::matmul_rows(pool, w.t, rows.data(), n_active, X.data(), n_tokens, Y.data(), scratch);
+            else if (axpy) ps::axpy_rows(pool, w.t, rows.data(), n_active, X.data(), n_tokens, Y.data(), fscratch);
+            else throw ps::Error("unknown op " + op);
+        };
+        once();  // warm up: page in the weights, size the scratch
+        int64_t iters = 0;
+        const auto t0 = std::chrono::steady_clock::now();
+        double el = 0;
+        do {
+            once();
+            ++iters;
+            el = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        } while (el < min_seconds);
+        return el / double(iters);
+    }, "op"_a, "type"_a, "W"_a, "nr"_a, "k"_a, "n_tokens"_a, "n_active"_a, "n_threads"_a, "min_seconds"_a);
+    // ---- END kernel test/bench hooks ----
 }

@@ -1,0 +1,304 @@
+"""The CPU kernels (cpu/kernels_*.cpp) and the deterministic ops built on them (ops.cpp).
+
+References we did not write: the gguf package's quantizers and dequantizers (llama.cpp's block
+layouts and rounding) and numpy in float64. Every available instruction set is checked; the
+scalar set is the reference the SIMD sets must agree with.
+
+Error bounds. Our kernels sum in float32, so a dot product of n terms carries a rounding error of
+at most about n * u * sum|w_j x_j| with u = 2**-24 (the textbook gamma_n bound; the SIMD sets add
+a few levels of horizontal sums). For the quantized types the 32 products inside a block are
+exact integers and only the per-block terms are rounded, so n = k / 32. We allow (n + 8) * u
+times that magnitude, doubled for slack. A single wrong weight, wrong nibble order or wrong scale
+gives an error of the order of one term, |w_j x_j| ~ sum / k, far above the bound.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QT
+from gguf import quants
+
+from prosparse_rt import _core
+
+T = _core._testing
+ISAS = T.isas()
+U = 2.0 ** -24
+
+FLOAT_TYPES = {"F32": QT.F32, "F16": QT.F16, "BF16": QT.BF16}
+QUANT_TYPES = {"Q8_0": QT.Q8_0, "Q4_0": QT.Q4_0, "Q4_1": QT.Q4_1}
+TYPES = {**FLOAT_TYPES, **QUANT_TYPES}
+
+
+def k_for(name):
+    # Float types take any row length: 357 leaves a tail after 16- and 8-wide vectors.
+    # Quantized rows are whole 32-weight blocks: 11 of them.
+    return 357 if name in FLOAT_TYPES else 352
+
+
+def make_weights(name, nr, k, seed=0):
+    """(raw bytes as a GGUF stores them, dequantized float64 [nr, k]) via the gguf package."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((nr, k)).astype(np.float32)
+    qt = TYPES[name]
+    if qt == QT.F32:
+        return w.tobytes(), w.astype(np.float64)
+    q = quants.quantize(w, qt)
+    return q.tobytes(), quants.dequantize(q, qt).astype(np.float64).reshape(nr, k)
+
+
+def np_roundf(x):
+    return np.sign(x) * np.floor(np.abs(x) + np.float32(0.5)).astype(np.float32)
+
+
+def act_as_kernels_see_it(name, x):
+    """The activation rows after the kernels' conversion: unchanged for float weights, Q8_0
+    (the gguf package's quantizer) for Q8_0/Q4_0, our Q8_1 (float d = amax/127, llama.cpp's
+    rounding) for Q4_1."""
+    qt = TYPES[name]
+    if qt in FLOAT_TYPES.values():
+        return x.astype(np.float64)
+    if qt in (QT.Q8_0, QT.Q4_0):
+        return quants.dequantize(quants.quantize(x, QT.Q8_0), QT.Q8_0).astype(np.float64).reshape(x.shape)
+    return q8_1_reference(x)[0]
+
+
+def q8_1_reference(x):
+    """Our Q8_1 activation format computed with numpy: (dequantized, d, s, qs)."""
+    blocks = x.reshape(-1, 32).astype(np.float32)
+    d = (np.abs(blocks).max(axis=1, keepdims=True) / np.float32(127)).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+    qs = np_roundf(blocks * inv).astype(np.int8)
+    s = (d[:, 0] * qs.astype(np.int32).sum(axis=1).astype(np.float32)).astype(np.float32)
+    deq = (d.astype(np.float64) * qs).reshape(x.shape)
+    return deq, d[:, 0], s, qs
+
+
+def dot_bound(name, k, xq, wd):
+    n_terms = k if name in FLOAT_TYPES else k // 32
+    return 2 * (n_terms + 8) * U * (np.abs(xq) @ np.abs(wd).T)
+
+
+# ---- activation conversion ----------------------------------------------------------------------
+
+def tie_heavy_rows(n_rows, k, seed):
+    """Rows whose blocks hit exact .5 rounding ties: amax = 127 makes d = 1, and x = j + 0.5."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n_rows, k)).astype(np.float32) * 3
+    x[:, ::32] = 127.0
+    x[:, 1::32] = 2.5
+    x[:, 2::32] = -3.5
+    x[0, 64:96] = 0.0  # an all-zero block: d = 0, every q = 0
+    return x
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_q8_0_activation_bytes_equal_gguf_quantizer(isa):
+    x = tie_heavy_rows(3, 128, seed=1)
+    for row in x:
+        ours = T.quantize_act(isa, int(QT.Q4_0), row)
+        assert ours == quants.quantize(row, QT.Q8_0).tobytes()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_q8_1_activation_matches_numpy_reference(isa):
+    x = tie_heavy_rows(2, 128, seed=2)
+    rec = np.dtype([("d", "<f4"), ("s", "<f4"), ("qs", "i1", 32)])
+    for row in x:
+        got = np.frombuffer(T.quantize_act(isa, int(QT.Q4_1), row), dtype=rec)
+        _, d, s, qs = q8_1_reference(row)
+        np.testing.assert_array_equal(got["qs"], qs)
+        np.testing.assert_array_equal(got["d"], d)
+        np.testing.assert_array_equal(got["s"], s)
+
+
+# ---- dense gemm -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("nc", [1, 3, 6])
+def test_gemm_matches_numpy_on_gguf_dequantized_weights(isa, name, nc):
+    nr, k = 37, k_for(name)  # 37 rows: a short last row tile
+    wb, wd = make_weights(name, nr, k)
+    x = np.random.default_rng(10 + nc).standard_normal((nc, k)).astype(np.float32)
+    xq = act_as_kernels_see_it(name, x)
+    got = T.gemm(isa, int(TYPES[name]), wb, nr, k, x)
+    assert got.shape == (nc, nr)
+    ref = xq @ wd.T
+    assert np.all(np.abs(got - ref) <= dot_bound(name, k, xq, wd))
+
+
+@pytest.mark.parametrize("isa", [i for i in ISAS if i != "scalar"])
+@pytest.mark.parametrize("name", TYPES)
+def test_simd_gemm_agrees_with_scalar(isa, name):
+    nr, k = 19, k_for(name)
+    wb, wd = make_weights(name, nr, k, seed=3)
+    x = np.random.default_rng(4).standard_normal((5, k)).astype(np.float32)
+    xq = act_as_kernels_see_it(name, x)
+    simd = T.gemm(isa, int(TYPES[name]), wb, nr, k, x)
+    scalar = T.gemm("scalar", int(TYPES[name]), wb, nr, k, x)
+    assert np.all(np.abs(simd - scalar) <= 2 * dot_bound(name, k, xq, wd))
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_matmul_bitwise_identical_for_1_2_3_threads(name):
+    nr, k = 70, k_for(name)  # 70 rows: three row chunks, the last one short
+    wb, _ = make_weights(name, nr, k, seed=5)
+    for nt in (1, 5):
+        x = np.random.default_rng(nt).standard_normal((nt, k)).astype(np.float32)
+        outs = [T.matmul(int(TYPES[name]), wb, nr, k, x, n) for n in (1, 2, 3)]
+        for o in outs[1:]:
+            np.testing.assert_array_equal(o, outs[0])
+        # Chunking never changes a result: the op equals one kernel call over all rows.
+        np.testing.assert_array_equal(outs[0], T.gemm(T.active_isa(), int(TYPES[name]), wb, nr, k, x))
+
+
+# ---- sparse kernels: gathered rows and the down projection as a sum of rows ----------------------
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("name", TYPES)
+def test_gemm_rows_equals_gemm_on_the_listed_rows(isa, name):
+    nr, k = 40, k_for(name)
+    wb, wd = make_weights(name, nr, k, seed=6)
+    rows = [39, 0, 7, 7, 22, 3, 31]  # unsorted, with a repeat
+    x = np.random.default_rng(7).standard_normal((3, k)).astype(np.float32)
+    got = T.gemm_rows(isa, int(TYPES[name]), wb, nr, k, rows, x)
+    full = T.gemm(isa, int(TYPES[name]), wb, nr, k, x)
+    np.testing.assert_array_equal(got, full[:, rows])
+    xq = act_as_kernels_see_it(name, x)
+    assert np.all(np.abs(got - xq @ wd[rows].T) <= dot_bound(name, k, xq, wd[rows]))
+
+
+def axpy_bound(n, c, wsel, y0):
+    # n fused multiply-adds into y, each rounding once: n * u * (|y0| + sum |c_i w_ij|).
+    return 2 * (n + 4) * U * (np.abs(y0) + np.abs(c) @ np.abs(wsel))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("nc", [1, 3])
+def test_axpy_rows_matches_numpy(isa, name, nc):
+    nr, k = 50, k_for(name)
+    wb, wd = make_weights(name, nr, k, seed=8)
+    rng = np.random.default_rng(9)
+    for rows in ([3, 49, 17, 0, 8, 8, 25], None):
+        sel = wd if rows is None else wd[rows]
+        c = rng.standard_normal((nc, len(sel))).astype(np.float32)
+        y0 = rng.standard_normal((nc, k)).astype(np.float32)
+        got = T.axpy_rows(isa, int(TYPES[name]), wb, nr, k, rows, c, y0)
+        ref = y0 + c.astype(np.float64) @ sel
+        assert np.all(np.abs(got - ref) <= axpy_bound(len(sel), c, sel, y0))
+
+
+def column_slice(name, wb, nr, k, j0, j1):
+    """The weights of columns [j0, j1) of every row, as their own buffer (block boundaries)."""
+    per = len(wb) // nr
+    to_bytes = (lambda j: j * per // k)
+    raw = np.frombuffer(wb, np.uint8).reshape(nr, per)
+    return raw[:, to_bytes(j0):to_bytes(j1)].tobytes()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("name", TYPES)
+def test_axpy_rows_columns_are_independent_of_how_a_call_is_cut(isa, name):
+    # ops.axpy_rows splits a batch's output columns between tasks: a column's sum must not
+    # depend on which other columns the same call covered.
+    nr, k = 24, k_for(name)
+    wb, _ = make_weights(name, nr, k, seed=11)
+    rows = [5, 1, 20, 9, 13]
+    rng = np.random.default_rng(12)
+    c = rng.standard_normal((2, len(rows))).astype(np.float32)
+    y0 = rng.standard_normal((2, k)).astype(np.float32)
+    whole = T.axpy_rows(isa, int(TYPES[name]), wb, nr, k, rows, c, y0)
+    left = T.axpy_rows(isa, int(TYPES[name]), column_slice(name, wb, nr, k, 0, 128), nr, 128, rows, c,
+                       np.ascontiguousarray(y0[:, :128]))
+    right = T.axpy_rows(isa, int(TYPES[name]), column_slice(name, wb, nr, k, 128, k), nr, k - 128, rows, c,
+                        np.ascontiguousarray(y0[:, 128:]))
+    np.testing.assert_array_equal(whole, np.concatenate([left, right], axis=1))
+
+
+@pytest.mark.parametrize("isa", [i for i in ISAS if i != "scalar"])
+@pytest.mark.parametrize("name", TYPES)
+def test_simd_axpy_rows_agrees_with_scalar(isa, name):
+    nr, k = 30, k_for(name)
+    wb, wd = make_weights(name, nr, k, seed=13)
+    rows = list(range(0, 30, 2))
+    rng = np.random.default_rng(14)
+    c = rng.standard_normal((1, len(rows))).astype(np.float32)
+    y0 = np.zeros((1, k), np.float32)
+    simd = T.axpy_rows(isa, int(TYPES[name]), wb, nr, k, rows, c, y0)
+    scalar = T.axpy_rows("scalar", int(TYPES[name]), wb, nr, k, rows, c, y0)
+    assert np.all(np.abs(simd - scalar) <= 2 * axpy_bound(len(rows), c, wd[rows], y0))
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_matmul_rows_bitwise_identical_for_1_2_3_threads(name):
+    nr, k = 120, k_for(name)
+    wb, _ = make_weights(name, nr, k, seed=15)
+    rows = list(range(119, 0, -3))  # 40 rows: two chunks
+    for nt in (1, 4):
+        x = np.random.default_rng(nt).standard_normal((nt, k)).astype(np.float32)
+        outs = [T.matmul_rows(int(TYPES[name]), wb, nr, k, rows, x, n) for n in (1, 2, 3)]
+        for o in outs[1:]:
+            np.testing.assert_array_equal(o, outs[0])
+        np.testing.assert_array_equal(outs[0], T.gemm_rows(T.active_isa(), int(TYPES[name]), wb, nr, k, rows, x))
+
+
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("nt", [1, 4])
+def test_axpy_rows_op_bitwise_identical_for_1_2_3_threads_and_matches_numpy(name, nt):
+    # 300 rows: a single token's index list is cut into several partial sums; a batch's output
+    # columns into several slices.
+    nr, k = 300, k_for(name)
+    wb, wd = make_weights(name, nr, k, seed=16)
+    rng = np.random.default_rng(17)
+    for rows in (sorted(rng.choice(nr, 150, replace=False).tolist()), None):
+        sel = wd if rows is None else wd[rows]
+        c = rng.standard_normal((nt, len(sel))).astype(np.float32)
+        outs = [T.axpy_rows_op(int(TYPES[name]), wb, nr, k, rows, c, n) for n in (1, 2, 3)]
+        for o in outs[1:]:
+            np.testing.assert_array_equal(o, outs[0])
+        zero = np.zeros((nt, k))
+        # Partial sums added at the end: one more rounding per chunk on top of the chain bound.
+        assert np.all(np.abs(outs[0] - c.astype(np.float64) @ sel) <= 2 * axpy_bound(len(sel) + 20, c, sel, zero))
+
+
+# ---- bad input and the thread pool -------------------------------------------------------------
+
+def test_row_index_out_of_range_is_a_value_error():
+    wb, _ = make_weights("Q4_0", 8, 64)
+    x = np.ones((1, 64), np.float32)
+    with pytest.raises(ValueError, match="row index 8 out of range"):
+        T.matmul_rows(int(QT.Q4_0), wb, 8, 64, [1, 8], x, 2)
+    with pytest.raises(ValueError, match="row index -1 out of range"):
+        T.axpy_rows_op(int(QT.Q4_0), wb, 8, 64, [-1], np.ones((1, 1), np.float32), 2)
+
+
+def test_exception_in_a_task_reaches_the_caller_and_stops_the_rest():
+    with pytest.raises(ValueError, match="task 37 failed"):
+        T.parallel_for_raises(2, 10_000, 37)
+    with pytest.raises(ValueError, match="thread count"):
+        T.parallel_for_raises(0, 1, -1)
+
+
+def test_parallel_for_runs_every_task_once():
+    assert T.parallel_for_raises(3, 1000, -1) == 1000
+
+
+def run_with_isa(value):
+    env = dict(os.environ, PROSPARSE_ISA=value)
+    code = "from prosparse_rt import _core\nprint(_core._testing.active_isa())"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+
+
+def test_prosparse_isa_forces_the_kernel_set():
+    r = run_with_isa("scalar")
+    assert r.returncode == 0 and r.stdout.strip() == "scalar"
+
+
+def test_prosparse_isa_with_an_unknown_name_is_refused():
+    r = run_with_isa("avx9000")
+    assert r.returncode != 0 and "PROSPARSE_ISA=avx9000" in r.stderr
