@@ -197,12 +197,7 @@ def _add_kv(w: GGUFWriter, kv: dict) -> None:
             raise AssertionError(kind)
 
 
-def _has_key(w: GGUFWriter, key: str) -> bool:
-    return any(key in d for d in w.kv_data)
-
-
-def write_gguf(out: Path, src: Source, outs: List[_Out], kv: dict, progress: bool,
-               chat_template: Optional[str] = None) -> None:
+def write_gguf(out: Path, src: Source, outs: List[_Out], kv: dict, progress: bool) -> None:
     out = Path(out)
     if out.is_dir():
         raise ConvertError(f"output {out} is a directory")
@@ -212,9 +207,7 @@ def write_gguf(out: Path, src: Source, outs: List[_Out], kv: dict, progress: boo
     w = GGUFWriter(tmp, src.params.arch)
     try:
         _add_kv(w, kv)
-        src.add_tokenizer(w)
-        if chat_template and not _has_key(w, N.CHAT_TEMPLATE):
-            w.add_string(N.CHAT_TEMPLATE, chat_template)
+        src.add_tokenizer(w)  # tokenizer.ggml.* and tokenizer.chat_template (vocab.py)
         for t in outs:
             w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), quant.nbytes(t.shape, t.qtype),
                               raw_dtype=t.qtype)
@@ -241,20 +234,6 @@ def write_gguf(out: Path, src: Source, outs: List[_Out], kv: dict, progress: boo
         raise
 
 
-def _chat_template_of(src_path: Path) -> Optional[str]:
-    from .hf_source import read_json_optional
-    tc = read_json_optional(src_path / "tokenizer_config.json") if src_path.is_dir() else None
-    tmpl = (tc or {}).get("chat_template")
-    if isinstance(tmpl, list):  # named templates: [{"name": ..., "template": ...}]
-        named = {t.get("name"): t.get("template") for t in tmpl if isinstance(t, dict)}
-        tmpl = named.get("default")
-    if tmpl is None and src_path.is_dir():
-        j = src_path / "chat_template.jinja"
-        if j.is_file():
-            tmpl = j.read_text(encoding="utf-8")
-    return tmpl if isinstance(tmpl, str) else None
-
-
 def convert(model, out, options: Optional[Options] = None, **kw) -> Path:
     """Convert MODEL (a Hugging Face directory, a hub id or a GGUF file) into the GGUF file OUT."""
     o = options or Options(**kw)
@@ -263,5 +242,5 @@ def convert(model, out, options: Optional[Options] = None, **kw) -> Path:
     path = resolve_model(str(model))
     src = open_source(str(path))
     outs, kv = plan_outputs(src, o)
-    write_gguf(Path(out), src, outs, kv, o.progress, _chat_template_of(path))
+    write_gguf(Path(out), src, outs, kv, o.progress)
     return Path(out)
