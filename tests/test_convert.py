@@ -561,3 +561,21 @@ def test_damaged_gguf_input_is_a_clear_error(relu_gqa, tmp_path, damage, message
     bad.write_bytes(damage(relu_gqa[2].read_bytes()))
     with pytest.raises(ConvertError, match=message):
         conv(bad, tmp_path / "o.gguf")
+
+
+@pytest.mark.slow  # ~25 s on 2 cores: dequantizes and rewrites 135M weights as f32
+def test_real_llama_cpp_gguf_converts_without_loss(smollm2_path, tmp_path):
+    # SmolLM2-135M-Instruct as llama.cpp's tools wrote it (Q4_1/Q8_0, byte-level BPE tokenizer):
+    # at f32 every tensor must equal the gguf package's dequantization of the original, and every
+    # tokenizer key must be copied unchanged.
+    out = conv(smollm2_path, tmp_path / "smol.gguf", outtype="f32")
+    src = gguf.GGUFReader(str(smollm2_path))
+    f, t = read(out)
+    for k, fld in src.fields.items():
+        if k.startswith("tokenizer."):
+            assert f[k] == fld.contents(), k
+    assert f["prosparse.activation"] == "silu"
+    assert f["llama.block_count"] == src.fields["llama.block_count"].contents()
+    assert len(t) == len(src.tensors)
+    for ten in src.tensors:
+        np.testing.assert_array_equal(as_f32(t[ten.name]), as_f32(ten), err_msg=ten.name)
