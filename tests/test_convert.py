@@ -249,6 +249,21 @@ def test_bf16_checkpoint_widens_exactly(tmp_path):
     np.testing.assert_array_equal(as_f32(t["blk.0.ffn_up.weight"]), hf(model16, "model.layers.0.mlp.up_proj.weight"))
 
 
+def test_hub_id_is_fetched_with_huggingface_hub_and_named_after_the_repository(relu_gqa, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    _, path, _ = relu_gqa
+    asked = {}
+
+    def snapshot(repo_id, **kw):
+        asked["repo_id"] = repo_id
+        return str(path)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    f, _ = read(conv("someone/tiny-relu", tmp_path / "o.gguf", outtype="f32"))
+    assert asked["repo_id"] == "someone/tiny-relu"
+    assert f["general.name"] == "tiny-relu"
+
+
 def test_hub_id_that_cannot_be_fetched_is_a_clear_error(tmp_path, monkeypatch):
     import huggingface_hub
 

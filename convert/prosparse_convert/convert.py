@@ -241,6 +241,9 @@ def convert(model, out, options: Optional[Options] = None, **kw) -> Path:
     from .hf_source import resolve_model
     path = resolve_model(str(model))
     src = open_source(str(path))
+    if not Path(str(model)).exists():
+        # A hub snapshot's directory is named after a commit hash; the repository name says more.
+        src.params.name = str(model).split("/")[-1]
     outs, kv = plan_outputs(src, o)
     write_gguf(Path(out), src, outs, kv, o.progress)
     return Path(out)
