@@ -215,7 +215,10 @@ def write_gguf(out: Path, src: Source, outs: List[_Out], kv: dict, progress: boo
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         from tqdm import tqdm
-        for t in tqdm(outs, desc="converting", unit="tensor", disable=not progress):
+        # Progress in output bytes: the embedding and FFN matrices dominate the time, not the count.
+        bar = tqdm(total=sum(quant.nbytes(t.shape, t.qtype) for t in outs), desc="converting",
+                   unit="B", unit_scale=True, disable=not progress)
+        for t in outs:
             a = t.produce()
             if tuple(a.shape) != tuple(t.shape):
                 raise ConvertError(f"tensor {t.name} has shape {list(a.shape)}, expected {list(t.shape)}")
@@ -224,6 +227,8 @@ def write_gguf(out: Path, src: Source, outs: List[_Out], kv: dict, progress: boo
             except ConvertError as e:
                 raise ConvertError(f"tensor {t.name}: {e}") from None
             w.write_tensor_data(data)
+            bar.update(data.nbytes)
+        bar.close()
         w.close()
         os.replace(tmp, out)
     except BaseException:
