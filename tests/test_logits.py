@@ -85,3 +85,26 @@ def test_quantization_really_changes_the_reference(tmp_path):
     ids = H.prompt_ids(20)
     deq = H.hf_logits(H.llama_from_gguf(out, ref_model.config), ids)
     assert H.rel_error(deq, H.hf_logits(ref_model, ids)) > 1e-3
+
+
+def test_frequency_ordered_file_computes_the_same_model(tmp_path):
+    # DESIGN.md: permuting every per-neuron tensor together leaves outputs unchanged.
+    import torch
+
+    ref_model, path = _case(tmp_path, "fatrelu")
+    act = tmp_path / "act"
+    act.mkdir()
+    g = torch.Generator().manual_seed(7)
+    for i in range(2):
+        torch.save(torch.randint(0, 1000, (128,), generator=g), act / f"activation_{i}.pt")
+    out = convert(path, tmp_path / "m.gguf", outtype="f32", activation=act, neuron_order="frequency",
+                  progress=False)
+    ids = H.prompt_ids(20)
+    assert H.rel_error(_ours(out, ids), H.hf_logits(ref_model, ids)) < F32_TOL
+
+
+def test_llama_cpp_format_file_computes_the_same_model(tmp_path):
+    ref_model, path = _case(tmp_path, "silu_gqa_tied")
+    out = convert(path, tmp_path / "m.gguf", outtype="f32", format="llama.cpp", progress=False)
+    ids = H.prompt_ids(20)
+    assert H.rel_error(_ours(out, ids), H.hf_logits(ref_model, ids)) < F32_TOL
