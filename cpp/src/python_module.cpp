@@ -184,14 +184,17 @@ NB_MODULE(_core, m) {
 
     nb::class_<ps::Model>(m, "Model")
         .def("__init__", [](ps::Model* self, const std::string& path, int n_ctx, int n_threads,
-                            int n_batch, const std::string& sparsity, float act_threshold) {
+                            int n_batch, const std::string& sparsity, float act_threshold,
+                            float pred_threshold, bool diag_recall) {
             ps::ModelParams p;
             p.n_ctx = n_ctx; p.n_threads = n_threads; p.n_batch = n_batch;
             p.sparsity = sparsity; p.act_threshold = act_threshold;
+            p.pred_threshold = pred_threshold; p.diag_recall = diag_recall;
             nb::gil_scoped_release r;
             new (self) ps::Model(path, p);
         }, "path"_a, "n_ctx"_a = 0, "n_threads"_a = 0, "n_batch"_a = 256,
-           "sparsity"_a = "auto", "act_threshold"_a = NAN)
+           "sparsity"_a = "auto", "act_threshold"_a = NAN, "pred_threshold"_a = NAN,
+           "diag_recall"_a = false)
         .def("eval", [](ps::Model& mdl, const std::vector<int32_t>& tokens, bool all_logits) {
             const int n_vocab = mdl.hparams().n_vocab;
             auto ids = checked_ids(tokens, n_vocab);
@@ -233,6 +236,16 @@ NB_MODULE(_core, m) {
             d["n_prompt_tokens"] = s.n_prompt_tokens; d["n_decode_tokens"] = s.n_decode_tokens;
             d["prompt_seconds"] = s.prompt_seconds; d["decode_seconds"] = s.decode_seconds;
             d["weight_bytes_per_token"] = s.weight_bytes_per_token;
+            // per layer, averaged over the tokens seen (NaN where the strategy cannot know)
+            nb::list active, predicted, recall, ffn_bytes;
+            for (const auto& l : s.layers) {
+                active.append(l.active_known ? l.active / double(l.active_known) / mdl.hparams().n_ff : NAN);
+                predicted.append(l.tokens && l.predicted > 0 ? l.predicted / double(l.tokens) / mdl.hparams().n_ff : NAN);
+                recall.append(l.recall_total > 0 ? l.recall_hit / l.recall_total : NAN);
+                ffn_bytes.append(l.tokens ? l.bytes / double(l.tokens) : 0.0);
+            }
+            d["active_fraction"] = active; d["predicted_fraction"] = predicted;
+            d["recall"] = recall; d["ffn_bytes_per_token"] = ffn_bytes;
             return d;
         });
 
@@ -459,14 +472,24 @@ NB_MODULE(_core, m) {
         return ran.load();
     }, "n_threads"_a, "n_tasks"_a, "bad_task"_a);
     t.def("bench_op", [](const std::string& op, uint32_t type, nb::bytes W, int64_t nr, int64_t k,
-                         int64_t n_tokens, int64_t n_active, int n_threads, double min_seconds) {
+                         int64_t n_copies, int64_t n_tokens, int64_t n_active, int n_threads,
+                         double min_seconds) {
         // Seconds per call of matmul / matmul_rows / axpy_rows on the active kernel set, with
-        // one persistent pool (as in the model), repeated for at least min_seconds.
-        KWeight w(type, W, nr, k);
+        // one persistent pool (as in the model), repeated for at least min_seconds. W holds
+        // n_copies matrices of nr x k, used in turn, so that a working set larger than the L3
+        // cache measures DRAM bandwidth as a model's many layers do.
+        if (n_copies < 1 || nr < 1 || size_t(W.size()) % size_t(n_copies) != 0)
+            throw ps::Error("bad copies");
+        const size_t per = size_t(W.size()) / size_t(n_copies);
+        nb::bytes first(W.c_str(), per);
+        KWeight probe(type, first, nr, k);  // validates type and shape
+        std::vector<ps::Tensor> mats(size_t(n_copies), probe.t);
+        for (int64_t i = 0; i < n_copies; ++i)
+            mats[size_t(i)].data = reinterpret_cast<const uint8_t*>(W.c_str()) + size_t(i) * per;
         if (n_tokens < 1 || n_active < 0 || n_active > nr) throw ps::Error("bad sizes");
         nb::gil_scoped_release r;
         const bool axpy = op == "axpy_rows";
-        std::vector<float> X(size_t(n_tokens * (axpy ? n_active : k)), 0.5f);
+        std::vector<float> X(size_t(n_tokens * (axpy ? n_active : k)));
         for (size_t i = 0; i < X.size(); ++i) X[i] = float(int(i * 2654435761u % 1000) - 500) * 1e-3f;
         std::vector<float> Y(size_t(n_tokens * (axpy ? k : (op == "matmul" ? nr : n_active))));
         std::vector<int32_t> rows(static_cast<size_t>(n_active));
@@ -474,14 +497,16 @@ NB_MODULE(_core, m) {
         std::vector<uint8_t> scratch;
         std::vector<float> fscratch;
         ps::ThreadPool pool(n_threads);
+        int64_t iters = 0;
         auto once = [&] {
-            if (op == "matmul") ps::matmul(pool, w.t, X.data(), n_tokens, Y.data(), scratch);
-            else if (op == "matmul_rows") ps::matmul_rows(pool, w.t, rows.data(), n_active, X.data(), n_tokens, Y.data(), scratch);
-            else if (axpy) ps::axpy_rows(pool, w.t, rows.data(), n_active, X.data(), n_tokens, Y.data(), fscratch);
+            const ps::Tensor& w = mats[size_t(iters % n_copies)];
+            if (op == "matmul") ps::matmul(pool, w, X.data(), n_tokens, Y.data(), scratch);
+            else if (op == "matmul_rows") ps::matmul_rows(pool, w, rows.data(), n_active, X.data(), n_tokens, Y.data(), scratch);
+            else if (axpy) ps::axpy_rows(pool, w, rows.data(), n_active, X.data(), n_tokens, Y.data(), fscratch);
             else throw ps::Error("unknown op " + op);
         };
-        once();  // warm up: page in the weights, size the scratch
-        int64_t iters = 0;
+        for (int64_t i = 0; i < n_copies; ++i, ++iters) once();  // page in every copy
+        iters = 0;
         const auto t0 = std::chrono::steady_clock::now();
         double el = 0;
         do {
@@ -490,6 +515,7 @@ NB_MODULE(_core, m) {
             el = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         } while (el < min_seconds);
         return el / double(iters);
-    }, "op"_a, "type"_a, "W"_a, "nr"_a, "k"_a, "n_tokens"_a, "n_active"_a, "n_threads"_a, "min_seconds"_a);
+    }, "op"_a, "type"_a, "W"_a, "nr"_a, "k"_a, "n_copies"_a, "n_tokens"_a, "n_active"_a,
+       "n_threads"_a, "min_seconds"_a);
     // ---- END kernel test/bench hooks ----
 }

@@ -17,12 +17,14 @@ using VF = __m256;
 constexpr int kVW = 8;
 constexpr bool kVnni = false;
 constexpr int kTileC = 2;  // 16 ymm registers: 4 x 2 accumulators plus operands
+constexpr int kAxpyNB = 1;
 
 inline VF vzero() { return _mm256_setzero_ps(); }
 inline VF vset1(float f) { return _mm256_set1_ps(f); }
 inline VF vload(const float* p) { return _mm256_loadu_ps(p); }
 inline void vstore(float* p, VF v) { _mm256_storeu_ps(p, v); }
 inline VF vmul(VF a, VF b) { return _mm256_mul_ps(a, b); }
+inline VF vadd(VF a, VF b) { return _mm256_add_ps(a, b); }
 inline VF vfma(VF a, VF b, VF c) { return _mm256_fmadd_ps(a, b, c); }
 inline float vhsum(VF v);
 
@@ -33,6 +35,8 @@ inline void i8x32_to_f(__m256i q, VF* out) {
     out[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
     out[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
 }
+
+inline void q4_to_f(const uint8_t* qs, bool minus8, VF* out);
 
 inline VF wload(ps::GgmlType w, const uint8_t* row, int64_t j) {
     if (w == ps::GgmlType::F32) return _mm256_loadu_ps(reinterpret_cast<const float*>(row) + j);
@@ -49,6 +53,11 @@ inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
 #include "cpu/kernels_x86.inc"
 
 inline float vhsum(VF v) { return hsum8(v); }
+
+inline void q4_to_f(const uint8_t* qs, bool minus8, VF* out) {
+    const __m256i q = unpack_nibbles(qs);
+    i8x32_to_f(minus8 ? _mm256_sub_epi8(q, _mm256_set1_epi8(8)) : q, out);
+}
 
 }  // namespace
 
