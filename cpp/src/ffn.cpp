@@ -1,8 +1,3 @@
-// The FFN strategies. For one token with normalised input h:
-//   dense:  g = W_gate h, u = W_up h, a = act(g) * u, out = W_down a
-// The down projection is read either from llama.cpp's ffn_down ({n_ff, n_embd}: one row per
-// output) or from our neuron-major ffn_down_t ({n_embd, n_ff}: one row per neuron), in which
-// case out = sum_i a_i * ffn_down_t[i], the same kernel the sparse strategies use.
 #include "ffn.h"
 
 #include <algorithm>
@@ -10,9 +5,17 @@
 
 #include "common.h"
 #include "ops.h"
-#include "vec.h"
 
 namespace ps {
+
+const char* strategy_name(FfnStrategy s) {
+    switch (s) {
+        case FfnStrategy::DENSE: return "dense";
+        case FfnStrategy::EXACT: return "exact";
+        case FfnStrategy::PREDICT: return "predict";
+    }
+    return "?";
+}
 
 float ffn_activation(Activation a, float g, float t) {
     switch (a) {
@@ -25,50 +28,169 @@ float ffn_activation(Activation a, float g, float t) {
 
 namespace {
 
-// out[t] = sum_i a[t][i] * D[i] over all neurons i, D = ffn_down_t. Threads own disjoint
-// column ranges of the output, so every output element is summed in neuron order by one
-// thread: the result does not depend on the thread count.
-void down_t_dense(ThreadPool& pool, const Tensor& D, const float* a, int n_tokens, int64_t n_ff,
-                  float* out, FfnScratch& s) {
-    const int64_t n_embd = D.ne[0];
-    const int64_t bs = type_info(uint32_t(D.type))->block_size;
-    const int64_t chunk = std::max<int64_t>(bs, ((256 + bs - 1) / bs) * bs);  // columns per task
-    const int64_t n_chunks = (n_embd + chunk - 1) / chunk;
-    const size_t blk_bytes = type_info(uint32_t(D.type))->block_bytes;
-    std::fill(out, out + size_t(n_tokens) * size_t(n_embd), 0.0f);
-    if (s.down_rows.size() < size_t(pool.size()) * size_t(chunk)) s.down_rows.resize(size_t(pool.size()) * size_t(chunk));
-    pool.parallel_for(n_chunks, [&](int64_t c, int thread) {
-        const int64_t j0 = c * chunk, j1 = std::min(n_embd, j0 + chunk), w = j1 - j0;
-        float* row = s.down_rows.data() + size_t(thread) * size_t(chunk);
-        for (int64_t i = 0; i < n_ff; ++i) {
-            // skip neurons that are zero for every token in the batch (exact, not approximate)
-            bool any = false;
-            for (int t = 0; t < n_tokens && !any; ++t) any = a[size_t(t) * n_ff + i] != 0.0f;
-            if (!any) continue;
-            dequantize_row(D.type, D.row(i) + size_t(j0 / bs) * blk_bytes, row, w);
-            for (int t = 0; t < n_tokens; ++t) {
-                const float ai = a[size_t(t) * n_ff + i];
-                if (ai != 0.0f) vec_axpy(out + size_t(t) * n_embd + j0, ai, row, w);
-            }
+template <class T>
+void grow(std::vector<T>& v, size_t n) {
+    if (v.size() < n) v.resize(n);
+}
+
+double rows_bytes(const Tensor& W, int64_t n_rows) { return double(W.row_stride()) * double(n_rows); }
+
+// The down projection of coefficients C [n_tokens][n] over the listed neurons (rows == nullptr:
+// every neuron), from ffn_down_t when the file has it, else through llama.cpp's ffn_down.
+void down_proj(ThreadPool& pool, const LayerWeights& L, const int32_t* rows, int64_t n,
+               const float* C, int n_tokens, float* out, FfnScratch& s, FfnLayerStats& st) {
+    if (L.ffn_down_t) {
+        axpy_rows(pool, *L.ffn_down_t, rows, n, C, n_tokens, out, s.down_buf);
+        st.bytes += rows_bytes(*L.ffn_down_t, n);
+    } else {
+        matmul(pool, *L.ffn_down, C, n_tokens, out, s.act_buf);
+        st.bytes += double(L.ffn_down->nbytes);
+    }
+}
+
+// Sorted union over tokens of the neurons whose flag is set in a [n_tokens][n_ff] predicate.
+template <class Pred>
+void union_rows(int n_tokens, int64_t n_ff, Pred pred, FfnScratch& s, std::vector<int32_t>& rows) {
+    grow(s.mark, size_t(n_ff));
+    std::fill(s.mark.begin(), s.mark.begin() + n_ff, uint8_t(0));
+    for (int t = 0; t < n_tokens; ++t)
+        for (int64_t i = 0; i < n_ff; ++i)
+            if (pred(t, i)) s.mark[size_t(i)] = 1;
+    rows.clear();
+    for (int64_t i = 0; i < n_ff; ++i)
+        if (s.mark[size_t(i)]) rows.push_back(int32_t(i));
+}
+
+void ffn_dense(ThreadPool& pool, const HParams& hp, const LayerWeights& L, const float* h,
+               int n_tokens, float* out, FfnScratch& s, FfnLayerStats& st) {
+    const int64_t n_ff = hp.n_ff;
+    const size_t n = size_t(n_tokens) * size_t(n_ff);
+    grow(s.gate, n);
+    grow(s.up, n);
+    matmul(pool, *L.ffn_gate, h, n_tokens, s.gate.data(), s.act_buf);
+    matmul(pool, *L.ffn_up, h, n_tokens, s.up.data(), s.act_buf);
+    st.bytes += double(L.ffn_gate->nbytes) + double(L.ffn_up->nbytes);
+    int64_t active = 0;
+    for (size_t i = 0; i < n; ++i) {
+        const float a = ffn_activation(hp.act, s.gate[i], hp.act_threshold);
+        active += a != 0.0f;
+        s.gate[i] = a * s.up[i];
+    }
+    st.active += double(active);
+    st.active_known += n_tokens;
+    down_proj(pool, L, nullptr, n_ff, s.gate.data(), n_tokens, out, s, st);
+}
+
+// Up and down over the listed neurons, given each token's activation act(g) in a [n_tokens][ld]
+// array indexed by neuron (ld = n_ff) — the tail both sparse strategies share.
+void sparse_up_down(ThreadPool& pool, const LayerWeights& L, const std::vector<int32_t>& rows,
+                    const float* act, int64_t ld, const float* h, int n_tokens, float* out,
+                    FfnScratch& s, FfnLayerStats& st) {
+    const int64_t m = int64_t(rows.size());
+    if (m == 0) {
+        std::fill(out, out + size_t(n_tokens) * size_t(L.ffn_gate->ne[0]), 0.0f);
+        return;
+    }
+    grow(s.up, size_t(n_tokens) * size_t(m));
+    grow(s.coef, size_t(n_tokens) * size_t(m));
+    matmul_rows(pool, *L.ffn_up, rows.data(), m, h, n_tokens, s.up.data(), s.act_buf);
+    st.bytes += rows_bytes(*L.ffn_up, m);
+    for (int t = 0; t < n_tokens; ++t)
+        for (int64_t i = 0; i < m; ++i)
+            s.coef[size_t(t) * m + i] = act[size_t(t) * ld + rows[size_t(i)]] * s.up[size_t(t) * m + i];
+    down_proj(pool, L, rows.data(), m, s.coef.data(), n_tokens, out, s, st);
+}
+
+void ffn_exact(ThreadPool& pool, const HParams& hp, const LayerWeights& L, const FfnOptions& opt,
+               const float* h, int n_tokens, float* out, FfnScratch& s, FfnLayerStats& st) {
+    const int64_t n_ff = hp.n_ff;
+    const size_t n = size_t(n_tokens) * size_t(n_ff);
+    grow(s.gate, n);
+    matmul(pool, *L.ffn_gate, h, n_tokens, s.gate.data(), s.act_buf);
+    st.bytes += double(L.ffn_gate->nbytes);
+    int64_t active = 0;
+    for (size_t i = 0; i < n; ++i) {
+        s.gate[i] = ffn_activation(hp.act, s.gate[i], hp.act_threshold);
+        active += s.gate[i] != 0.0f;
+    }
+    st.active += double(active);
+    st.active_known += n_tokens;
+    const float* act = s.gate.data();
+    union_rows(n_tokens, n_ff, [&](int t, int64_t i) { return act[size_t(t) * n_ff + i] != 0.0f; }, s, s.rows);
+    if (n_tokens > 1 && double(s.rows.size()) > opt.dense_fallback * double(n_ff)) {
+        // a prompt batch whose union is mostly active: plain matrix-matrix work is faster
+        grow(s.up, n);
+        matmul(pool, *L.ffn_up, h, n_tokens, s.up.data(), s.act_buf);
+        st.bytes += double(L.ffn_up->nbytes);
+        for (size_t i = 0; i < n; ++i) s.gate[i] *= s.up[i];
+        down_proj(pool, L, nullptr, n_ff, s.gate.data(), n_tokens, out, s, st);
+        return;
+    }
+    sparse_up_down(pool, L, s.rows, act, n_ff, h, n_tokens, out, s, st);
+}
+
+void ffn_predict(ThreadPool& pool, const HParams& hp, const LayerWeights& L, const FfnOptions& opt,
+                 const float* x, const float* h, int n_tokens, float* out, FfnScratch& s,
+                 FfnLayerStats& st) {
+    const int64_t n_ff = hp.n_ff, R = L.fc1->ne[1];
+    const size_t n = size_t(n_tokens) * size_t(n_ff);
+    // predictor: logits = fc2 · relu(fc1 · x), x the residual stream before ffn_norm
+    grow(s.pred_hidden, size_t(n_tokens) * size_t(R));
+    grow(s.coef, n);
+    matmul(pool, *L.fc1, x, n_tokens, s.pred_hidden.data(), s.act_buf);
+    for (size_t i = 0; i < size_t(n_tokens) * size_t(R); ++i) s.pred_hidden[i] = std::max(0.0f, s.pred_hidden[i]);
+    matmul(pool, *L.fc2, s.pred_hidden.data(), n_tokens, s.coef.data(), s.act_buf);
+    st.bytes += double(L.fc1->nbytes) + double(L.fc2->nbytes);
+    const float* logit = s.coef.data();
+    const float thr = opt.pred_threshold;
+    int64_t predicted = 0;
+    for (size_t i = 0; i < n; ++i) predicted += logit[i] > thr;
+    st.predicted += double(predicted);
+    union_rows(n_tokens, n_ff, [&](int t, int64_t i) { return logit[size_t(t) * n_ff + i] > thr; }, s, s.rows2);
+
+    // gate on the predicted rows only, scattered into a [n_tokens][n_ff] activation array whose
+    // unpredicted entries are zero: a missed neuron is dropped (the approximation)
+    grow(s.gate, n);
+    grow(s.up, size_t(n_tokens) * s.rows2.size());
+    const int64_t m = int64_t(s.rows2.size());
+    if (m) matmul_rows(pool, *L.ffn_gate, s.rows2.data(), m, h, n_tokens, s.up.data(), s.act_buf);
+    st.bytes += rows_bytes(*L.ffn_gate, m);
+    std::fill(s.gate.begin(), s.gate.begin() + std::ptrdiff_t(n), 0.0f);
+    for (int t = 0; t < n_tokens; ++t)
+        for (int64_t i = 0; i < m; ++i) {
+            const int32_t r = s.rows2[size_t(i)];
+            if (logit[size_t(t) * n_ff + r] > thr)
+                s.gate[size_t(t) * n_ff + r] = ffn_activation(hp.act, s.up[size_t(t) * m + i], hp.act_threshold);
         }
-    });
+
+    if (opt.diag_recall) {
+        // the full gate, only to count which active neurons the predictor caught
+        std::vector<float> full(n);
+        matmul(pool, *L.ffn_gate, h, n_tokens, full.data(), s.act_buf);
+        for (size_t i = 0; i < n; ++i) {
+            if (ffn_activation(hp.act, full[i], hp.act_threshold) == 0.0f) continue;
+            st.recall_total += 1;
+            st.recall_hit += logit[i] > thr;
+        }
+        st.active += st.recall_total;  // counted over the same tokens
+        st.active_known += n_tokens;
+    }
+
+    const float* act = s.gate.data();
+    union_rows(n_tokens, n_ff, [&](int t, int64_t i) { return act[size_t(t) * n_ff + i] != 0.0f; }, s, s.rows);
+    sparse_up_down(pool, L, s.rows, act, n_ff, h, n_tokens, out, s, st);
 }
 
 }  // namespace
 
-void ffn_dense(ThreadPool& pool, const HParams& hp, const LayerWeights& L, const float* h,
-               int n_tokens, float* out, FfnScratch& s) {
-    const int64_t n_ff = hp.n_ff;
-    const size_t n = size_t(n_tokens) * size_t(n_ff);
-    if (s.gate.size() < n) s.gate.resize(n);
-    if (s.up.size() < n) s.up.resize(n);
-    matmul(pool, *L.ffn_gate, h, n_tokens, s.gate.data(), s.act_buf);
-    matmul(pool, *L.ffn_up, h, n_tokens, s.up.data(), s.act_buf);
-    for (size_t i = 0; i < n; ++i) s.gate[i] = ffn_activation(hp.act, s.gate[i], hp.act_threshold) * s.up[i];
-    if (L.ffn_down) {
-        matmul(pool, *L.ffn_down, s.gate.data(), n_tokens, out, s.act_buf);
-    } else {
-        down_t_dense(pool, *L.ffn_down_t, s.gate.data(), n_tokens, n_ff, out, s);
+void ffn_forward(ThreadPool& pool, const HParams& hp, const LayerWeights& L, const FfnOptions& opt,
+                 const float* x, const float* h, int n_tokens, float* out, FfnScratch& s,
+                 FfnLayerStats& st) {
+    st.tokens += n_tokens;
+    switch (opt.strategy) {
+        case FfnStrategy::DENSE: return ffn_dense(pool, hp, L, h, n_tokens, out, s, st);
+        case FfnStrategy::EXACT: return ffn_exact(pool, hp, L, opt, h, n_tokens, out, s, st);
+        case FfnStrategy::PREDICT: return ffn_predict(pool, hp, L, opt, x, h, n_tokens, out, s, st);
     }
 }
 

@@ -62,6 +62,8 @@ struct Model::Impl {
     std::vector<float> scores;  // [thread][n_ctx]
     std::vector<uint8_t> act_buf;
     FfnScratch ffn;
+    FfnOptions ffn_opt;
+    double fixed_bytes_per_token = 0;  // attention, norms, output head, one embedding row
 };
 
 namespace {
@@ -199,13 +201,13 @@ Model::Model(const std::string& path, const ModelParams& params)
     m.n_batch = std::min(params.n_batch, n_ctx_);
     m.pool = std::make_unique<ThreadPool>(nt);
 
-    if (params.sparsity == "dense" || params.sparsity == "auto") {
-        strategy_ = "dense";
-    } else if (params.sparsity == "exact" || params.sparsity == "predict") {
-        fail(strfmt("sparsity '%s' is not available yet (dense only)", params.sparsity.c_str()));
-    } else {
-        fail(strfmt("unknown sparsity '%s' (dense, exact, predict, auto)", params.sparsity.c_str()));
-    }
+    choose_strategy(params);
+    for (const LayerWeights& L : m.layers)
+        for (const Tensor* t : {L.attn_norm, L.wq, L.wk, L.wv, L.wo, L.ffn_norm})
+            m.fixed_bytes_per_token += double(t->nbytes);
+    m.fixed_bytes_per_token += double(m.output->nbytes) + double(onorm->nbytes) +
+                               double(m.tok_embd->row_stride());
+    stats_.layers.resize(size_t(hp_.n_layer));
 
     m.kv_layer_stride = size_t(n_ctx_) * size_t(KV);
     m.k_cache.reset(m.kv_layer_stride * size_t(hp_.n_layer));
@@ -218,6 +220,56 @@ Model::Model(const std::string& path, const ModelParams& params)
 }
 
 Model::~Model() = default;
+
+// DESIGN.md: auto = exact where the activation is sparse (ReLU/FATReLU with the neuron-major
+// down projection), else dense; predict is approximate and only runs when asked for.
+void Model::choose_strategy(const ModelParams& params) {
+    Impl& m = *impl_;
+    const GGUFFile& f = *file_;
+    const bool sparse_act = hp_.act != Activation::SILU;
+    bool has_down_t = true, has_pred = true;
+    for (int il = 0; il < hp_.n_layer; ++il) {
+        const LayerWeights& L = m.layers[size_t(il)];
+        has_down_t = has_down_t && L.ffn_down_t;
+        has_pred = has_pred && L.fc1 && L.fc2;
+        if (L.fc1 || L.fc2) {
+            if (!L.fc1 || !L.fc2)
+                fail(strfmt("%s: layer %d has only one of fc1/fc2", f.path().c_str(), il));
+            const int64_t R = L.fc1->ne[1];
+            check_shape(f, L.fc1, hp_.n_embd, R);
+            check_shape(f, L.fc2, R, hp_.n_ff);
+        }
+        if (L.act_freq) check_shape(f, L.act_freq, hp_.n_ff, 1);
+    }
+    const std::string& want = params.sparsity;
+    FfnStrategy s;
+    if (want == "auto") {
+        s = sparse_act && has_down_t ? FfnStrategy::EXACT : FfnStrategy::DENSE;
+    } else if (want == "dense") {
+        s = FfnStrategy::DENSE;
+    } else if (want == "exact" || want == "predict") {
+        if (!sparse_act)
+            fail(strfmt("sparsity '%s' needs a sparse activation (relu/fatrelu); %s is %s", want.c_str(),
+                        f.path().c_str(), activation_name(hp_.act)));
+        if (!has_down_t)
+            fail(strfmt("sparsity '%s' needs the neuron-major ffn_down_t tensors, which %s lacks "
+                        "(convert it with prosparse-convert)", want.c_str(), f.path().c_str()));
+        if (want == "predict" && !has_pred)
+            fail(strfmt("sparsity 'predict' needs predictor tensors (blk.N.fc1/fc2), which %s lacks",
+                        f.path().c_str()));
+        s = want == "exact" ? FfnStrategy::EXACT : FfnStrategy::PREDICT;
+    } else {
+        fail(strfmt("unknown sparsity '%s' (auto, dense, exact, predict)", want.c_str()));
+    }
+    m.ffn_opt.strategy = s;
+    m.ffn_opt.diag_recall = params.diag_recall;
+    double thr = f.get_float(key(hp_.arch, Key::PS_PREDICTOR_THRESHOLD),
+                             f.get_float(key(hp_.arch, Key::PWI_SPARSE_THRESHOLD), 0.0));
+    if (!std::isnan(params.pred_threshold)) thr = params.pred_threshold;
+    if (!std::isfinite(thr)) fail("predictor threshold must be finite");
+    m.ffn_opt.pred_threshold = float(thr);
+    strategy_ = strategy_name(s);
+}
 
 int Model::n_threads() const { return impl_->pool->size(); }
 
@@ -257,6 +309,8 @@ void Model::eval(const int32_t* tokens, int n, bool all_logits, float* logits) {
     Impl& m = *impl_;
     ThreadPool& pool = *m.pool;
     const auto t0 = std::chrono::steady_clock::now();
+    double ffn_bytes0 = 0;
+    for (const auto& ls : stats_.layers) ffn_bytes0 += ls.bytes;
     const int E = hp_.n_embd, HD = hp_.head_dim, NH = hp_.n_head, NKV = hp_.n_head_kv;
     const int H = NH * HD, KV = NKV * HD, V = hp_.n_vocab;
     const float attn_scale = 1.0f / std::sqrt(float(HD));
@@ -308,7 +362,8 @@ void Model::eval(const int32_t* tokens, int n, bool all_logits, float* logits) {
             // feed-forward
             for (int t = 0; t < nb; ++t)
                 rms_norm(m.xn.data() + size_t(t) * E, m.x.data() + size_t(t) * E, m.ffn_norm[size_t(il)].data(), E, hp_.rms_eps);
-            ffn_dense(pool, hp_, L, m.xn.data(), nb, m.branch.data(), m.ffn);
+            ffn_forward(pool, hp_, L, m.ffn_opt, m.x.data(), m.xn.data(), nb, m.branch.data(), m.ffn,
+                        stats_.layers[size_t(il)]);
             vec_add_scaled(m.x.data(), m.branch.data(), hp_.residual_scale, int64_t(nb) * E);
         }
         n_past_ += nb;
@@ -327,6 +382,9 @@ void Model::eval(const int32_t* tokens, int n, bool all_logits, float* logits) {
 
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     if (n == 1) {
+        double ffn_bytes = -ffn_bytes0;
+        for (const auto& ls : stats_.layers) ffn_bytes += ls.bytes;
+        stats_.weight_bytes_per_token = m.fixed_bytes_per_token + ffn_bytes;
         stats_.n_decode_tokens += 1;
         stats_.decode_seconds += secs;
     } else {

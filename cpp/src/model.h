@@ -22,6 +22,8 @@ struct ModelParams {
     int n_batch = 256;        // prompt tokens processed per forward
     std::string sparsity = "auto";  // dense | exact | predict | auto
     float act_threshold = NAN;      // overrides prosparse.activation_threshold when not NaN
+    float pred_threshold = NAN;     // overrides the file's predictor cut-off when not NaN
+    bool diag_recall = false;       // predict: also compute the full gate to report recall
 };
 
 struct HParams {
@@ -41,10 +43,21 @@ struct LayerWeights {
     const Tensor *fc1 = nullptr, *fc2 = nullptr, *act_freq = nullptr;  // optional
 };
 
+// Per-layer counters, summed over tokens (divide by `tokens` for fractions).
+struct FfnLayerStats {
+    int64_t tokens = 0;
+    double active = 0;        // neurons with a non-zero activation (where the strategy knows it)
+    int64_t active_known = 0; // tokens for which `active` was counted
+    double predicted = 0;     // neurons the predictor selected (predict only)
+    double recall_hit = 0, recall_total = 0;  // predicted ∩ active, active (diagnostic)
+    double bytes = 0;         // weight bytes read
+};
+
 struct ModelStats {
     int64_t n_prompt_tokens = 0, n_decode_tokens = 0;
     double prompt_seconds = 0.0, decode_seconds = 0.0;
     double weight_bytes_per_token = 0.0;  // bytes of weights the last decode step read
+    std::vector<FfnLayerStats> layers;    // FFN counters per layer since load
 };
 
 class Model {
@@ -71,6 +84,8 @@ public:
     void eval(const int32_t* tokens, int n, bool all_logits, float* logits);
 
 private:
+    void choose_strategy(const ModelParams& params);
+
     struct Impl;
     std::unique_ptr<GGUFFile> file_;
     std::unique_ptr<Tokenizer> tok_;

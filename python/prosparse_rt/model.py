@@ -52,6 +52,8 @@ class Model:
         verbose: bool = False,
         n_batch: int = 256,
         activation_threshold: Optional[float] = None,
+        predictor_threshold: Optional[float] = None,
+        diag_recall: bool = False,
     ):
         if not isinstance(n_ctx, int) or n_ctx < 0:
             raise ValueError(f"n_ctx must be an int >= 0 (0 = the model's own), got {n_ctx!r}")
@@ -61,8 +63,9 @@ class Model:
             raise ValueError(f"n_batch must be an int >= 1, got {n_batch!r}")
         if sparsity not in SPARSITY_CHOICES:
             raise ValueError(f"sparsity must be one of {SPARSITY_CHOICES}, got {sparsity!r}")
-        if activation_threshold is not None and not math.isfinite(activation_threshold):
-            raise ValueError(f"activation_threshold must be a finite number, got {activation_threshold!r}")
+        for name, v in (("activation_threshold", activation_threshold), ("predictor_threshold", predictor_threshold)):
+            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v)):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
         self.verbose = verbose
         if verbose and not logger.handlers:
             handler = logging.StreamHandler()
@@ -79,6 +82,8 @@ class Model:
             n_batch=n_batch,
             sparsity=sparsity,
             act_threshold=float("nan") if activation_threshold is None else float(activation_threshold),
+            pred_threshold=float("nan") if predictor_threshold is None else float(predictor_threshold),
+            diag_recall=bool(diag_recall),
         )
         self._cache: List[int] = []  # token ids whose keys/values are in the native KV cache
         self.n_batch = n_batch
@@ -134,8 +139,11 @@ class Model:
 
     @property
     def stats(self) -> Dict[str, Any]:
-        """Counters since load: tokens and seconds for prompt and decode, tokens/s, and the
-        bytes of weights read per decoded token."""
+        """Counters since load: tokens and seconds for prompt and decode, tokens/s, the bytes
+        of weights the last decoded token read, and per layer (lists of n_layer, averaged over
+        tokens): ``active_fraction`` (neurons whose activation is non-zero, where the strategy
+        computes it), ``predicted_fraction`` and ``recall`` (predict; recall needs
+        ``diag_recall=True``), ``ffn_bytes_per_token``."""
         s = self._native().stats()
         s["prompt_tokens_per_second"] = s["n_prompt_tokens"] / s["prompt_seconds"] if s["prompt_seconds"] else 0.0
         s["decode_tokens_per_second"] = s["n_decode_tokens"] / s["decode_seconds"] if s["decode_seconds"] else 0.0
