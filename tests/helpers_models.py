@@ -275,3 +275,31 @@ def rel_error(ours, ref) -> float:
     import numpy as np
 
     return float(np.abs(np.asarray(ours) - np.asarray(ref)).max() / np.abs(np.asarray(ref)).max())
+
+
+def powerinfer_file(ours: Path, dest: Path, sparse_threshold: float) -> Path:
+    """PowerInfer's layout from one of our relu files: same tensors (ffn_down_t, fc1, fc2), no
+    prosparse keys, powerinfer.sparse_threshold, and the magic PWRI."""
+    import gguf
+    import numpy as np
+
+    r = gguf.GGUFReader(str(ours))
+    w = gguf.GGUFWriter(str(dest), "llama")
+    for k, f in r.fields.items():
+        if k.startswith(("GGUF.", "general.architecture", "prosparse.")):
+            continue
+        if f.types[0] == gguf.GGUFValueType.ARRAY:
+            w.add_key_value(k, f.contents(), f.types[0], sub_type=f.types[-1])
+        else:
+            w.add_key_value(k, f.contents(), f.types[0])
+    w.add_float32("powerinfer.sparse_threshold", sparse_threshold)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    data = bytearray(dest.read_bytes())
+    data[:4] = b"PWRI"
+    dest.write_bytes(bytes(data))
+    return dest

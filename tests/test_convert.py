@@ -531,35 +531,10 @@ def test_reordered_gguf_refuses_original_order_activation_counts(hf_dir, tmp_pat
         conv(hot, tmp_path / "o.gguf", activation=act)
 
 
-def _powerinfer_file(ours: Path, dest: Path, sparse_threshold: float) -> Path:
-    """PowerInfer's layout from one of our relu files: same tensors (ffn_down_t, fc1, fc2), no
-    prosparse keys, powerinfer.sparse_threshold, and the magic PWRI."""
-    r = gguf.GGUFReader(str(ours))
-    w = gguf.GGUFWriter(str(dest), "llama")
-    for k, f in r.fields.items():
-        if k.startswith(("GGUF.", "general.architecture", "prosparse.")):
-            continue
-        if f.types[0] == gguf.GGUFValueType.ARRAY:
-            w.add_key_value(k, f.contents(), f.types[0], sub_type=f.types[-1])
-        else:
-            w.add_key_value(k, f.contents(), f.types[0])
-    w.add_float32("powerinfer.sparse_threshold", sparse_threshold)
-    for t in r.tensors:
-        w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    data = bytearray(dest.read_bytes())
-    data[:4] = b"PWRI"
-    dest.write_bytes(bytes(data))
-    return dest
-
-
 def test_powerinfer_gguf_loads_as_relu_with_its_predictor_threshold(hf_dir, tmp_path):
     pred, _ = _powerinfer_dirs(tmp_path)
     ours = conv(hf_dir, tmp_path / "ours.gguf", outtype="f32", predictor=pred, predictor_type="f32")
-    pwri = _powerinfer_file(ours, tmp_path / "pwri.gguf", 0.25)
+    pwri = H.powerinfer_file(ours, tmp_path / "pwri.gguf", 0.25)
     f, _ = read(conv(pwri, tmp_path / "o.gguf", outtype="f32", predictor_type="f32"))
     assert f["prosparse.activation"] == "relu"
     assert f["prosparse.predictor.threshold"] == pytest.approx(0.25)

@@ -1,0 +1,173 @@
+"""The sparse FFN strategies (DESIGN.md "The FFN strategies", issue 3): `exact` computes the same
+model as `dense`; `predict` with a predictor that is exact by construction equals `exact`; a bad
+predictor changes the output and the recall diagnostic says so. References: the dense strategy on
+the same file, and transformers (via test_logits.py) for dense itself."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import helpers_models as H
+from prosparse_convert import convert
+from prosparse_rt import Model
+
+TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0"]
+# exact and dense read the same weights with the same kernels and convert activations the same
+# way; they differ only in skipping zero terms and in the summation order of the down projection.
+EXACT_TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sparse")
+    relu_model, relu_dir = H.make_llama_dir(root / "relu", hidden_act="relu", n_head=4, n_head_kv=2, seed=21)
+    fat_model, fat_dir = H.make_fatrelu_dir(root / "fat", 0.3, seed=22)
+    return {"relu": (relu_model, relu_dir), "fatrelu": (fat_model, fat_dir), "root": root}
+
+
+def _gguf(checkpoints, kind, outtype, **kw):
+    root = checkpoints["root"]
+    tag = "-".join(f"{k}={getattr(v, 'name', v)}" for k, v in sorted(kw.items())) or "plain"
+    name = f"{kind}-{outtype}-{tag}.gguf"
+    out = root / name
+    if not out.exists():
+        convert(checkpoints[kind][1], out, outtype=outtype, progress=False, **kw)
+    return out
+
+
+def _logits(path, sparsity, n_threads=2, **kw):
+    with Model(path, n_ctx=128, n_threads=n_threads, sparsity=sparsity, **kw) as m:
+        return m.logits(H.prompt_ids(20)), m.stats
+
+
+@pytest.mark.parametrize("kind", ["relu", "fatrelu"])
+@pytest.mark.parametrize("outtype", TYPES)
+def test_exact_equals_dense(checkpoints, kind, outtype):
+    path = _gguf(checkpoints, kind, outtype)
+    dense, _ = _logits(path, "dense")
+    exact, stats = _logits(path, "exact")
+    assert H.rel_error(exact, dense) < EXACT_TOL
+    # and it really skipped neurons: random ReLU gates leave about half of them at zero
+    frac = np.array(stats["active_fraction"])
+    assert np.all(frac < 0.8) and np.all(frac > 0.05), frac
+
+
+@pytest.mark.parametrize("outtype", ["f32", "q4_0"])
+def test_exact_and_dense_generate_the_same_64_greedy_tokens(checkpoints, outtype):
+    path = _gguf(checkpoints, "fatrelu", outtype)
+    outs = []
+    for sparsity in ("dense", "exact"):
+        with Model(path, n_ctx=128, sparsity=sparsity) as m:
+            it = m._generate(H.prompt_ids(8), 64, 0.0, 40, 0.95, 0.05, 1.0, 0, None)
+            for _ in it:
+                pass
+            outs.append(list(m._cache))
+    assert outs[0] == outs[1]
+    assert len(outs[0]) >= 8 + 32  # tiny random models rarely hit EOS; most steps were compared
+
+
+@pytest.mark.parametrize("outtype", ["f32", "q8_0", "q4_0"])
+def test_exact_is_bitwise_reproducible_across_runs_and_thread_counts(checkpoints, outtype):
+    path = _gguf(checkpoints, "relu", outtype)
+    a, _ = _logits(path, "exact", n_threads=1)
+    b, _ = _logits(path, "exact", n_threads=2)
+    c, _ = _logits(path, "exact", n_threads=2)
+    d, _ = _logits(path, "exact", n_threads=3)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(b, c)
+    np.testing.assert_array_equal(b, d)
+
+
+def test_auto_picks_exact_for_relu_and_dense_for_silu(checkpoints, tmp_path):
+    with Model(_gguf(checkpoints, "relu", "f32"), n_ctx=32) as m:
+        assert m.strategy == "exact"
+    _, silu_dir = H.make_llama_dir(tmp_path / "silu", hidden_act="silu", seed=1)
+    silu = convert(silu_dir, tmp_path / "silu.gguf", outtype="f32", progress=False)
+    with Model(silu, n_ctx=32) as m:
+        assert m.strategy == "dense"
+    with pytest.raises(ValueError, match="sparse activation"):
+        Model(silu, sparsity="exact")
+
+
+def test_exact_reads_fewer_bytes_than_dense(checkpoints):
+    path = _gguf(checkpoints, "relu", "q8_0")
+    per = {}
+    for sparsity in ("dense", "exact"):
+        with Model(path, n_ctx=64, sparsity=sparsity) as m:
+            m.generate(H.prompt_ids(4), max_tokens=4, temperature=0.0)
+            per[sparsity] = m.stats["weight_bytes_per_token"]
+    assert 0 < per["exact"] < per["dense"]
+
+
+# --- predict -------------------------------------------------------------------------------------
+
+def _exact_predictor_dir(model, d):
+    """PowerInfer-format predictors whose logit is the gate scaled by a positive factor:
+    rank 2*n_embd, fc1 = [I; -I], fc2 = [W_gate diag(ffn_norm), -W_gate diag(ffn_norm)], so that
+    fc2 relu(fc1 x) = W_gate diag(w) x = gate(rmsnorm(x)) * rms(x)."""
+    d.mkdir(parents=True, exist_ok=True)
+    for i, layer in enumerate(model.model.layers):
+        wg = layer.mlp.gate_proj.weight.detach().float()
+        w = layer.post_attention_layernorm.weight.detach().float()
+        e = wg.shape[1]
+        eye = torch.eye(e)
+        fc1 = torch.cat([eye, -eye], 0)
+        g = wg * w[None, :]
+        fc2 = torch.cat([g, -g], 1)
+        torch.save({"fc1.weight": fc1, "fc2.weight": fc2}, d / f"model_{i}.pt")
+    return d
+
+
+def _random_predictor_dir(model, d, rank=8, seed=0):
+    d.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    for i, layer in enumerate(model.model.layers):
+        n_ff, e = layer.mlp.gate_proj.weight.shape
+        torch.save({"fc1.weight": torch.randn(rank, e, generator=gen),
+                    "fc2.weight": torch.randn(n_ff, rank, generator=gen)}, d / f"model_{i}.pt")
+    return d
+
+
+@pytest.mark.parametrize("kind", ["relu", "fatrelu"])
+def test_predict_with_an_exact_predictor_equals_exact(checkpoints, kind):
+    model = checkpoints[kind][0]
+    pred = _exact_predictor_dir(model, checkpoints["root"] / f"pred-exact-{kind}")
+    path = _gguf(checkpoints, kind, "f32", predictor=pred, predictor_type="f32")
+    exact, _ = _logits(path, "exact")
+    # a slightly negative cut-off: every neuron with gate >= 0 is predicted, so none is missed
+    predict, stats = _logits(path, "predict", predictor_threshold=-1e-6, diag_recall=True)
+    assert H.rel_error(predict, exact) < EXACT_TOL
+    assert np.allclose(stats["recall"], 1.0)
+    assert np.all(np.array(stats["predicted_fraction"]) < 0.9)
+
+
+def test_a_bad_predictor_changes_the_output_and_recall_says_so(checkpoints):
+    model = checkpoints["relu"][0]
+    pred = _random_predictor_dir(model, checkpoints["root"] / "pred-random")
+    path = _gguf(checkpoints, "relu", "f32", predictor=pred, predictor_type="f32")
+    exact, _ = _logits(path, "exact")
+    predict, stats = _logits(path, "predict", diag_recall=True)
+    assert H.rel_error(predict, exact) > 1e-2
+    recall = np.array(stats["recall"])
+    assert np.all(recall < 0.9) and np.all(recall > 0.0), recall
+
+
+def test_predict_without_predictors_is_a_clear_error(checkpoints):
+    with pytest.raises(ValueError, match="predictor"):
+        Model(_gguf(checkpoints, "relu", "f32"), sparsity="predict")
+
+
+def test_powerinfer_file_loads_as_relu_and_matches_ours(checkpoints):
+    """A PWRI file (PowerInfer's magic and tensors, no prosparse keys) runs as ReLU with t = 0,
+    sparsely, with powerinfer.sparse_threshold as the predictor cut-off."""
+    model = checkpoints["relu"][0]
+    pred = _exact_predictor_dir(model, checkpoints["root"] / "pred-exact-relu")
+    ours = _gguf(checkpoints, "relu", "f32", predictor=pred, predictor_type="f32")
+    pwri = H.powerinfer_file(ours, checkpoints["root"] / "pwri.gguf", -1e-6)
+    with Model(pwri, n_ctx=64) as m:
+        assert m.hparams["activation"] == "relu" and m.strategy == "exact"
+        assert m.metadata.get("prosparse.activation") is None
+    ref, _ = _logits(ours, "exact")
+    np.testing.assert_array_equal(_logits(pwri, "exact")[0], ref)
+    assert H.rel_error(_logits(pwri, "predict")[0], ref) < EXACT_TOL
