@@ -19,7 +19,11 @@ const char* strategy_name(FfnStrategy s) {
 
 float ffn_activation(Activation a, float g, float t) {
     switch (a) {
-        case Activation::SILU: return g / (1.0f + std::exp(-g));
+        case Activation::SILU: {
+            // t > 0: training-free sparsity (CATS): |SiLU(g)| below the layer's threshold is zero
+            const float a = g / (1.0f + std::exp(-g));
+            return std::fabs(a) < t ? 0.0f : a;
+        }
         case Activation::RELU: return g > 0.0f ? g : 0.0f;
         case Activation::FATRELU: return g >= t ? g : 0.0f;  // ProSparse: keep x where x >= t
     }
@@ -72,7 +76,7 @@ void ffn_dense(ThreadPool& pool, const HParams& hp, const LayerWeights& L, const
     st.bytes += double(L.ffn_gate->nbytes) + double(L.ffn_up->nbytes);
     int64_t active = 0;
     for (size_t i = 0; i < n; ++i) {
-        const float a = ffn_activation(hp.act, s.gate[i], hp.act_threshold);
+        const float a = ffn_activation(hp.act, s.gate[i], L.act_t);
         active += a != 0.0f;
         s.gate[i] = a * s.up[i];
     }
@@ -110,7 +114,7 @@ void ffn_exact(ThreadPool& pool, const HParams& hp, const LayerWeights& L, const
     st.bytes += double(L.ffn_gate->nbytes);
     int64_t active = 0;
     for (size_t i = 0; i < n; ++i) {
-        s.gate[i] = ffn_activation(hp.act, s.gate[i], hp.act_threshold);
+        s.gate[i] = ffn_activation(hp.act, s.gate[i], L.act_t);
         active += s.gate[i] != 0.0f;
     }
     st.active += double(active);
@@ -160,7 +164,7 @@ void ffn_predict(ThreadPool& pool, const HParams& hp, const LayerWeights& L, con
         for (int64_t i = 0; i < m; ++i) {
             const int32_t r = s.rows2[size_t(i)];
             if (logit[size_t(t) * n_ff + r] > thr)
-                s.gate[size_t(t) * n_ff + r] = ffn_activation(hp.act, s.up[size_t(t) * m + i], hp.act_threshold);
+                s.gate[size_t(t) * n_ff + r] = ffn_activation(hp.act, s.up[size_t(t) * m + i], L.act_t);
         }
 
     if (opt.diag_recall) {
@@ -168,7 +172,7 @@ void ffn_predict(ThreadPool& pool, const HParams& hp, const LayerWeights& L, con
         std::vector<float> full(n);
         matmul(pool, *L.ffn_gate, h, n_tokens, full.data(), s.act_buf);
         for (size_t i = 0; i < n; ++i) {
-            if (ffn_activation(hp.act, full[i], hp.act_threshold) == 0.0f) continue;
+            if (ffn_activation(hp.act, full[i], L.act_t) == 0.0f) continue;
             st.recall_total += 1;
             st.recall_hit += logit[i] > thr;
         }

@@ -41,7 +41,8 @@ void ffn_forward(ThreadPool& pool, const HParams& hp, const LayerWeights& L, con
                  const float* x, const float* h, int n_tokens, float* out, FfnScratch& s,
                  FfnLayerStats& st);
 
-// act(g) for the configured activation: SiLU, ReLU, or FATReLU (keep g where g >= t).
+// act(g) for the configured activation: SiLU (zeroed where |SiLU(g)| < t, the CATS-style
+// layer threshold; t = 0 is plain SiLU), ReLU, or FATReLU (keep g where g >= t).
 float ffn_activation(Activation a, float g, float t);
 
 }  // namespace ps

@@ -63,7 +63,11 @@ struct Model::Impl {
     std::vector<uint8_t> act_buf;
     FfnScratch ffn;
     FfnOptions ffn_opt;
-    double fixed_bytes_per_token = 0;  // attention, norms, output head, one embedding row
+    double fixed_bytes_per_token = 0;
+    // Calibration capture (Model::set_capture): per layer, the FFN's input residual stream and
+    // its raw gate pre-activations for every token of the last eval.
+    bool capture = false;
+    std::vector<std::vector<float>> cap_x, cap_gate;  // attention, norms, output head, one embedding row
 };
 
 namespace {
@@ -135,6 +139,18 @@ HParams read_hparams(const GGUFFile& f) {
     } else if (f.is_powerinfer()) {
         hp.act = Activation::RELU;
     }
+    hp.layer_thresholds = f.get_float_array(key(a, Key::PS_LAYER_THRESHOLDS));
+    if (!hp.layer_thresholds.empty()) {
+        if (hp.layer_thresholds.size() != size_t(hp.n_layer))
+            fail(strfmt("%s: prosparse.layer_thresholds has %zu entries for %d layers", f.path().c_str(),
+                        hp.layer_thresholds.size(), hp.n_layer));
+        for (float t : hp.layer_thresholds)
+            if (!(t >= 0.0f) || !std::isfinite(t))
+                fail(strfmt("%s: prosparse.layer_thresholds must be finite and >= 0", f.path().c_str()));
+        if (hp.act != Activation::SILU)
+            fail(strfmt("%s: prosparse.layer_thresholds is for SiLU models, this one is %s", f.path().c_str(),
+                        activation_name(hp.act)));
+    }
     return hp;
 }
 
@@ -146,6 +162,8 @@ Model::Model(const std::string& path, const ModelParams& params)
     hp_ = read_hparams(f);
     if (!std::isnan(params.act_threshold)) {
         if (!std::isfinite(params.act_threshold)) fail("activation threshold must be finite");
+        if (hp_.act == Activation::SILU)
+            fail(strfmt("%s: an activation threshold applies to relu/fatrelu models, this one is silu", path.c_str()));
         hp_.act_threshold = params.act_threshold;
         if (hp_.act == Activation::RELU && params.act_threshold != 0.0f) hp_.act = Activation::FATRELU;
     }
@@ -188,6 +206,9 @@ Model::Model(const std::string& path, const ModelParams& params)
         L.fc1 = f.tensor(tensor_name(TensorName::FC1, il));
         L.fc2 = f.tensor(tensor_name(TensorName::FC2, il));
         L.act_freq = f.tensor(tensor_name(TensorName::FFN_ACT_FREQ, il));
+        L.act_t = hp_.act == Activation::SILU
+                      ? (hp_.layer_thresholds.empty() ? 0.0f : hp_.layer_thresholds[size_t(il)])
+                      : hp_.act_threshold;
         m.attn_norm.push_back(to_f32(*L.attn_norm));
         m.ffn_norm.push_back(to_f32(*L.ffn_norm));
     }
@@ -226,7 +247,8 @@ Model::~Model() = default;
 void Model::choose_strategy(const ModelParams& params) {
     Impl& m = *impl_;
     const GGUFFile& f = *file_;
-    const bool sparse_act = hp_.act != Activation::SILU;
+    // SiLU is sparse only with calibrated layer thresholds (prosparse-calibrate --target-sparsity)
+    const bool sparse_act = hp_.act != Activation::SILU || !hp_.layer_thresholds.empty();
     bool has_down_t = true, has_pred = true;
     for (int il = 0; il < hp_.n_layer; ++il) {
         const LayerWeights& L = m.layers[size_t(il)];
@@ -249,7 +271,8 @@ void Model::choose_strategy(const ModelParams& params) {
         s = FfnStrategy::DENSE;
     } else if (want == "exact" || want == "predict") {
         if (!sparse_act)
-            fail(strfmt("sparsity '%s' needs a sparse activation (relu/fatrelu); %s is %s", want.c_str(),
+            fail(strfmt("sparsity '%s' needs a sparse activation (relu/fatrelu, or SiLU with "
+                        "prosparse.layer_thresholds); %s is %s", want.c_str(),
                         f.path().c_str(), activation_name(hp_.act)));
         if (!has_down_t)
             fail(strfmt("sparsity '%s' needs the neuron-major ffn_down_t tensors, which %s lacks "
@@ -272,6 +295,17 @@ void Model::choose_strategy(const ModelParams& params) {
 }
 
 int Model::n_threads() const { return impl_->pool->size(); }
+
+void Model::set_capture(bool on) {
+    impl_->capture = on;
+    if (!on) {
+        impl_->cap_x.clear();
+        impl_->cap_gate.clear();
+    }
+}
+
+const std::vector<float>& Model::captured_x(int layer) const { return impl_->cap_x.at(size_t(layer)); }
+const std::vector<float>& Model::captured_gate(int layer) const { return impl_->cap_gate.at(size_t(layer)); }
 
 void Model::rewind(int n) {
     if (n < 0 || n > n_past_) fail(strfmt("cannot rewind to %d: %d positions are cached", n, n_past_));
@@ -309,6 +343,10 @@ void Model::eval(const int32_t* tokens, int n, bool all_logits, float* logits) {
     Impl& m = *impl_;
     ThreadPool& pool = *m.pool;
     const auto t0 = std::chrono::steady_clock::now();
+    if (m.capture) {
+        m.cap_x.assign(size_t(hp_.n_layer), {});
+        m.cap_gate.assign(size_t(hp_.n_layer), {});
+    }
     double ffn_bytes0 = 0;
     for (const auto& ls : stats_.layers) ffn_bytes0 += ls.bytes;
     const int E = hp_.n_embd, HD = hp_.head_dim, NH = hp_.n_head, NKV = hp_.n_head_kv;
@@ -362,6 +400,14 @@ void Model::eval(const int32_t* tokens, int n, bool all_logits, float* logits) {
             // feed-forward
             for (int t = 0; t < nb; ++t)
                 rms_norm(m.xn.data() + size_t(t) * E, m.x.data() + size_t(t) * E, m.ffn_norm[size_t(il)].data(), E, hp_.rms_eps);
+            if (m.capture) {
+                auto& cx = m.cap_x[size_t(il)];
+                auto& cg = m.cap_gate[size_t(il)];
+                cx.insert(cx.end(), m.x.begin(), m.x.begin() + std::ptrdiff_t(size_t(nb) * E));
+                const size_t off = cg.size();
+                cg.resize(off + size_t(nb) * size_t(hp_.n_ff));
+                matmul(pool, *L.ffn_gate, m.xn.data(), nb, cg.data() + off, m.act_buf);
+            }
             ffn_forward(pool, hp_, L, m.ffn_opt, m.x.data(), m.xn.data(), nb, m.branch.data(), m.ffn,
                         stats_.layers[size_t(il)]);
             vec_add_scaled(m.x.data(), m.branch.data(), hp_.residual_scale, int64_t(nb) * E);

@@ -34,6 +34,7 @@ struct HParams {
     Activation act = Activation::SILU;
     float act_threshold = 0.0f;
     float embedding_scale = 1.0f, residual_scale = 1.0f, logit_scale = 1.0f;
+    std::vector<float> layer_thresholds;  // prosparse.layer_thresholds (SiLU models), may be empty
 };
 
 struct LayerWeights {
@@ -41,6 +42,7 @@ struct LayerWeights {
     const Tensor *ffn_norm = nullptr, *ffn_gate = nullptr, *ffn_up = nullptr;
     const Tensor *ffn_down = nullptr, *ffn_down_t = nullptr;  // one of the two
     const Tensor *fc1 = nullptr, *fc2 = nullptr, *act_freq = nullptr;  // optional
+    float act_t = 0.0f;  // this layer's activation threshold (FATReLU t, or the SiLU layer threshold)
 };
 
 // Per-layer counters, summed over tokens (divide by `tokens` for fractions).
@@ -82,6 +84,13 @@ public:
     // Writes n_vocab logits for the last token, or for every token when all_logits, to `logits`
     // (sized n_vocab or n * n_vocab). Throws if the context would overflow or an id is invalid.
     void eval(const int32_t* tokens, int n, bool all_logits, float* logits);
+
+    // Calibration: while on, every eval records per layer the residual stream entering the FFN
+    // ([n][n_embd], the predictor's input) and the raw gate pre-activations ([n][n_ff], computed
+    // in full whatever the strategy). Read them after the eval; the next eval replaces them.
+    void set_capture(bool on);
+    const std::vector<float>& captured_x(int layer) const;
+    const std::vector<float>& captured_gate(int layer) const;
 
 private:
     void choose_strategy(const ModelParams& params);

@@ -208,6 +208,15 @@ NB_MODULE(_core, m) {
         }, "tokens"_a, "all_logits"_a = false,
            "Run tokens after the cached ones; returns the last token's logits (or all rows).")
         .def("rewind", &ps::Model::rewind, "n"_a)
+        .def("set_capture", &ps::Model::set_capture, "on"_a)
+        .def("captured", [](const ps::Model& mdl, int layer) {
+            // (x [n, n_embd], gate [n, n_ff]) recorded by the last eval with capture on
+            if (layer < 0 || layer >= mdl.hparams().n_layer) throw ps::Error("layer out of range");
+            std::vector<float> x = mdl.captured_x(layer), g = mdl.captured_gate(layer);
+            const size_t E = size_t(mdl.hparams().n_embd), F = size_t(mdl.hparams().n_ff);
+            const size_t n = x.size() / E;
+            return nb::make_tuple(owned_array(std::move(x), {n, E}), owned_array(std::move(g), {n, F}));
+        }, "layer"_a)
         .def_prop_ro("n_past", &ps::Model::n_past)
         .def_prop_ro("n_ctx", &ps::Model::n_ctx)
         .def_prop_ro("n_threads", &ps::Model::n_threads)
