@@ -32,8 +32,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FFN strategy (default auto: exact where the activation is sparse, else dense)")
     p.add_argument("--act-threshold", type=float, default=None,
                    help="override the FATReLU threshold t (keep x >= t)")
+    p.add_argument("--pred-threshold", type=float, default=None,
+                   help="override the predictor's logit cut-off (predict)")
+    p.add_argument("--diag-recall", action="store_true",
+                   help="predict: also compute the full gate and report the predictor's recall")
     p.add_argument("-v", "--verbose", action="store_true", help="log loading details")
     return p
+
+
+def _mean(xs):
+    xs = [x for x in xs if x == x]  # drop NaN (not known for this strategy)
+    return sum(xs) / len(xs) if xs else None
+
+
+def _sparsity_line(s) -> str:
+    parts = [f"FFN strategy {s['strategy']}", f"weights read {s['weight_bytes_per_token'] / 1e6:.1f} MB/token"]
+    act, pred, rec = _mean(s["active_fraction"]), _mean(s["predicted_fraction"]), _mean(s["recall"])
+    if act is not None:
+        parts.append(f"active neurons {100 * act:.1f}% (sparsity {100 * (1 - act):.1f}%)")
+    if pred is not None:
+        parts.append(f"predicted {100 * pred:.1f}%")
+    if rec is not None:
+        parts.append(f"recall {100 * rec:.1f}%")
+    return " | ".join(parts)
 
 
 def main(argv=None) -> int:
@@ -51,7 +72,8 @@ def main(argv=None) -> int:
         if prompt is None:
             prompt, chat = DEFAULT_PROMPT, True
         model = Model(path, n_ctx=args.ctx_size, n_threads=args.threads, sparsity=args.sparsity,
-                      verbose=args.verbose, n_batch=args.batch_size, activation_threshold=args.act_threshold)
+                      verbose=args.verbose, n_batch=args.batch_size, activation_threshold=args.act_threshold,
+                      predictor_threshold=args.pred_threshold, diag_recall=args.diag_recall)
         hp = model.hparams
         print(f"prosparse-run: {path} ({hp['arch']}, {hp['n_layer']} layers, activation {hp['activation']}), "
               f"FFN strategy: {model.strategy}", file=sys.stderr)
@@ -72,6 +94,7 @@ def main(argv=None) -> int:
         print(f"prompt: {s['n_prompt_tokens']} tokens, {s['prompt_tokens_per_second']:.1f} tok/s | "
               f"decode: {s['n_decode_tokens']} tokens, {s['decode_tokens_per_second']:.1f} tok/s | "
               f"total {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+        print(_sparsity_line(s), file=sys.stderr)
         return 0
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
