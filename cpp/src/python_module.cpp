@@ -483,7 +483,7 @@ NB_MODULE(_core, m) {
     t.def("bench_op", [](const std::string& op, uint32_t type, nb::bytes W, int64_t nr, int64_t k,
                          int64_t n_copies, int64_t n_tokens, int64_t n_active, int n_threads,
                          double min_seconds) {
-        // Seconds per call of matmul / matmul_rows / axpy_rows on the active kernel set, with
+        // Seconds of each call of matmul / matmul_rows / axpy_rows on the active kernel set,
         // one persistent pool (as in the model), repeated for at least min_seconds. W holds
         // n_copies matrices of nr x k, used in turn, so that a working set larger than the L3
         // cache measures DRAM bandwidth as a model's many layers do.
@@ -516,14 +516,17 @@ NB_MODULE(_core, m) {
         };
         for (int64_t i = 0; i < n_copies; ++i, ++iters) once();  // page in every copy
         iters = 0;
+        std::vector<double> times;  // every call's seconds: callers report median and best
         const auto t0 = std::chrono::steady_clock::now();
-        double el = 0;
+        auto last = t0;
         do {
             once();
             ++iters;
-            el = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        } while (el < min_seconds);
-        return el / double(iters);
+            const auto t = std::chrono::steady_clock::now();
+            times.push_back(std::chrono::duration<double>(t - last).count());
+            last = t;
+        } while (std::chrono::duration<double>(last - t0).count() < min_seconds);
+        return times;
     }, "op"_a, "type"_a, "W"_a, "nr"_a, "k"_a, "n_copies"_a, "n_tokens"_a, "n_active"_a,
        "n_threads"_a, "min_seconds"_a);
     // ---- END kernel test/bench hooks ----
