@@ -307,6 +307,17 @@ void Model::set_capture(bool on) {
 const std::vector<float>& Model::captured_x(int layer) const { return impl_->cap_x.at(size_t(layer)); }
 const std::vector<float>& Model::captured_gate(int layer) const { return impl_->cap_gate.at(size_t(layer)); }
 
+void Model::set_layer_thresholds(const std::vector<float>& t) {
+    if (hp_.act != Activation::SILU)
+        fail(strfmt("layer thresholds are for SiLU models, this one is %s", activation_name(hp_.act)));
+    if (!t.empty() && t.size() != size_t(hp_.n_layer))
+        fail(strfmt("%zu layer thresholds for %d layers", t.size(), hp_.n_layer));
+    for (float v : t)
+        if (!(v >= 0.0f) || !std::isfinite(v)) fail("layer thresholds must be finite and >= 0");
+    hp_.layer_thresholds = t;
+    for (size_t il = 0; il < impl_->layers.size(); ++il) impl_->layers[il].act_t = t.empty() ? 0.0f : t[il];
+}
+
 void Model::rewind(int n) {
     if (n < 0 || n > n_past_) fail(strfmt("cannot rewind to %d: %d positions are cached", n, n_past_));
     n_past_ = n;

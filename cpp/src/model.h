@@ -92,6 +92,11 @@ public:
     const std::vector<float>& captured_x(int layer) const;
     const std::vector<float>& captured_gate(int layer) const;
 
+    // Calibration: replaces a SiLU model's per-layer thresholds (prosparse.layer_thresholds) in
+    // memory, so that threshold sets can be evaluated without writing a file; empty = none. The
+    // strategy chosen at load stays (dense applies the thresholds too, so it measures quality).
+    void set_layer_thresholds(const std::vector<float>& t);
+
 private:
     void choose_strategy(const ModelParams& params);
 

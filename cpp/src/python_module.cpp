@@ -209,6 +209,8 @@ NB_MODULE(_core, m) {
            "Run tokens after the cached ones; returns the last token's logits (or all rows).")
         .def("rewind", &ps::Model::rewind, "n"_a)
         .def("set_capture", &ps::Model::set_capture, "on"_a)
+        .def("set_layer_thresholds", &ps::Model::set_layer_thresholds, "thresholds"_a,
+             "Calibration: replace a SiLU model's per-layer thresholds in memory ([] = none).")
         .def("captured", [](const ps::Model& mdl, int layer) {
             // (x [n, n_embd], gate [n, n_ff]) recorded by the last eval with capture on
             if (layer < 0 || layer >= mdl.hparams().n_layer) throw ps::Error("layer out of range");
