@@ -1,7 +1,9 @@
-// A persistent pool: workers wait for a new generation of work, take tasks from a shared atomic
-// counter, and report when they leave the job. A decode step calls parallel_for about ten times
-// per layer, microseconds apart, so workers first spin (cheap hand-off) and only then sleep on a
-// condition variable (no burned cores between requests). The caller is worker 0 and works too.
+// A persistent pool: workers wait for a new generation of work, join the job if it is still open,
+// take tasks from a shared atomic counter, and leave. A decode step calls parallel_for about ten
+// times per layer, microseconds apart, so workers first spin (cheap hand-off) and only then sleep
+// on a condition variable (no burned cores between requests). The caller is worker 0 and works
+// too; once every task is claimed it closes the job and waits only for workers that joined it, so
+// a worker that the OS has descheduled (other processes on the cores) never delays a call.
 #include "threadpool.h"
 
 #include <atomic>
@@ -40,7 +42,12 @@ struct ThreadPool::Impl {
     const std::function<void(int64_t, int)>* fn = nullptr;
     int64_t n_tasks = 0;
     std::atomic<int64_t> next{0};
-    std::atomic<int> n_left{0};  // workers that have not yet finished the current job
+    // Joining protocol (both sides seq_cst, Dekker-style): a worker increments `active`, then
+    // reads `open`; the caller clears `open`, then waits for `active` to drain. Either the
+    // caller sees the worker's increment and waits for it, or the worker sees the job closed and
+    // touches nothing of it.
+    std::atomic<bool> open{false};
+    std::atomic<int> active{0};
 
     std::atomic<uint64_t> generation{0};
     std::atomic<bool> stop{false};
@@ -94,8 +101,9 @@ struct ThreadPool::Impl {
             }
             if (stop.load(std::memory_order_acquire) && g == seen) return;
             seen = g;
-            run_tasks(thread);
-            n_left.fetch_sub(1, std::memory_order_acq_rel);
+            active.fetch_add(1, std::memory_order_seq_cst);
+            if (open.load(std::memory_order_seq_cst)) run_tasks(thread);
+            active.fetch_sub(1, std::memory_order_release);
         }
     }
 };
@@ -135,11 +143,13 @@ void ThreadPool::parallel_for(int64_t n_tasks, const std::function<void(int64_t 
         for (int64_t t = 0; t < n_tasks; ++t) fn(t, 0);
         return;
     }
+    // No worker is inside a job here (the last call drained `active` after closing), so the
+    // job's fields can be written; opening the job publishes them.
     p.fn = &fn;
     p.n_tasks = n_tasks;
     p.error = nullptr;
     p.next.store(0, std::memory_order_relaxed);
-    p.n_left.store(p.n - 1, std::memory_order_relaxed);
+    p.open.store(true, std::memory_order_seq_cst);
     bool wake;
     {
         // Bumping the generation under the mutex means a worker about to sleep either sees the
@@ -151,11 +161,13 @@ void ThreadPool::parallel_for(int64_t n_tasks, const std::function<void(int64_t 
     if (wake) p.cv.notify_all();
 
     p.run_tasks(0);
-    // Every worker must have left the job before fn (the caller's object) goes out of scope.
+    // Every task is claimed. Close the job; workers that joined it must leave (finishing the
+    // tasks they hold) before fn, the caller's object, goes out of scope.
+    p.open.store(false, std::memory_order_seq_cst);
     int spins = 0;
-    while (p.n_left.load(std::memory_order_acquire) != 0) {
+    while (p.active.load(std::memory_order_acquire) != 0) {
         PS_PAUSE();
-        if (++spins > 4096) std::this_thread::yield();  // a worker still asleep: let it run
+        if (++spins > 4096) std::this_thread::yield();  // its thread was descheduled mid-task
     }
     p.fn = nullptr;
     if (p.error) {
