@@ -14,14 +14,16 @@ bool cpu_has(const char* isa) {
     if (std::strcmp(isa, "scalar") == 0) return true;
 #if defined(PROSPARSE_X86) && (defined(__GNUC__) || defined(__clang__))
     __builtin_cpu_init();
-    if (std::strcmp(isa, "avx2") == 0)
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-               __builtin_cpu_supports("f16c");
+    // Every flag the file is compiled with (CMakeLists.txt) must be here: the compiler may use
+    // any of them anywhere in that file.
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                      __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi2");
+    if (std::strcmp(isa, "avx2") == 0) return avx2;
     if (std::strcmp(isa, "avx512") == 0)
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-               __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx512f") &&
+        return avx2 && __builtin_cpu_supports("avx512f") &&
                __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-               __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vnni");
+               __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vnni") &&
+               __builtin_cpu_supports("avx512bf16");
 #endif
     return false;
 }
