@@ -288,6 +288,10 @@ def test_parallel_for_runs_every_task_once():
     assert T.parallel_for_raises(3, 1000, -1) == 1000
 
 
+def test_pool_keeps_working_after_a_task_threw():
+    assert T.pool_runs_after_error(2, 500) == 500
+
+
 def run_with_isa(value):
     env = dict(os.environ, PROSPARSE_ISA=value)
     code = "from prosparse_rt import _core\nprint(_core._testing.active_isa())"

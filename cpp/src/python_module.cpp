@@ -482,6 +482,18 @@ NB_MODULE(_core, m) {
         });
         return ran.load();
     }, "n_threads"_a, "n_tasks"_a, "bad_task"_a);
+    t.def("pool_runs_after_error", [](int n_threads, int64_t n_tasks) {
+        // A job that throws, then a clean one on the same pool: returns the clean job's task count.
+        nb::gil_scoped_release r;
+        ps::ThreadPool pool(n_threads);
+        try {
+            pool.parallel_for(n_tasks, [](int64_t t, int) { if (t == 0) throw ps::Error("first job fails"); });
+        } catch (const ps::Error&) {
+        }
+        std::atomic<int64_t> ran{0};
+        pool.parallel_for(n_tasks, [&](int64_t, int) { ran.fetch_add(1); });
+        return ran.load();
+    }, "n_threads"_a, "n_tasks"_a);
     t.def("bench_op", [](const std::string& op, uint32_t type, nb::bytes W, int64_t nr, int64_t k,
                          int64_t n_copies, int64_t n_tokens, int64_t n_active, int n_threads,
                          double min_seconds) {
