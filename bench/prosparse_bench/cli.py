@@ -1,0 +1,179 @@
+"""prosparse-bench: prompt processing (pp) and decode (tg) tokens/s of prosparse-rt beside
+llama.cpp (llama-cpp-python) on the same GGUF with the same threads, llama-bench style.
+
+    prosparse-bench                       # SmolLM2-135M Q4_1 and the 7B shape (if generated)
+    prosparse-bench -m 7b --gen           # generate the random LLaMA-2-7B-shaped Q4_0 file first
+    prosparse-bench -m smollm2 -p 512 -n 128 -r 5 -t 2 -o json
+
+llama-cpp-python builds are found as ~/.cache/prosparse-bench/peer-*/ (bench/setup_peer.sh makes
+them); each model is run with every build and ours is compared with the faster one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import report, synth
+
+BENCH_DIR = Path(__file__).resolve().parent.parent
+
+
+def find_peers(spec: str):
+    """[(build name, python executable)] for llama-cpp-python."""
+    if spec == "none":
+        return []
+    if spec == "auto":
+        return [(p.name[len("peer-"):], str(p / "bin" / "python"))
+                for p in sorted(synth.cache_dir().glob("peer-*"))
+                if (p / ".prosparse-bench-ok").exists()]  # written when setup_peer.sh's build succeeded
+    out = []
+    for item in spec.split(","):
+        name, _, exe = item.rpartition("=")
+        out.append((name or Path(exe).parent.parent.name, exe))
+    return out
+
+
+def resolve_model(spec: str, args):
+    if spec == "smollm2":
+        from prosparse_rt import default_model
+        return "SmolLM2-135M Q4_1", Path(default_model.path())
+    if spec in ("7b", "7b-q4_0", "7b-q8_0"):
+        qtype = spec[3:] if "-" in spec else args.qtype
+        def progress(i, n, name):
+            if i % 25 == 0 or i == n:
+                print(f"  generating: {i}/{n} tensors ({name})", file=sys.stderr, flush=True)
+        path = synth.dense_7b(qtype, generate=args.gen, progress=progress)
+        return f"LLaMA-2-7B shape {qtype.upper()} (random)", path
+    p = Path(spec)
+    if not p.is_file():
+        raise SystemExit(f"prosparse-bench: no such model file: {spec}")
+    return p.name, p
+
+
+def run_worker(python, runtime, model, args, sparsity=None):
+    cmd = [python, "-m", "prosparse_bench.worker", "--runtime", runtime, "--model", str(model),
+           "--threads", str(args.threads), "--pp", str(args.pp), "--tg", str(args.tg),
+           "--reps", str(args.reps), "--batch", str(args.batch)]
+    if sparsity:
+        cmd += ["--sparsity", sparsity]
+    if args.peer_extra_bufts and runtime == "llama.cpp":
+        cmd.append("--extra-bufts")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(BENCH_DIR)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # llama.cpp's OpenMP threads: don't spin after a run
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {args.timeout} s"}
+    if res.returncode != 0:
+        tail = (res.stderr or res.stdout).strip().splitlines()[-3:]
+        return {"error": f"exit {res.returncode}: " + " / ".join(tail)}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="prosparse-bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-m", "--model", action="append",
+                    help="smollm2, 7b (the random LLaMA-2-7B shape), 7b-q4_0, 7b-q8_0, or a GGUF "
+                         "path; repeatable (default: smollm2 and 7b)")
+    ap.add_argument("-p", "--pp", type=int, default=512, help="prompt tokens (pp test; 0 skips)")
+    ap.add_argument("-n", "--tg", type=int, default=128, help="decoded tokens (tg test; 0 skips)")
+    ap.add_argument("-r", "--reps", type=int, default=3, help="repetitions (mean ± sd)")
+    ap.add_argument("-t", "--threads", type=int, default=2, help="threads, same for both runtimes")
+    ap.add_argument("-b", "--batch", type=int, default=512, help="prompt batch size, both runtimes")
+    ap.add_argument("--qtype", default="q4_0", choices=["q4_0", "q8_0"], help="weights of the 7B shape")
+    ap.add_argument("--gen", action="store_true", help="generate the 7B-shaped file if not cached")
+    ap.add_argument("--sparsity", default="dense",
+                    help="our FFN strategies to run, comma-separated (dense, exact, predict, auto)")
+    ap.add_argument("--peer", default="auto",
+                    help="llama-cpp-python builds: auto (all under the cache), none, or "
+                         "NAME=PYTHON,... interpreters that import llama_cpp")
+    ap.add_argument("--peer-extra-bufts", action="store_true",
+                    help="let llama.cpp use its extra buffer types (crash on first decode on the "
+                         "development CPU, hence off by default)")
+    ap.add_argument("--no-ours", action="store_true", help="run only llama.cpp")
+    ap.add_argument("-o", "--output", choices=["md", "json"], default="md", help="stdout format")
+    ap.add_argument("--results", default=str(BENCH_DIR / "results"),
+                    help="folder for the JSON and the PNG plot")
+    ap.add_argument("--timeout", type=int, default=1800, help="seconds per runtime and model")
+    args = ap.parse_args(argv)
+
+    specs = args.model or ["smollm2", "7b"]
+    peers = find_peers(args.peer)
+    if not peers and args.peer != "none":
+        print("prosparse-bench: no llama-cpp-python build found (run bench/setup_peer.sh); "
+              "measuring prosparse-rt alone", file=sys.stderr)
+    results = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "threads": args.threads,
+               "pp": args.pp, "tg": args.tg, "reps": args.reps, "dram_gbps": report.DRAM_GBPS,
+               "cpu": _cpu_name(), "models": []}
+    for spec in specs:
+        try:
+            name, path = resolve_model(spec, args)
+        except FileNotFoundError as e:
+            print(f"prosparse-bench: skipping {spec}: {e}", file=sys.stderr)
+            continue
+        bpt = report.weight_bytes_per_token(path)
+        m = {"name": name, "path": str(path), "pp": args.pp, "tg": args.tg, **bpt, "runs": []}
+        jobs = [("llama.cpp", build, exe, None) for build, exe in peers]
+        if not args.no_ours:
+            jobs += [("ours", None, sys.executable, s) for s in args.sparsity.split(",")]
+        for runtime, build, exe, sparsity in jobs:
+            label = f"{runtime}{' ' + build if build else ''}{' ' + sparsity if sparsity else ''}"
+            print(f"prosparse-bench: {name}: {label} ...", file=sys.stderr, flush=True)
+            r = run_worker(exe, runtime, path, args, sparsity)
+            r.setdefault("runtime", "llama.cpp" if runtime == "llama.cpp" else "prosparse-rt")
+            r.setdefault("threads", args.threads)
+            if build:
+                r["build"] = build
+            if sparsity and "error" not in r:
+                r["strategy"] = r.get("strategy") or sparsity
+                st = r.get("stats_after_tg", {})
+                # a sparse strategy reads fewer bytes: take the runtime's own count
+                if sparsity != "dense" and st.get("weight_bytes_per_token"):
+                    r["bytes_per_token"] = st["weight_bytes_per_token"]
+            for test in ("pp", "tg"):
+                if test in r:
+                    mean, sd, rates = report.summarize(r[test]["seconds"], r[test]["n_tokens"])
+                    r[test].update(mean=mean, sd=sd, rates=rates)
+            if "error" in r:
+                print(f"  failed: {r['error']}", file=sys.stderr)
+            elif not r.get("logits_finite", True):
+                print("  warning: non-finite logits", file=sys.stderr)
+            m["runs"].append(r)
+        results["models"].append(m)
+
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    jpath = out / f"bench-{stamp}.json"
+    jpath.write_text(json.dumps(results, indent=1))
+    ppath = report.plot(results, out / f"bench-{stamp}.png") if results["models"] else None
+    if args.output == "json":
+        print(json.dumps(results, indent=1))
+    else:
+        print(f"\n{args.threads} threads, pp{args.pp} / tg{args.tg}, {args.reps} repetitions, "
+              f"{results['cpu']}; GB/s = weight bytes read per token x tok/s "
+              f"(DRAM ~{report.DRAM_GBPS:.0f} GB/s)\n")
+        print(report.markdown_table(results))
+    print(f"\nwrote {jpath}" + (f" and {ppath}" if ppath else ""), file=sys.stderr)
+    return 0
+
+
+def _cpu_name():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Bytes read per token from a GGUF's tensor table, and the table / JSON / plot of a bench run."""
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+DRAM_GBPS = 30.0  # measured read bandwidth of this 2-core machine (DESIGN.md)
+
+
+def weight_bytes_per_token(path) -> dict:
+    """Bytes of weights a dense decoder reads for one token: every tensor once, except the token
+    embedding table, of which one row is read (the whole table when it doubles as the output
+    matrix, as in tied models like SmolLM2)."""
+    import gguf
+    r = gguf.GGUFReader(str(path))
+    total, embd, tied = 0, 0, True
+    file_bytes = 0
+    for t in r.tensors:
+        file_bytes += int(t.n_bytes)
+        if t.name == "token_embd.weight":
+            embd = int(t.n_bytes)
+            n_rows = int(t.shape[-1]) if len(t.shape) > 1 else 1  # ggml order: {n_embd, n_vocab}
+            row = embd // max(n_rows, 1)
+        else:
+            total += int(t.n_bytes)
+        if t.name == "output.weight":
+            tied = False
+    per_token = total + (embd + row if tied else row)
+    return {"bytes_per_token": per_token, "weights_bytes": file_bytes, "tied_output": tied}
+
+
+def summarize(seconds, n_tokens):
+    """tokens/s per repetition -> mean, sd (sample sd, 0 for one repetition)."""
+    rates = [n / s for n, s in zip(n_tokens, seconds) if s > 0]
+    mean = statistics.fmean(rates) if rates else float("nan")
+    sd = statistics.stdev(rates) if len(rates) > 1 else 0.0
+    return mean, sd, rates
+
+
+def rows_of(results: dict):
+    """Flatten a results dict into table rows (one per model × runtime × test)."""
+    rows = []
+    for m in results["models"]:
+        best = {}
+        for r in m["runs"]:
+            if r["runtime"] == "llama.cpp" and "error" not in r:
+                for test in ("pp", "tg"):
+                    if test in r:
+                        best[test] = max(best.get(test, 0.0), r[test]["mean"])
+        for r in m["runs"]:
+            label = r["runtime"] + (f" ({r['build']})" if r.get("build") else "")
+            if r.get("strategy") and r["runtime"] != "llama.cpp":
+                label += f" {r['strategy']}"
+            if "error" in r:
+                rows.append(dict(model=m["name"], runtime=label, test="-", error=r["error"]))
+                continue
+            for test, n in (("pp", m["pp"]), ("tg", m["tg"])):
+                if test not in r:
+                    continue
+                x = r[test]
+                row = dict(model=m["name"], size_gb=m["weights_bytes"] / 1e9, runtime=label,
+                           threads=r["threads"], test=f"{test}{n}", mean=x["mean"], sd=x["sd"],
+                           ratio=(x["mean"] / best[test]) if best.get(test) else None)
+                if test == "tg":
+                    bpt = r.get("bytes_per_token", m["bytes_per_token"])
+                    row["gb_per_token"] = bpt / 1e9
+                    row["gbps"] = bpt * x["mean"] / 1e9
+                rows.append(row)
+    return rows
+
+
+def markdown_table(results: dict) -> str:
+    head = ("| model | size | runtime | threads | test | t/s | vs best llama.cpp "
+            "| GB read/token | GB/s (of ~30) |\n|---|---:|---|---:|---|---:|---:|---:|---:|")
+    lines = [head]
+    for r in rows_of(results):
+        if "error" in r:
+            lines.append(f"| {r['model']} | | {r['runtime']} | | | failed: {r['error'][:60]} | | | |")
+            continue
+        ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else ""
+        gbt = f"{r['gb_per_token']:.3f}" if "gb_per_token" in r else ""
+        gbps = f"{r['gbps']:.1f} ({100 * r['gbps'] / DRAM_GBPS:.0f}%)" if "gbps" in r else ""
+        lines.append(f"| {r['model']} | {r['size_gb']:.2f} GB | {r['runtime']} | {r['threads']} "
+                     f"| {r['test']} | {r['mean']:.2f} ± {r['sd']:.2f} | {ratio} | {gbt} | {gbps} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows_of(results) if "error" not in r]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    tests = list(dict.fromkeys(r["test"] for r in rows))
+    fig, axes = plt.subplots(len(models), len(tests), figsize=(5.5 * len(tests), 3.2 * len(models)),
+                             squeeze=False)
+    for i, m in enumerate(models):
+        for j, t in enumerate(tests):
+            ax = axes[i][j]
+            sel = [r for r in rows if r["model"] == m and r["test"] == t]
+            labels = [r["runtime"] for r in sel]
+            colors = ["tab:gray" if r["runtime"].startswith("llama.cpp") else "tab:blue" for r in sel]
+            ax.barh(range(len(sel)), [r["mean"] for r in sel], xerr=[r["sd"] for r in sel],
+                    color=colors)
+            ax.set_yticks(range(len(sel)), labels, fontsize=8)
+            ax.invert_yaxis()
+            ax.set_title(f"{m} {t}", fontsize=9)
+            ax.set_xlabel("tokens/s")
+            if t.startswith("tg"):
+                mm = next(x for x in results["models"] if x["name"] == m)
+                limit = DRAM_GBPS * 1e9 / mm["bytes_per_token"]
+                ax.axvline(limit, color="tab:red", ls="--", lw=1)
+                ax.text(limit, len(sel) - 0.5, f" dense limit at {DRAM_GBPS:.0f} GB/s",
+                        color="tab:red", fontsize=7, va="bottom")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

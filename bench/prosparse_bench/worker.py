@@ -1,0 +1,169 @@
+"""One runtime, one model, one process: the timed loops of prosparse-bench.
+
+Run as `python -m prosparse_bench.worker ...` by the CLI, with the peer venv's interpreter for
+llama-cpp-python, so that both runtimes are measured the same way and neither's threads, memory
+or page cache state leak into the other's figures. The last stdout line is a JSON object.
+
+Method (llama-bench's): one warm-up pass; then per repetition, with an empty KV cache,
+  pp: one eval of `pp` prompt tokens, timed;
+  tg: `tg` one-token evals, each fed the argmax of the previous logits (greedy decoding with a
+      fixed number of steps: EOS does not stop it), timed as a whole.
+The number of tokens counted is what the runtime reports as processed (its KV position), not
+what was asked for.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+
+class Ours:
+    name = "prosparse-rt"
+
+    def __init__(self, path, n_ctx, n_threads, n_batch, sparsity, extra_bufts):
+        from prosparse_rt import _core
+        kw = dict(n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch)
+        if sparsity:
+            kw["sparsity"] = sparsity
+        self.m = _core.Model(str(path), **kw)
+        self.n_vocab = self.m.n_vocab
+        try:
+            from importlib.metadata import version
+            self.version = version("prosparse-rt")
+        except Exception:
+            self.version = "in-tree"
+        self.strategy = getattr(self.m, "strategy", None)
+
+    def reset(self):
+        self.m.rewind(0)
+
+    def eval(self, tokens):
+        return np.asarray(self.m.eval(list(tokens)))
+
+    def n_past(self):
+        return self.m.n_past
+
+    def stats(self):
+        try:
+            return dict(self.m.stats())
+        except Exception:
+            return {}
+
+
+class LlamaCpp:
+    name = "llama.cpp"
+
+    def __init__(self, path, n_ctx, n_threads, n_batch, sparsity, extra_bufts):
+        import llama_cpp
+        import llama_cpp.llama_cpp as ll
+        if not extra_bufts:
+            # The extra buffer types (AMX / repacked weights) crash on first decode on this CPU
+            # in the native build; llama-cpp-python exposes no argument for them, so the default
+            # model parameters are patched before Llama() reads them.
+            orig = ll.llama_model_default_params
+
+            def patched():
+                p = orig()
+                if hasattr(p, "use_extra_bufts"):
+                    p.use_extra_bufts = False
+                return p
+            ll.llama_model_default_params = patched
+        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_batch,
+                                   n_ubatch=n_batch, n_threads=n_threads,
+                                   n_threads_batch=n_threads, verbose=False, seed=0)
+        self.n_vocab = self.llm.n_vocab()
+        self.version = llama_cpp.__version__
+        self.strategy = "dense"
+
+    def reset(self):
+        self.llm.reset()  # n_tokens = 0; eval() then drops the KV cells from 0 on
+
+    def eval(self, tokens):
+        self.llm.eval(list(tokens))
+        return self.llm.scores[self.llm.n_tokens - 1]
+
+    def n_past(self):
+        return self.llm.n_tokens
+
+    def stats(self):
+        return {}
+
+
+def run(rt, pp, tg, reps, seed=0):
+    rng = np.random.default_rng(seed)
+    lo = 3 if rt.n_vocab > 300 else 0  # skip <unk> <s> </s>
+    prompt = [int(t) for t in rng.integers(lo, rt.n_vocab, size=max(pp, 1))]
+    finite = True
+
+    def one_pp():
+        nonlocal finite
+        rt.reset()
+        t0 = time.perf_counter()
+        logits = rt.eval(prompt[:pp])
+        dt = time.perf_counter() - t0
+        finite = finite and bool(np.isfinite(logits).all())
+        return dt, rt.n_past()
+
+    def one_tg():
+        nonlocal finite
+        rt.reset()
+        tok = prompt[0]
+        generated = []
+        t0 = time.perf_counter()
+        for _ in range(tg):
+            logits = rt.eval([tok])
+            tok = int(np.argmax(logits))
+            generated.append(tok)
+        dt = time.perf_counter() - t0
+        finite = finite and bool(np.isfinite(logits).all())
+        return dt, rt.n_past(), generated
+
+    # warm-up: page the weights in, let the thread pools and allocators settle
+    if pp:
+        rt.reset(); rt.eval(prompt[:min(pp, 32)])
+    if tg:
+        rt.reset(); rt.eval(prompt[:1]); rt.eval(prompt[1:2])
+    out = {}
+    if pp:
+        res = [one_pp() for _ in range(reps)]
+        out["pp"] = {"n_tokens": [n for _, n in res], "seconds": [s for s, _ in res]}
+    if tg:
+        res = [one_tg() for _ in range(reps)]
+        out["tg"] = {"n_tokens": [n for _, n, _ in res], "seconds": [s for s, _, _ in res],
+                     "tokens_first_rep": res[0][2][:16]}
+        out["stats_after_tg"] = {k: v for k, v in rt.stats().items()
+                                 if isinstance(v, (int, float, str))}
+    out["logits_finite"] = finite
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runtime", choices=["ours", "llama.cpp"], required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--pp", type=int, default=512)
+    ap.add_argument("--tg", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--sparsity", default=None)
+    ap.add_argument("--extra-bufts", action="store_true")
+    a = ap.parse_args(argv)
+    cls = Ours if a.runtime == "ours" else LlamaCpp
+    load = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    rt = cls(a.model, a.pp + a.tg + 16, a.threads, a.batch, a.sparsity, a.extra_bufts)
+    load_s = time.perf_counter() - t0
+    res = run(rt, a.pp, a.tg, a.reps)
+    res.update(runtime=rt.name, version=rt.version, strategy=rt.strategy, threads=a.threads,
+               load_seconds=load_s, loadavg_before=load, python=sys.executable)
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
