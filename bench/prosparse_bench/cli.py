@@ -4,6 +4,7 @@ llama.cpp (llama-cpp-python) on the same GGUF with the same threads, llama-bench
     prosparse-bench                       # SmolLM2-135M Q4_1 and the 7B shape (if generated)
     prosparse-bench -m 7b --gen           # generate the random LLaMA-2-7B-shaped Q4_0 file first
     prosparse-bench -m smollm2 -p 512 -n 128 -r 5 -t 2 -o json
+    prosparse-bench -m 7b-fatrelu --gen   # issue 3: ours dense/exact/predict vs llama.cpp dense
 
 llama-cpp-python builds are found as ~/.cache/prosparse-bench/peer-*/ (bench/setup_peer.sh makes
 them); each model is run with every build and ours is compared with the faster one.
@@ -41,18 +42,27 @@ def find_peers(spec: str):
 def resolve_model(spec: str, args):
     if spec == "smollm2":
         from prosparse_rt import default_model
-        return "SmolLM2-135M Q4_1", Path(default_model.path())
+        path = Path(default_model.path())
+        return "SmolLM2-135M Q4_1", path, path
+    if spec == "7b-fatrelu":
+        # issue 3: ours on the sparse FATReLU file, llama.cpp on a dense SiLU file of the same
+        # shapes and weight type (llama.cpp refuses files with our extra tensors)
+        path = synth.fatrelu_7b(args.qtype, generate=args.gen, progress=_progress)
+        peer_path = synth.dense_7b(args.qtype, generate=args.gen, progress=_progress)
+        return f"LLaMA-2-7B shape FATReLU {args.qtype.upper()} (random, 89% sparse)", path, peer_path
     if spec in ("7b", "7b-q4_0", "7b-q8_0"):
         qtype = spec[3:] if "-" in spec else args.qtype
-        def progress(i, n, name):
-            if i % 25 == 0 or i == n:
-                print(f"  generating: {i}/{n} tensors ({name})", file=sys.stderr, flush=True)
-        path = synth.dense_7b(qtype, generate=args.gen, progress=progress)
-        return f"LLaMA-2-7B shape {qtype.upper()} (random)", path
+        path = synth.dense_7b(qtype, generate=args.gen, progress=_progress)
+        return f"LLaMA-2-7B shape {qtype.upper()} (random)", path, path
     p = Path(spec)
     if not p.is_file():
         raise SystemExit(f"prosparse-bench: no such model file: {spec}")
-    return p.name, p
+    return p.name, p, p
+
+
+def _progress(i, n, name):
+    if i % 25 == 0 or i == n:
+        print(f"  generating: {i}/{n} tensors ({name})", file=sys.stderr, flush=True)
 
 
 def run_worker(python, runtime, model, args, sparsity=None):
@@ -80,8 +90,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="prosparse-bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-m", "--model", action="append",
-                    help="smollm2, 7b (the random LLaMA-2-7B shape), 7b-q4_0, 7b-q8_0, or a GGUF "
-                         "path; repeatable (default: smollm2 and 7b)")
+                    help="smollm2, 7b (the random LLaMA-2-7B shape), 7b-q4_0, 7b-q8_0, 7b-fatrelu "
+                         "(89%% sparse, with predictor; llama.cpp runs the dense 7b file), or a "
+                         "GGUF path; repeatable (default: smollm2 and 7b)")
     ap.add_argument("-p", "--pp", type=int, default=512, help="prompt tokens (pp test; 0 skips)")
     ap.add_argument("-n", "--tg", type=int, default=128, help="decoded tokens (tg test; 0 skips)")
     ap.add_argument("-r", "--reps", type=int, default=3, help="repetitions (mean ± sd)")
@@ -89,8 +100,9 @@ def main(argv=None):
     ap.add_argument("-b", "--batch", type=int, default=512, help="prompt batch size, both runtimes")
     ap.add_argument("--qtype", default="q4_0", choices=["q4_0", "q8_0"], help="weights of the 7B shape")
     ap.add_argument("--gen", action="store_true", help="generate the 7B-shaped file if not cached")
-    ap.add_argument("--sparsity", default="dense",
-                    help="our FFN strategies to run, comma-separated (dense, exact, predict, auto)")
+    ap.add_argument("--sparsity", default=None,
+                    help="our FFN strategies to run, comma-separated (dense, exact, predict, auto); "
+                         "default dense, and dense,exact,predict for 7b-fatrelu")
     ap.add_argument("--peer", default="auto",
                     help="llama-cpp-python builds: auto (all under the cache), none, or "
                          "NAME=PYTHON,... interpreters that import llama_cpp")
@@ -114,23 +126,27 @@ def main(argv=None):
                "cpu": _cpu_name(), "models": []}
     for spec in specs:
         try:
-            name, path = resolve_model(spec, args)
+            name, path, peer_path = resolve_model(spec, args)
         except FileNotFoundError as e:
             print(f"prosparse-bench: skipping {spec}: {e}", file=sys.stderr)
             continue
         bpt = report.weight_bytes_per_token(path)
-        m = {"name": name, "path": str(path), "pp": args.pp, "tg": args.tg, **bpt, "runs": []}
-        jobs = [("llama.cpp", build, exe, None) for build, exe in peers]
+        peer_bpt = report.weight_bytes_per_token(peer_path)["bytes_per_token"]
+        m = {"name": name, "path": str(path), "peer_path": str(peer_path), "pp": args.pp,
+             "tg": args.tg, **bpt, "runs": []}
+        jobs = [("llama.cpp", build, exe, None, peer_path) for build, exe in peers]
+        strategies = args.sparsity or ("dense,exact,predict" if spec == "7b-fatrelu" else "dense")
         if not args.no_ours:
-            jobs += [("ours", None, sys.executable, s) for s in args.sparsity.split(",")]
-        for runtime, build, exe, sparsity in jobs:
+            jobs += [("ours", None, sys.executable, s, path) for s in strategies.split(",")]
+        for runtime, build, exe, sparsity, mpath in jobs:
             label = f"{runtime}{' ' + build if build else ''}{' ' + sparsity if sparsity else ''}"
             print(f"prosparse-bench: {name}: {label} ...", file=sys.stderr, flush=True)
-            r = run_worker(exe, runtime, path, args, sparsity)
+            r = run_worker(exe, runtime, mpath, args, sparsity)
             r.setdefault("runtime", "llama.cpp" if runtime == "llama.cpp" else "prosparse-rt")
             r.setdefault("threads", args.threads)
             if build:
                 r["build"] = build
+            r["bytes_per_token"] = peer_bpt if runtime == "llama.cpp" else bpt["bytes_per_token"]
             if sparsity and "error" not in r:
                 r["strategy"] = r.get("strategy") or sparsity
                 st = r.get("stats_after_tg", {})

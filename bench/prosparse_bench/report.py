@@ -10,7 +10,8 @@ DRAM_GBPS = 30.0  # measured read bandwidth of this 2-core machine (DESIGN.md)
 def weight_bytes_per_token(path) -> dict:
     """Bytes of weights a dense decoder reads for one token: every tensor once, except the token
     embedding table, of which one row is read (the whole table when it doubles as the output
-    matrix, as in tied models like SmolLM2)."""
+    matrix, as in tied models like SmolLM2). Predictors and neuron statistics (fc1, fc2,
+    ffn_act_freq) are not read by a dense decoder and are left out."""
     import gguf
     r = gguf.GGUFReader(str(path))
     total, embd, tied = 0, 0, True
@@ -21,6 +22,8 @@ def weight_bytes_per_token(path) -> dict:
             embd = int(t.n_bytes)
             n_rows = int(t.shape[-1]) if len(t.shape) > 1 else 1  # ggml order: {n_embd, n_vocab}
             row = embd // max(n_rows, 1)
+        elif t.name.endswith((".fc1.weight", ".fc2.weight", ".ffn_act_freq")):
+            continue
         else:
             total += int(t.n_bytes)
         if t.name == "output.weight":
@@ -111,8 +114,8 @@ def plot(results: dict, path) -> Path:
                 mm = next(x for x in results["models"] if x["name"] == m)
                 limit = DRAM_GBPS * 1e9 / mm["bytes_per_token"]
                 ax.axvline(limit, color="tab:red", ls="--", lw=1)
-                ax.text(limit, len(sel) - 0.5, f" dense limit at {DRAM_GBPS:.0f} GB/s",
-                        color="tab:red", fontsize=7, va="bottom")
+                ax.text(limit, len(sel) - 0.5, f"dense limit at {DRAM_GBPS:.0f} GB/s ",
+                        color="tab:red", fontsize=7, va="bottom", ha="right")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,94 @@
+"""prosparse-bench's synthetic models and measurement loop, on tiny shapes.
+
+References: the `gguf` package's reader and dequantizer (not our loader) for what the generator
+writes; the runtime's own byte count for the bench's GGUF-based one; the runtime's activation
+statistics for the sparsity the FATReLU generator promises."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from prosparse_bench import report, synth, worker  # noqa: E402
+
+gguf = pytest.importorskip("gguf")
+TINY = synth.Shape(n_embd=512, n_layer=2, n_head=8, n_head_kv=4, n_ff=1536, n_vocab=600, n_ctx=256)
+
+
+@pytest.fixture(scope="module")
+def dense_q4(tmp_path_factory):
+    return synth.write_dense(tmp_path_factory.mktemp("b") / "d.gguf", TINY, "q4_0")
+
+
+@pytest.fixture(scope="module")
+def fatrelu_q4(tmp_path_factory):
+    return synth.write_fatrelu(tmp_path_factory.mktemp("b") / "f.gguf", TINY, "q4_0", rank=128)
+
+
+def _tensors(path):
+    return {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q8_0"])
+def test_generator_writes_llama_layout_with_unit_scale_activations(tmp_path, qtype):
+    path = synth.write_dense(tmp_path / "m.gguf", TINY, qtype)
+    ts = _tensors(path)
+    assert ts["blk.1.ffn_down.weight"].tensor_type.name == qtype.upper()
+    assert list(ts["blk.0.ffn_gate.weight"].shape) == [TINY.n_embd, TINY.n_ff]  # ggml order
+    assert list(ts["blk.0.attn_k.weight"].shape) == [TINY.n_embd, TINY.n_embd // 2]  # GQA
+    assert list(ts["token_embd.weight"].shape) == [TINY.n_embd, TINY.n_vocab]
+    for name, fan_in in (("blk.0.ffn_gate.weight", TINY.n_embd), ("blk.0.ffn_down.weight", TINY.n_ff)):
+        w = gguf.quants.dequantize(ts[name].data, ts[name].tensor_type)
+        assert abs(w.std() * np.sqrt(fan_in) - 1) < 0.1, name
+        assert abs(w.mean()) < 0.02 * w.std(), name  # random scale signs cancel Q4_0's -0.5 offset
+    tok = gguf.GGUFReader(str(path)).fields["tokenizer.ggml.tokens"]
+    assert len(tok.data) == TINY.n_vocab
+
+
+def test_dense_bytes_per_token_match_the_runtimes_count(dense_q4):
+    from prosparse_rt import _core
+    m = _core.Model(str(dense_q4), n_ctx=32, n_threads=1, sparsity="dense")
+    m.eval([1])
+    m.eval([5])  # a decode step: the runtime counts bytes per decoded token
+    assert report.weight_bytes_per_token(dense_q4)["bytes_per_token"] == m.stats()["weight_bytes_per_token"]
+
+
+def test_worker_counts_processed_tokens_and_logits_are_finite(dense_q4):
+    rt = worker.Ours(dense_q4, n_ctx=64, n_threads=1, n_batch=32, sparsity="dense", extra_bufts=False)
+    out = worker.run(rt, pp=24, tg=5, reps=2)
+    assert out["pp"]["n_tokens"] == [24, 24] and out["tg"]["n_tokens"] == [5, 5]
+    assert out["logits_finite"]
+    mean, sd, rates = report.summarize(out["tg"]["seconds"], out["tg"]["n_tokens"])
+    assert len(rates) == 2 and mean > 0 and sd >= 0
+
+
+def test_fatrelu_model_is_89_percent_sparse_and_predicts_about_20_percent(fatrelu_q4):
+    from prosparse_rt import _core
+    rng = np.random.default_rng(1)
+    ids = [int(t) for t in rng.integers(3, TINY.n_vocab, size=24)]
+    frac = {}
+    for strategy in ("exact", "predict"):
+        m = _core.Model(str(fatrelu_q4), n_ctx=64, n_threads=1, sparsity=strategy)
+        for t in ids:
+            m.eval([t])
+        st = m.stats()
+        frac[strategy] = st["active_fraction" if strategy == "exact" else "predicted_fraction"]
+    assert all(abs(a - 0.11) < 0.03 for a in frac["exact"]), frac["exact"]
+    assert all(abs(p - 0.20) < 0.04 for p in frac["predict"]), frac["predict"]
+    ts = _tensors(fatrelu_q4)
+    assert "blk.0.ffn_down.weight" not in ts and "blk.0.ffn_down_t.weight" in ts
+    freq = np.asarray(ts["blk.0.ffn_act_freq"].data)
+    assert np.all(np.diff(freq) <= 0) and abs(freq.mean() - 0.11) < 1e-3  # frequency order
+
+
+def test_markdown_table_reports_gbps_and_ratio_to_llama_cpp():
+    run = lambda rt, tg: {"runtime": rt, "threads": 2, "bytes_per_token": 3e9,  # noqa: E731
+                          "tg": {"mean": tg, "sd": 0.1}}
+    res = {"models": [{"name": "m", "weights_bytes": 3.8e9, "bytes_per_token": 3e9, "pp": 512,
+                       "tg": 128, "runs": [dict(run("llama.cpp", 2.0), build="a"),
+                                           dict(run("llama.cpp", 3.0), build="b"),
+                                           dict(run("prosparse-rt", 6.0), strategy="dense")]}]}
+    table = report.markdown_table(res)
+    ours = [line for line in table.splitlines() if "prosparse-rt" in line][0]
+    assert "2.00x" in ours and "18.0 (60%)" in ours  # vs the faster build; 3 GB x 6 tok/s
