@@ -42,6 +42,9 @@ class _Out:
     shape: Tuple[int, ...]       # numpy shape
     qtype: T
     produce: Callable[[], np.ndarray]
+    # True: produce() returns the tensor's bytes already at qtype (a tensor copied from an input
+    # file untouched or with its rows permuted, as prosparse-calibrate does), written as they are
+    raw: bool = False
 
 
 def _check_options(o: Options) -> None:
@@ -220,6 +223,14 @@ def write_gguf(out: Path, src: Source, outs: List[_Out], kv: dict, progress: boo
                    unit="B", unit_scale=True, disable=not progress)
         for t in outs:
             a = t.produce()
+            if t.raw:
+                data = np.ascontiguousarray(a)
+                if data.nbytes != quant.nbytes(t.shape, t.qtype):
+                    raise ConvertError(f"tensor {t.name}: {data.nbytes} bytes, expected "
+                                       f"{quant.nbytes(t.shape, t.qtype)} for {list(t.shape)} {t.qtype.name}")
+                w.write_tensor_data(data)
+                bar.update(data.nbytes)
+                continue
             if tuple(a.shape) != tuple(t.shape):
                 raise ConvertError(f"tensor {t.name} has shape {list(a.shape)}, expected {list(t.shape)}")
             try:

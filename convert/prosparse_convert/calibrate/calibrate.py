@@ -1,0 +1,304 @@
+"""prosparse-calibrate's pipeline: profile the model over calibration text, train predictors (ReLU
+and FATReLU models) or allocate per-layer thresholds (SiLU models), write the new GGUF, and measure
+what the sparsity costs."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+
+from .. import names as N
+from .. import quant
+from ..errors import ConvertError
+from . import evaluate, predictor, profile as prof_mod, text as text_mod, thresholds as thr_mod
+from .write import Additions, InputFile, write
+
+log = logging.getLogger(__name__)
+
+MIN_CALIB_TOKENS = 64
+
+
+@dataclass
+class Options:
+    text: Sequence[Path] = ()             # calibration text files; none: the model writes its own
+    tokens: int = 8192                    # calibration tokens
+    ctx: int = 256                        # tokens per window
+    target_sparsity: Optional[float] = None  # SiLU: mean fraction of FFN neurons zeroed
+    allocation: str = "greedy"            # greedy | uniform
+    probe_tokens: int = 256               # tokens on which layer sensitivities are measured
+    predictors: Optional[bool] = None     # None: yes for relu/fatrelu models
+    rank: Union[None, int, Sequence[int]] = None  # None: predictor.default_rank(n_embd)
+    epochs: int = 10
+    pos_weight: Optional[float] = None
+    predictor_type: str = "q8_0"
+    neuron_order: str = "original"
+    down_type: str = "auto"               # ffn_down_t made from ffn_down: auto | f16 | q8_0
+    max_samples: int = 20000              # reservoir slots (token positions)
+    max_memory: int = 1 << 30             # bytes the reservoir may take
+    eval_text: Optional[Path] = None
+    eval_tokens: int = 4096
+    n_threads: int = 0
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class Report:
+    activation: str
+    n_calib_tokens: int = 0
+    n_held_out_tokens: int = 0
+    layers: List[Dict[str, float]] = field(default_factory=list)
+    mean: Dict[str, float] = field(default_factory=dict)
+    allocation: Optional[str] = None
+    allocation_kl: Dict[str, float] = field(default_factory=dict)
+    down_type: Optional[str] = None
+    down_check: Dict[str, float] = field(default_factory=dict)
+    eval: List[Dict[str, object]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def table(self) -> str:
+        if not self.layers:
+            return ""
+        keys = list(self.layers[0])
+        lines = ["| layer | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+        for i, row in enumerate(self.layers):
+            lines.append(f"| {i} | " + " | ".join(fmt(row[k]) for k in keys) + " |")
+        lines.append("| mean | " + " | ".join(fmt(self.mean.get(k, float("nan"))) for k in keys) + " |")
+        return "\n".join(lines)
+
+
+def _check(o: Options) -> None:
+    if o.target_sparsity is not None and not (0.0 < o.target_sparsity < thr_mod.MAX_LEVEL):
+        raise ConvertError(f"--target-sparsity must be in (0, {thr_mod.MAX_LEVEL}), got {o.target_sparsity}")
+    if o.allocation not in ("greedy", "uniform"):
+        raise ConvertError(f"--allocation must be greedy or uniform, got {o.allocation!r}")
+    if o.tokens < MIN_CALIB_TOKENS:
+        raise ConvertError(f"--tokens must be at least {MIN_CALIB_TOKENS}, got {o.tokens}")
+    if o.epochs < 1:
+        raise ConvertError(f"--epochs must be >= 1, got {o.epochs}")
+    if o.down_type not in ("auto", "f16", "q8_0"):
+        raise ConvertError(f"--down-type must be auto, f16 or q8_0, got {o.down_type!r}")
+    if o.predictor_type not in ("f32", "f16", "q8_0", "q4_0"):
+        raise ConvertError(f"--predictor-type must be f32, f16, q8_0 or q4_0, got {o.predictor_type!r}")
+    if o.neuron_order not in ("original", "frequency"):
+        raise ConvertError(f"--neuron-order must be original or frequency, got {o.neuron_order!r}")
+
+
+def _open_model(path, ctx: int, n_threads: int):
+    from prosparse_rt import _core
+
+    try:
+        return _core.Model(str(path), n_ctx=ctx, n_threads=n_threads, sparsity="dense")
+    except ValueError as e:
+        raise ConvertError(str(e)) from None
+
+
+def _roundtrip(a: np.ndarray, type_name: str) -> np.ndarray:
+    """The weights the runtime will see once stored at type_name."""
+    from gguf.quants import dequantize
+
+    qt = quant.tensor_type(a.shape, quant.outtype(type_name))
+    return np.asarray(dequantize(quant.encode(a, qt), qt), np.float32).reshape(a.shape)
+
+
+def _ranks(o: Options, n_layer: int, n_embd: int) -> List[int]:
+    if o.rank is None:
+        return [predictor.default_rank(n_embd)] * n_layer
+    if isinstance(o.rank, int):
+        return [o.rank] * n_layer
+    r = list(o.rank)
+    if len(r) != n_layer:
+        raise ConvertError(f"--rank lists {len(r)} ranks for {n_layer} layers")
+    return r
+
+
+def calibrate(model_path, out_path, options: Optional[Options] = None, **kw) -> Report:
+    o = options or Options(**kw)
+    _check(o)
+    t_start = time.perf_counter()
+    model_path, out_path = Path(model_path), Path(out_path)
+    if not model_path.is_file():
+        raise ConvertError(f"input model {model_path} does not exist or is not a file")
+    if out_path.resolve() == model_path.resolve():
+        raise ConvertError("the output must be a new file, not the input")
+    inp = InputFile(model_path)
+    model = _open_model(model_path, o.ctx, o.n_threads)
+    hp = model.hparams
+    L, E, F = hp["n_layer"], hp["n_embd"], hp["n_ff"]
+    act, act_t = hp["activation"], float(hp["activation_threshold"])
+    sparse = act in N.SPARSE_ACTIVATIONS
+    want_pred = sparse if o.predictors is None else o.predictors
+    if want_pred and not sparse:
+        raise ConvertError(f"predictors need a sparse activation (relu or fatrelu); {model_path.name} "
+                           f"uses {act}. For SiLU models use --target-sparsity (thresholds, exact strategy)")
+    if o.target_sparsity is not None and sparse:
+        raise ConvertError(f"--target-sparsity sets SiLU thresholds; {model_path.name} is a {act} model "
+                           f"(already sparse)")
+    if not sparse and o.target_sparsity is None:
+        raise ConvertError(f"{model_path.name} is a SiLU model: give --target-sparsity (e.g. 0.5) to "
+                           f"calibrate per-layer thresholds")
+    ranks = _ranks(o, L, E) if want_pred else []
+    report = Report(activation=act)
+
+    # ---- calibration text and windows
+    if o.text:
+        text = text_mod.read_texts(o.text)
+    else:
+        n_want = int(o.tokens * 1.15) + o.probe_tokens
+        text = text_mod.generate_text(str(model_path), n_want, seed=o.seed,
+                                      n_threads=o.n_threads or None, progress=o.progress)
+    bos = model.bos if model.add_bos_default and model.bos >= 0 else None
+    tokenize = lambda s: model.tokenize(s, False, False)  # noqa: E731
+    win = text_mod.make_windows(tokenize, text, bos, o.ctx, o.tokens)
+    report.n_calib_tokens, report.n_held_out_tokens = win.n_calib_tokens, win.n_held_out_tokens
+    if win.n_calib_tokens < MIN_CALIB_TOKENS:
+        raise ConvertError(f"the calibration text gives {win.n_calib_tokens} tokens; at least "
+                           f"{MIN_CALIB_TOKENS} are needed")
+    if want_pred:
+        # fewer samples than a few per hidden unit only teaches the predictor this text
+        need = max(512, 8 * max(ranks))
+        if win.n_calib_tokens < need or not win.held_out:
+            raise ConvertError(
+                f"the calibration text gives {win.n_calib_tokens} calibration tokens and "
+                f"{win.n_held_out_tokens} held-out tokens: too few to train rank-{max(ranks)} predictors "
+                f"for {L} layers (need at least {need} and one held-out window; give more text or "
+                f"a lower --rank)")
+    if win.n_calib_tokens < o.tokens:
+        log.warning("the calibration text gives %d tokens of the %d asked for", win.n_calib_tokens, o.tokens)
+
+    # ---- profiling
+    p = prof_mod.profile(model, win.calib, act, act_t, max_samples=o.max_samples, max_bytes=o.max_memory,
+                         seed=o.seed, progress=o.progress)
+    add = Additions(activation=act, act_threshold=act_t, predictor_type=o.predictor_type,
+                    neuron_order=o.neuron_order, down_type="q8_0" if o.down_type == "auto" else o.down_type)
+    if sparse:
+        add.act_freq = p.freq()
+        if want_pred:
+            add.predictors = _train_predictors(model, p, win, act, act_t, ranks, o, report)
+        else:
+            report.layers = [{"sparsity": 1.0 - float(f.mean())} for f in add.act_freq]
+    else:
+        _silu_thresholds(model, p, win, o, add, report)
+    if report.layers:
+        report.mean = {k: float(np.mean([r[k] for r in report.layers])) for k in report.layers[0]}
+
+    # ---- write, checking the down projection's type
+    has_down = N.blk(N.FFN_DOWN, 0) in inp.tensors
+    write(inp, out_path, add, L, F, progress=o.progress)
+    report.down_type = add.down_type if has_down else None
+    check_windows = (win.held_out or win.calib)[:4]
+    if has_down and o.down_type == "auto":
+        ref_ppl = evaluate.perplexity(model, check_windows)
+        out_model = _open_model(out_path, o.ctx, o.n_threads)
+        if act == "silu":
+            out_model.set_layer_thresholds([])
+        q_ppl = evaluate.perplexity(out_model, check_windows)
+        del out_model
+        report.down_check = {"input_ppl": ref_ppl, "q8_0_ppl": q_ppl, "rel_change": q_ppl / ref_ppl - 1.0}
+        if abs(q_ppl / ref_ppl - 1.0) >= 0.005:  # DESIGN.md: Q8_0 only when perplexity moves < 0.5%
+            log.warning("ffn_down_t at Q8_0 moves perplexity by %.2f%%: writing F16",
+                        100 * (q_ppl / ref_ppl - 1.0))
+            add.down_type = "f16"
+            write(inp, out_path, add, L, F, progress=o.progress)
+            report.down_type = "f16"
+
+    if o.eval_text is not None:
+        report.eval = evaluate_file(model_path, out_path, o.eval_text, ctx=o.ctx, max_tokens=o.eval_tokens,
+                                    n_threads=o.n_threads, progress=o.progress)
+    report.seconds = time.perf_counter() - t_start
+    return report
+
+
+def _train_predictors(model, p, win, act, act_t, ranks, o: Options, report: Report):
+    from tqdm import tqdm
+
+    L, F = model.hparams["n_layer"], model.hparams["n_ff"]
+    h = prof_mod.profile(model, win.held_out, act, act_t, max_samples=max(256, o.max_samples // 4),
+                         max_bytes=max(1 << 24, o.max_memory // 4), seed=o.seed + 1, progress=o.progress,
+                         desc="profiling held-out")
+    out = []
+    for l in tqdm(range(L), desc="training predictors", disable=not o.progress):
+        x, y = p.x[l, :p.n_samples].astype(np.float32), p.masks(l, F)
+        fc1, fc2 = predictor.train(x, y, ranks[l], epochs=o.epochs, pos_weight=o.pos_weight, seed=o.seed + l)
+        fc1q, fc2q = _roundtrip(fc1, o.predictor_type), _roundtrip(fc2, o.predictor_type)
+        q = predictor.quality(fc1q, fc2q, h.x[l, :h.n_samples].astype(np.float32), h.masks(l, F))
+        report.layers.append({"rank": ranks[l], **q.as_dict()})
+        out.append((fc1, fc2))
+    return out
+
+
+def _silu_thresholds(model, p, win, o: Options, add: Additions, report: Report) -> None:
+    L = model.hparams["n_layer"]
+    probe = _take_tokens(win.held_out or win.calib, o.probe_tokens)
+    alloc = thr_mod.allocate(model, p.act_abs, p.n_samples, o.target_sparsity, probe, o.allocation,
+                             progress=o.progress)
+    report.allocation, report.allocation_kl = alloc.method, alloc.kl
+    thr = thr_mod.quantile_thresholds(p.act_abs, p.n_samples, alloc.levels)
+    # The thresholds were read off the dense model's activations; sparsifying early layers shifts
+    # later layers' distributions, so read them again off the sparse model's own activations.
+    model.set_layer_thresholds(thr)
+    p2 = prof_mod.profile(model, win.calib, "silu", 0.0, max_samples=o.max_samples, max_bytes=o.max_memory,
+                          seed=o.seed + 2, progress=o.progress, desc="re-profiling sparse")
+    model.set_layer_thresholds([])
+    thr = thr_mod.quantile_thresholds(p2.act_abs, p2.n_samples, alloc.levels)
+    add.layer_thresholds = thr
+    add.act_freq = [(p2.act_abs[l, :p2.n_samples].astype(np.float32) >= thr[l]).mean(0).astype(np.float32)
+                    for l in range(L)]
+    for l in range(L):
+        report.layers.append({"level": alloc.levels[l], "threshold": thr[l],
+                              "calib_sparsity": 1.0 - float(add.act_freq[l].mean())})
+
+
+def _take_tokens(windows, n: int) -> List[List[int]]:
+    out, got = [], 0
+    for w in windows:
+        if got >= n:
+            break
+        w = w[: n - got] if n - got >= 8 else w
+        out.append(w)
+        got += len(w)
+    return out
+
+
+def evaluate_file(model_path, out_path, eval_text: Path, *, ctx: int = 256, max_tokens: int = 4096,
+                  n_threads: int = 0, progress: bool = True) -> List[Dict[str, object]]:
+    """Held-out perplexity of the input (dense) and of the calibrated file under each strategy it
+    supports, with the sparsity each reaches."""
+    base = _open_model(model_path, ctx, n_threads)
+    text = text_mod.read_texts([eval_text])
+    bos = base.bos if base.add_bos_default and base.bos >= 0 else None
+    win = text_mod.make_windows(lambda s: base.tokenize(s, False, False), text, bos, ctx, max_tokens,
+                                held_out_every=0).calib
+    rows = [{"model": "input", "strategy": "dense", "perplexity": evaluate.perplexity(base, win, progress,
+                                                                                       "eval input dense"),
+             "sparsity": 0.0 if base.hparams["activation"] == "silu" else evaluate.sparsity_of(base)}]
+    del base
+    from prosparse_rt import _core
+
+    for strategy in ("exact", "predict"):
+        try:
+            m = _core.Model(str(out_path), n_ctx=ctx, n_threads=n_threads, sparsity=strategy,
+                            diag_recall=strategy == "predict")
+        except ValueError:
+            continue  # the file does not support this strategy
+        ppl = evaluate.perplexity(m, win, progress, f"eval {strategy}")
+        st = m.stats()
+        row = {"model": "calibrated", "strategy": strategy, "perplexity": ppl,
+               "sparsity": evaluate.sparsity_of(m) if strategy == "exact" else
+               float(1.0 - np.nanmean(st["predicted_fraction"]))}
+        if strategy == "predict":
+            row["recall"] = float(np.nanmean(st["recall"]))
+        rows.append(row)
+        del m
+    ref = rows[0]["perplexity"]
+    for r in rows:
+        r["ppl_change"] = r["perplexity"] / ref - 1.0
+        r["tokens"] = sum(len(w) for w in win)
+    return rows

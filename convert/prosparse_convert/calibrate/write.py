@@ -1,0 +1,185 @@
+"""Writes the calibrated model: the input GGUF with every tensor's bytes and every metadata key kept,
+plus what calibration adds (ffn_act_freq, fc1/fc2, prosparse.layer_thresholds, ffn_down_t where the
+input had llama.cpp's ffn_down), optionally with each layer's neurons reordered hottest first.
+Reordering permutes rows, which quantized tensors allow without re-quantizing (a row is whole
+blocks). Written with the converter's writer (convert.write_gguf), atomically."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+from gguf import GGMLQuantizationType as T, GGUFValueType as V
+from gguf.quants import dequantize
+
+from .. import names as N
+from .. import quant
+from ..convert import _Out, write_gguf
+from ..errors import ConvertError
+from ..gguf_source import _Reader
+
+# Keys the writer sets itself, or that describe the input file's own layout.
+_SKIP_KEYS = (N.GENERAL_ARCHITECTURE, "general.alignment")
+_OURS = (N.PS_ACTIVATION, N.PS_ACTIVATION_THRESHOLD, N.PS_LAYER_THRESHOLDS, N.PS_NEURON_ORDER,
+         N.PS_PREDICTOR_THRESHOLD)
+
+
+@dataclass
+class Additions:
+    activation: str                                   # prosparse.activation of the output
+    act_threshold: float = 0.0
+    act_freq: Optional[List[np.ndarray]] = None       # per layer [n_ff], input neuron order
+    predictors: Optional[List[tuple]] = None          # per layer (fc1 [R, E], fc2 [n_ff, R])
+    predictor_type: str = "q8_0"
+    predictor_threshold: float = 0.0
+    layer_thresholds: Optional[List[float]] = None
+    neuron_order: str = "original"                    # "frequency": reorder by act_freq
+    down_type: str = "q8_0"                           # ffn_down_t made from ffn_down: f16 or q8_0
+    extra: Dict[str, object] = field(default_factory=dict)
+
+
+class InputFile:
+    """The input GGUF's fields and tensors (raw bytes as stored), via the converter's reader."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            self.reader = _Reader(str(path))
+        except (ValueError, OSError, IndexError, KeyError, UnicodeDecodeError) as e:
+            raise ConvertError(f"cannot read GGUF file {path}: {e}") from e
+        with open(path, "rb") as f:
+            self.powerinfer = f.read(4) == b"PWRI"
+        self.path = Path(path)
+        self.fields = self.reader.fields
+        self.tensors = {t.name: t for t in self.reader.tensors}
+        self.arch = self.get(N.GENERAL_ARCHITECTURE)
+
+    def get(self, key, default=None):
+        f = self.fields.get(key)
+        return default if f is None else f.contents()
+
+
+def _shape(t) -> tuple:
+    return tuple(int(d) for d in reversed(t.shape))
+
+
+def _raw(t, perm: Optional[np.ndarray]):
+    def produce():
+        d = np.asarray(t.data)
+        if perm is None:
+            return d
+        return d.reshape(d.shape[0], -1)[perm]
+    return produce
+
+
+def _dequant(t) -> np.ndarray:
+    return np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(_shape(t))
+
+
+def plan(inp: InputFile, add: Additions, n_layer: int, n_ff: int) -> List[_Out]:
+    """Output tensors in the input's order, each layer's additions after its down projection."""
+    perms: List[Optional[np.ndarray]] = [None] * n_layer
+    if add.neuron_order == "frequency":
+        if add.act_freq is None:
+            raise ConvertError("--neuron-order frequency needs activation frequencies")
+        perms = [np.argsort(-f, kind="stable") for f in add.act_freq]  # stable: reproducible ties
+    replaced = set()
+    if add.predictors is not None:
+        replaced |= {N.blk(k, i) for i in range(n_layer) for k in (N.FC1, N.FC2)}
+    if add.act_freq is not None:
+        replaced |= {N.blk(N.FFN_ACT_FREQ, i) for i in range(n_layer)}
+    per_neuron_rows = {N.FFN_GATE, N.FFN_UP, N.FFN_DOWN_T, N.FC2}
+    templates = {N.blk(k, i): (k, i) for i in range(n_layer)
+                 for k in (N.FFN_GATE, N.FFN_UP, N.FFN_DOWN, N.FFN_DOWN_T, N.FC1, N.FC2, N.FFN_ACT_FREQ)}
+    pred_want = quant.outtype(add.predictor_type)
+    outs: List[_Out] = []
+    for name, t in inp.tensors.items():
+        if name in replaced:
+            continue
+        kind, i = templates.get(name, (None, None))
+        shape, qtype = _shape(t), T(int(t.tensor_type))
+        perm = perms[i] if i is not None else None
+        if kind == N.FFN_DOWN:
+            # llama.cpp's [n_embd, n_ff] becomes neuron-major ffn_down_t (DESIGN.md: F16 or Q8_0)
+            t_shape = (shape[1], shape[0])
+            want = quant.tensor_type(t_shape, quant.outtype(add.down_type))
+
+            def produce(t=t, perm=perm):
+                a = np.ascontiguousarray(_dequant(t).T)
+                return a[perm] if perm is not None else a
+            outs.append(_Out(N.blk(N.FFN_DOWN_T, i), t_shape, want, produce))
+        elif kind == N.FFN_ACT_FREQ:
+            outs.append(_Out(name, shape, qtype, (lambda t=t, perm=perm: _dequant(t)[perm]) if perm is not None
+                             else (lambda t=t: _dequant(t))))
+        elif kind in per_neuron_rows:
+            outs.append(_Out(name, shape, qtype, _raw(t, perm), raw=True))
+        else:
+            outs.append(_Out(name, shape, qtype, _raw(t, None), raw=True))
+        if kind in (N.FFN_DOWN, N.FFN_DOWN_T):
+            outs += _extras(add, i, perm, n_ff, pred_want)
+    return outs
+
+
+def _extras(add: Additions, i: int, perm, n_ff: int, pred_want) -> List[_Out]:
+    outs = []
+    if add.predictors is not None:
+        fc1, fc2 = add.predictors[i]
+        fc2 = fc2[perm] if perm is not None else fc2
+        outs.append(_Out(N.blk(N.FC1, i), fc1.shape, quant.tensor_type(fc1.shape, pred_want), lambda a=fc1: a))
+        outs.append(_Out(N.blk(N.FC2, i), fc2.shape, quant.tensor_type(fc2.shape, pred_want), lambda a=fc2: a))
+    if add.act_freq is not None:
+        f = add.act_freq[i] if perm is None else add.act_freq[i][perm]
+        outs.append(_Out(N.blk(N.FFN_ACT_FREQ, i), (n_ff,), T.F32, lambda f=f: np.asarray(f, np.float32)))
+    return outs
+
+
+def metadata(inp: InputFile, add: Additions, n_layer: int) -> dict:
+    kv = {N.PS_ACTIVATION: (add.activation, "str")}
+    if add.activation in N.SPARSE_ACTIVATIONS:
+        kv[N.PS_ACTIVATION_THRESHOLD] = (add.act_threshold, "f32")
+    lt = add.layer_thresholds if add.layer_thresholds is not None else inp.get(N.PS_LAYER_THRESHOLDS)
+    if lt is not None:
+        if len(lt) != n_layer:
+            raise ConvertError(f"{len(lt)} layer thresholds for {n_layer} layers")
+        kv[N.PS_LAYER_THRESHOLDS] = ([float(v) for v in lt], "f32[]")
+    order = "frequency" if add.neuron_order == "frequency" else inp.get(N.PS_NEURON_ORDER, "original")
+    if add.act_freq is not None or order == "frequency":
+        kv[N.PS_NEURON_ORDER] = (order, "str")
+    has_pred = add.predictors is not None or N.blk(N.FC1, 0) in inp.tensors
+    if add.predictors is not None:
+        kv[N.PS_PREDICTOR_THRESHOLD] = (add.predictor_threshold, "f32")
+    elif has_pred:
+        pthr = inp.get(N.PS_PREDICTOR_THRESHOLD, inp.get(N.PWI_SPARSE_THRESHOLD, 0.0))
+        kv[N.PS_PREDICTOR_THRESHOLD] = (float(pthr), "f32")
+    kv.update(add.extra)
+    return kv
+
+
+class _Copy:
+    """What write_gguf needs of a Source: the architecture, and a hook that writes the keys it does
+    not set itself: here every input key not overridden, with its own GGUF type."""
+
+    def __init__(self, inp: InputFile, overridden) -> None:
+        class P:
+            arch = inp.arch
+        self.params = P()
+        self._inp, self._over = inp, set(overridden)
+
+    def add_tokenizer(self, w) -> None:
+        for key, f in self._inp.fields.items():
+            if key.startswith("GGUF.") or key in _SKIP_KEYS or key in self._over:
+                continue
+            if f.types[0] == V.ARRAY:
+                if len(f.types) > 2:
+                    raise ConvertError(f"key {key}: nested arrays are not supported")
+                w.add_key_value(key, f.contents(), V.ARRAY, sub_type=f.types[-1])
+            else:
+                w.add_key_value(key, f.contents(), f.types[0])
+
+
+def write(inp: InputFile, out: Path, add: Additions, n_layer: int, n_ff: int, progress: bool = True) -> Path:
+    outs = plan(inp, add, n_layer, n_ff)
+    kv = metadata(inp, add, n_layer)
+    write_gguf(Path(out), _Copy(inp, set(kv) | set(_OURS)), outs, kv, progress)
+    return Path(out)
