@@ -92,3 +92,17 @@ def test_markdown_table_reports_gbps_and_ratio_to_llama_cpp():
     table = report.markdown_table(res)
     ours = [line for line in table.splitlines() if "prosparse-rt" in line][0]
     assert "2.00x" in ours and "18.0 (60%)" in ours  # vs the faster build; 3 GB x 6 tok/s
+
+
+def test_cli_writes_table_json_and_plot(dense_q4, tmp_path, capsys):
+    import json
+    from prosparse_bench import cli
+    assert cli.main(["-m", str(dense_q4), "--peer", "none", "-p", "16", "-n", "3", "-r", "2",
+                     "-t", "1", "--results", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert "| tg3 |" in table and "| pp16 |" in table
+    (js,) = tmp_path.glob("bench-*.json")
+    res = json.loads(js.read_text())
+    run = res["models"][0]["runs"][0]
+    assert run["runtime"] == "prosparse-rt" and run["tg"]["n_tokens"] == [3, 3]
+    assert len(list(tmp_path.glob("bench-*.png"))) == 1

@@ -65,13 +65,13 @@ def _progress(i, n, name):
         print(f"  generating: {i}/{n} tensors ({name})", file=sys.stderr, flush=True)
 
 
-def run_worker(python, runtime, model, args, sparsity=None):
+def run_worker(python, runtime, model, args, sparsity=None, extra_bufts=False):
     cmd = [python, "-m", "prosparse_bench.worker", "--runtime", runtime, "--model", str(model),
            "--threads", str(args.threads), "--pp", str(args.pp), "--tg", str(args.tg),
            "--reps", str(args.reps), "--batch", str(args.batch)]
     if sparsity:
         cmd += ["--sparsity", sparsity]
-    if args.peer_extra_bufts and runtime == "llama.cpp":
+    if extra_bufts and runtime == "llama.cpp":
         cmd.append("--extra-bufts")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(BENCH_DIR)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
@@ -106,9 +106,10 @@ def main(argv=None):
     ap.add_argument("--peer", default="auto",
                     help="llama-cpp-python builds: auto (all under the cache), none, or "
                          "NAME=PYTHON,... interpreters that import llama_cpp")
-    ap.add_argument("--peer-extra-bufts", action="store_true",
-                    help="let llama.cpp use its extra buffer types (crash on first decode on the "
-                         "development CPU, hence off by default)")
+    ap.add_argument("--peer-extra-bufts", choices=["off", "on", "both"], default="off",
+                    help="llama.cpp's extra buffer types (weight repacking, AMX): they crash on "
+                         "first decode on the development CPU, hence off by default; 'both' runs "
+                         "each build with and without them (a crash is reported as such)")
     ap.add_argument("--no-ours", action="store_true", help="run only llama.cpp")
     ap.add_argument("-o", "--output", choices=["md", "json"], default="md", help="stdout format")
     ap.add_argument("--results", default=str(BENCH_DIR / "results"),
@@ -134,14 +135,16 @@ def main(argv=None):
         peer_bpt = report.weight_bytes_per_token(peer_path)["bytes_per_token"]
         m = {"name": name, "path": str(path), "peer_path": str(peer_path), "pp": args.pp,
              "tg": args.tg, **bpt, "runs": []}
-        jobs = [("llama.cpp", build, exe, None, peer_path) for build, exe in peers]
+        xb = {"off": [False], "on": [True], "both": [False, True]}[args.peer_extra_bufts]
+        jobs = [("llama.cpp", build + ("+extra-bufts" if x else ""), exe, None, peer_path, x)
+                for build, exe in peers for x in xb]
         strategies = args.sparsity or ("dense,exact,predict" if spec == "7b-fatrelu" else "dense")
         if not args.no_ours:
-            jobs += [("ours", None, sys.executable, s, path) for s in strategies.split(",")]
-        for runtime, build, exe, sparsity, mpath in jobs:
+            jobs += [("ours", None, sys.executable, s, path, False) for s in strategies.split(",")]
+        for runtime, build, exe, sparsity, mpath, xbufts in jobs:
             label = f"{runtime}{' ' + build if build else ''}{' ' + sparsity if sparsity else ''}"
             print(f"prosparse-bench: {name}: {label} ...", file=sys.stderr, flush=True)
-            r = run_worker(exe, runtime, mpath, args, sparsity)
+            r = run_worker(exe, runtime, mpath, args, sparsity, xbufts)
             r.setdefault("runtime", "llama.cpp" if runtime == "llama.cpp" else "prosparse-rt")
             r.setdefault("threads", args.threads)
             if build:
