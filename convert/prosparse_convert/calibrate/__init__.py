@@ -23,6 +23,6 @@ def default_sparse_model(target_sparsity: float = DEFAULT_TARGET_SPARSITY, progr
     out = src.with_name(f"{src.stem}.sparse{int(round(target_sparsity * 100))}.gguf")
     if out.is_file():
         return out
-    calibrate(src, out, Options(target_sparsity=target_sparsity, progress=progress,
+    calibrate(src, out, Options(target_sparsity=target_sparsity, tokens=4096, progress=progress,
                                 n_threads=min(2, os.cpu_count() or 1)))
     return out
