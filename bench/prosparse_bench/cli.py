@@ -165,6 +165,14 @@ def main(argv=None):
             elif not r.get("logits_finite", True):
                 print("  warning: non-finite logits", file=sys.stderr)
             m["runs"].append(r)
+        # a cross-check that both runtimes compute the same model: the greedy tokens of the first
+        # tg repetition (same start token), ours dense vs each llama.cpp run
+        peer_toks = {r.get("build"): r["tg"].get("tokens_first_rep") for r in m["runs"]
+                     if r.get("runtime") == "llama.cpp" and "tg" in r}
+        ours = next((r["tg"].get("tokens_first_rep") for r in m["runs"] if r.get("runtime") ==
+                     "prosparse-rt" and r.get("strategy") == "dense" and "tg" in r), None)
+        if ours and peer_toks and path == peer_path:
+            m["greedy_tokens_agree"] = {b: t == ours for b, t in peer_toks.items()}
         results["models"].append(m)
 
     out = Path(args.results)
@@ -180,6 +188,11 @@ def main(argv=None):
               f"{results['cpu']}; GB/s = weight bytes read per token x tok/s "
               f"(DRAM ~{report.DRAM_GBPS:.0f} GB/s)\n")
         print(report.markdown_table(results))
+        for m in results["models"]:
+            if "greedy_tokens_agree" in m:
+                agree = m["greedy_tokens_agree"]
+                print(f"\n{m['name']}: first 16 greedy tokens identical to llama.cpp: "
+                      + ", ".join(f"{b}: {'yes' if a else 'NO'}" for b, a in agree.items()))
     print(f"\nwrote {jpath}" + (f" and {ppath}" if ppath else ""), file=sys.stderr)
     return 0
 

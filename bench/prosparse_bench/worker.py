@@ -85,7 +85,9 @@ class LlamaCpp:
 
     def eval(self, tokens):
         self.llm.eval(list(tokens))
-        return self.llm.scores[self.llm.n_tokens - 1]
+        # Llama.eval no longer copies logits unless logits_all; read the last token's row (the
+        # only one requested) from the context, as our eval returns it
+        return np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.n_vocab,)).copy()
 
     def n_past(self):
         return self.llm.n_tokens
