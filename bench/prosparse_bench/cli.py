@@ -162,6 +162,9 @@ def main(argv=None):
                     r[test].update(mean=mean, sd=sd, rates=rates)
             if "error" in r:
                 print(f"  failed: {r['error']}", file=sys.stderr)
+            else:  # progress, so that an interrupted run still leaves its figures
+                print("  " + ", ".join(f"{t}: {r[t]['mean']:.2f} ± {r[t]['sd']:.2f} tok/s"
+                                       for t in ("pp", "tg") if t in r), file=sys.stderr, flush=True)
             elif not r.get("logits_finite", True):
                 print("  warning: non-finite logits", file=sys.stderr)
             m["runs"].append(r)
