@@ -165,8 +165,8 @@ def main(argv=None):
             else:  # progress, so that an interrupted run still leaves its figures
                 print("  " + ", ".join(f"{t}: {r[t]['mean']:.2f} ± {r[t]['sd']:.2f} tok/s"
                                        for t in ("pp", "tg") if t in r), file=sys.stderr, flush=True)
-            elif not r.get("logits_finite", True):
-                print("  warning: non-finite logits", file=sys.stderr)
+                if not r.get("logits_finite", True):
+                    print("  warning: non-finite logits", file=sys.stderr)
             m["runs"].append(r)
         # a cross-check that both runtimes compute the same model: the greedy tokens of the first
         # tg repetition (same start token), ours dense vs each llama.cpp run
