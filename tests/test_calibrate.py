@@ -286,3 +286,28 @@ def test_cli_reports_and_writes(silu, texts, tmp_path, capsys):
     assert "| mean |" in out and "| calibrated | exact |" in out
     rc = main([str(silu), str(tmp_path / "d.gguf"), "--text", str(texts[0]), "--no-progress"])
     assert rc == 1 and "--target-sparsity" in capsys.readouterr().err
+
+
+def test_default_sparse_model_uses_the_shipped_thresholds(smollm2_path, tmp_path, monkeypatch):
+    """The README's default: SmolLM2 with the preset 50% thresholds, written without calibrating;
+    it runs `exact` and stays near 50% sparse on new text."""
+    import json
+
+    import prosparse_convert.calibrate as C
+
+    monkeypatch.setenv("PROSPARSE_CACHE", str(tmp_path))
+    (tmp_path / smollm2_path.name).symlink_to(smollm2_path)
+    out = C.default_sparse_model(progress=False)
+    preset = json.loads(C._PRESETS.read_text())[smollm2_path.name]["thresholds"]["0.50"]
+    r = gguf.GGUFReader(str(out))
+    np.testing.assert_allclose(r.fields["prosparse.layer_thresholds"].contents(), preset, rtol=1e-6)
+    from prosparse_rt import Model
+
+    with Model(out, n_ctx=256, n_threads=1) as m:
+        assert m.strategy == "exact"
+        text = m.generate("The history of the printing press", max_tokens=24, temperature=0.0)
+        assert len(text) > 20
+        sp = 1 - np.mean(m.stats["active_fraction"])
+        print(f"\n{text!r}: sparsity {sp:.3f}")
+        assert 0.4 < sp < 0.6
+    assert C.default_sparse_model(progress=False) == out  # cached
