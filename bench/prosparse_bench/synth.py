@@ -190,11 +190,16 @@ def write_dense(path: Path, shape: Shape = LLAMA2_7B, qtype: str = "q4_0", seed:
 def dense_7b(qtype: str = "q4_0", generate: bool = True, seed: int = 0, progress=None) -> Path:
     """The cached LLaMA-2-7B-shaped random model, generated on first request."""
     path = cache_dir() / f"llama2-7b-shape-random-{qtype}-s{seed}-v{GENERATOR_VERSION}.gguf"
+    return _cached(path, generate, lambda: write_dense(path, LLAMA2_7B, qtype, seed, progress))
+
+
+def _cached(path: Path, generate: bool, write) -> Path:
+    """path if it was generated before, else write() when generating is allowed."""
     if path.is_file():
         return path
     if not generate:
         raise FileNotFoundError(f"{path} not generated yet (run with --gen)")
-    return write_dense(path, LLAMA2_7B, qtype, seed, progress)
+    return write()
 
 
 # --- issue 3: a FATReLU model whose activations are sparse by construction -----------------------
@@ -353,8 +358,4 @@ def write_fatrelu(path: Path, shape: Shape = LLAMA2_7B, qtype: str = "q4_0", see
 def fatrelu_7b(qtype: str = "q4_0", generate: bool = True, seed: int = 0, progress=None) -> Path:
     """The cached FATReLU LLaMA-2-7B-shaped model (issue 3's benchmark), generated on request."""
     path = cache_dir() / f"llama2-7b-shape-fatrelu-{qtype}-s{seed}-v{GENERATOR_VERSION}.gguf"
-    if path.is_file():
-        return path
-    if not generate:
-        raise FileNotFoundError(f"{path} not generated yet (run with --gen)")
-    return write_fatrelu(path, LLAMA2_7B, qtype, seed, progress=progress)
+    return _cached(path, generate, lambda: write_fatrelu(path, LLAMA2_7B, qtype, seed, progress=progress))
