@@ -169,8 +169,9 @@ void ffn_predict(ThreadPool& pool, const HParams& hp, const LayerWeights& L, con
 
     if (opt.diag_recall) {
         // the full gate, only to count which active neurons the predictor caught
-        std::vector<float> full(n);
-        matmul(pool, *L.ffn_gate, h, n_tokens, full.data(), s.act_buf);
+        grow(s.diag_gate, n);
+        const float* full = s.diag_gate.data();
+        matmul(pool, *L.ffn_gate, h, n_tokens, s.diag_gate.data(), s.act_buf);
         for (size_t i = 0; i < n; ++i) {
             if (ffn_activation(hp.act, full[i], L.act_t) == 0.0f) continue;
             st.recall_total += 1;

@@ -59,6 +59,7 @@ struct Model::Impl {
     // Scratch for one batch (llama2.c's RunState): allocated once, reused every token.
     int n_batch = 0;
     std::vector<float> x, xn, q, k, v, attn, branch, logits_rows;
+    std::vector<float> rope_cs;  // [n_batch][n_rot]: (cos, sin) pairs per position of the batch
     std::vector<float> scores;  // [thread][n_ctx]
     std::vector<uint8_t> act_buf;
     FfnScratch ffn;
@@ -237,6 +238,7 @@ Model::Model(const std::string& path, const ModelParams& params)
     const size_t nb = size_t(m.n_batch);
     m.x.resize(nb * E); m.xn.resize(nb * E); m.attn.resize(nb * H); m.branch.resize(nb * E);
     m.q.resize(nb * H); m.k.resize(nb * KV); m.v.resize(nb * KV);
+    m.rope_cs.resize(nb * size_t(hp_.n_rot));
     m.scores.resize(size_t(nt) * size_t(n_ctx_));
 }
 
@@ -327,11 +329,19 @@ namespace {
 
 // llama.cpp's "normal" RoPE: rotate adjacent pairs (x[2i], x[2i+1]) by pos * base^(-2i/n_rot).
 // The converter permutes Q/K rows so that this equals Hugging Face's rotate_half convention.
-void rope(float* x, int n_heads, int head_dim, int n_rot, int pos, float theta, float freq_scale) {
+// cs holds (cos, sin) for one position, n_rot/2 pairs (rope_table), shared by Q, K and all layers.
+void rope_table(float* cs, int n_rot, int pos, float theta, float freq_scale) {
     for (int i = 0; i < n_rot / 2; ++i) {
         const double inv_freq = std::pow(double(theta), -2.0 * i / n_rot);
         const double ang = double(pos) * double(freq_scale) * inv_freq;
-        const float c = float(std::cos(ang)), s = float(std::sin(ang));
+        cs[2 * i] = float(std::cos(ang));
+        cs[2 * i + 1] = float(std::sin(ang));
+    }
+}
+
+void rope(float* x, int n_heads, int head_dim, int n_rot, const float* cs) {
+    for (int i = 0; i < n_rot / 2; ++i) {
+        const float c = cs[2 * i], s = cs[2 * i + 1];
         for (int h = 0; h < n_heads; ++h) {
             float* p = x + size_t(h) * head_dim + 2 * i;
             const float a = p[0], b = p[1];
@@ -374,6 +384,9 @@ void Model::eval(const int32_t* tokens, int n, bool all_logits, float* logits) {
             if (hp_.embedding_scale != 1.0f) vec_scale(xt, hp_.embedding_scale, E);
         }
 
+        for (int t = 0; t < nb; ++t)  // the positions' rotations, once for every layer
+            rope_table(m.rope_cs.data() + size_t(t) * size_t(hp_.n_rot), hp_.n_rot, p0 + t, hp_.rope_theta,
+                       hp_.rope_freq_scale);
         for (int il = 0; il < hp_.n_layer; ++il) {
             const LayerWeights& L = m.layers[size_t(il)];
             float* kc = m.k_cache.p + size_t(il) * m.kv_layer_stride;
@@ -386,8 +399,9 @@ void Model::eval(const int32_t* tokens, int n, bool all_logits, float* logits) {
             matmul(pool, *L.wk, m.xn.data(), nb, m.k.data(), m.act_buf);
             matmul(pool, *L.wv, m.xn.data(), nb, m.v.data(), m.act_buf);
             for (int t = 0; t < nb; ++t) {
-                rope(m.q.data() + size_t(t) * H, NH, HD, hp_.n_rot, p0 + t, hp_.rope_theta, hp_.rope_freq_scale);
-                rope(m.k.data() + size_t(t) * KV, NKV, HD, hp_.n_rot, p0 + t, hp_.rope_theta, hp_.rope_freq_scale);
+                const float* cs = m.rope_cs.data() + size_t(t) * size_t(hp_.n_rot);
+                rope(m.q.data() + size_t(t) * H, NH, HD, hp_.n_rot, cs);
+                rope(m.k.data() + size_t(t) * KV, NKV, HD, hp_.n_rot, cs);
             }
             std::memcpy(kc + size_t(p0) * KV, m.k.data(), sizeof(float) * size_t(nb) * KV);
             std::memcpy(vc + size_t(p0) * KV, m.v.data(), sizeof(float) * size_t(nb) * KV);
