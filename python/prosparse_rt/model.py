@@ -292,7 +292,6 @@ class Model:
                 break
             ids.append(tok)
             piece = text.feed(core.token_to_piece(tok))
-            self.last_completion_tokens = len(ids) - n_prompt
             if text.stopped:
                 finish = "stop"
                 yield piece, None
