@@ -21,7 +21,7 @@ from prosparse_convert.calibrate import Options, calibrate, evaluate_file  # noq
 from prosparse_convert.calibrate import profile as P, thresholds as TH, text as TX  # noqa: E402
 from prosparse_convert.convert import convert  # noqa: E402
 from prosparse_convert.errors import ConvertError  # noqa: E402
-from prosparse_rt import _core  # noqa: E402
+from prosparse_rt import Model, _core  # noqa: E402
 
 FATRELU_T = 0.8  # the random model's gates: about 25% of neurons fire, as in a sparse model
 
@@ -180,6 +180,10 @@ def test_thresholds_reach_target_sparsity_on_held_out_text(silu, texts, tmp_path
     reached = E.sparsity_of(m)
     print(f"\ntarget {target} ({allocation}): held-out sparsity {reached:.4f}")
     assert abs(reached - target) <= 0.02
+    # and the thresholded model is one model: exact (skips the zeroed neurons) equals dense
+    ids = list(_windows(m, texts[1], tokens=64)[0])
+    logits = {s: Model(str(out), n_ctx=64, n_threads=1, sparsity=s).logits(ids) for s in ("dense", "exact")}
+    assert np.abs(logits["exact"] - logits["dense"]).max() / np.abs(logits["dense"]).max() < 1e-5
 
 
 def test_exchange_moves_sparsity_from_sensitive_to_tolerant_layers():

@@ -171,3 +171,68 @@ def test_powerinfer_file_loads_as_relu_and_matches_ours(checkpoints):
     ref, _ = _logits(ours, "exact")
     np.testing.assert_array_equal(_logits(pwri, "exact")[0], ref)
     assert H.rel_error(_logits(pwri, "predict")[0], ref) < EXACT_TOL
+
+
+# --- bad sparsity settings ---------------------------------------------------------------------
+
+def _with_key(src, dest, key, value, vtype):
+    """A copy of the GGUF src with one metadata key added (the runtime must validate it)."""
+    import gguf
+
+    r = gguf.GGUFReader(str(src))
+    w = gguf.GGUFWriter(str(dest), r.fields["general.architecture"].contents())
+    for k, f in r.fields.items():
+        if k.startswith("GGUF.") or k == "general.architecture":
+            continue
+        if f.types[0] == gguf.GGUFValueType.ARRAY:
+            w.add_key_value(k, f.contents(), f.types[0], sub_type=f.types[-1])
+        else:
+            w.add_key_value(k, f.contents(), f.types[0])
+    w.add_key_value(key, value, vtype, sub_type=gguf.GGUFValueType.FLOAT32 if vtype == gguf.GGUFValueType.ARRAY else None)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dest
+
+
+@pytest.fixture(scope="module")
+def silu_gguf(checkpoints):
+    _, d = H.make_llama_dir(checkpoints["root"] / "silu", hidden_act="silu", seed=4)
+    return convert(d, checkpoints["root"] / "silu.gguf", outtype="f32", progress=False)
+
+
+def test_layer_thresholds_without_ffn_down_t_stay_dense_and_exact_says_why(silu_gguf, checkpoints):
+    """Thresholds alone do not make a plain file sparse-capable: the sparse strategies read the
+    neuron-major ffn_down_t (prosparse-calibrate writes it; see test_calibrate.py for exact there)."""
+    import gguf
+
+    path = _with_key(silu_gguf, checkpoints["root"] / "silu-thr.gguf", "prosparse.layer_thresholds",
+                     [0.05, 0.05], gguf.GGUFValueType.ARRAY)
+    with Model(path, n_ctx=64) as m:
+        assert m.strategy == "dense"
+        assert m.hparams["activation"] == "silu"
+    with pytest.raises(ValueError, match="ffn_down_t"):
+        Model(path, sparsity="exact")
+
+
+def test_layer_thresholds_of_the_wrong_length_are_refused(silu_gguf, checkpoints):
+    import gguf
+
+    path = _with_key(silu_gguf, checkpoints["root"] / "silu-bad.gguf", "prosparse.layer_thresholds",
+                     [0.05, 0.05, 0.05], gguf.GGUFValueType.ARRAY)
+    with pytest.raises(ValueError, match="layer_thresholds has 3 entries for 2 layers"):
+        Model(path)
+
+
+def test_an_activation_threshold_on_a_silu_model_is_refused(silu_gguf):
+    with pytest.raises(ValueError, match="applies to relu/fatrelu"):
+        Model(silu_gguf, activation_threshold=0.01)
+
+
+@pytest.mark.parametrize("kw", [dict(activation_threshold=float("nan")), dict(predictor_threshold=float("inf"))])
+def test_non_finite_thresholds_are_refused(checkpoints, kw):
+    with pytest.raises(ValueError, match="finite"):
+        Model(_gguf(checkpoints, "relu", "f32"), **kw)
