@@ -179,7 +179,8 @@ def axpy_bound(n, c, wsel, y0):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("name", TYPES)
-@pytest.mark.parametrize("nc", [1, 3])
+# 9 tokens: whole register tiles of 4 (AVX-512) or 2 (AVX2) tokens and a remainder
+@pytest.mark.parametrize("nc", [1, 3, 9])
 def test_axpy_rows_matches_numpy(isa, name, nc):
     nr, k = 50, k_for(name)
     wb, wd = make_weights(name, nr, k, seed=8)
