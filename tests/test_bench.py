@@ -106,3 +106,18 @@ def test_cli_writes_table_json_and_plot(dense_q4, tmp_path, capsys):
     run = res["models"][0]["runs"][0]
     assert run["runtime"] == "prosparse-rt" and run["tg"]["n_tokens"] == [3, 3]
     assert len(list(tmp_path.glob("bench-*.png"))) == 1
+
+
+def test_7b_fatrelu_rank_spec_is_parsed_and_bad_ranks_refused(tmp_path, monkeypatch):
+    from prosparse_bench import cli
+
+    monkeypatch.setattr(synth, "cache_dir", lambda: tmp_path)
+    ns = type("A", (), {"qtype": "q4_0", "gen": False})()
+    # not generated: the cached file's name carries the rank, and nothing is written
+    with pytest.raises(FileNotFoundError, match="fatrelu-q4_0-r256-s0"):
+        cli.resolve_model("7b-fatrelu-r256", ns)
+    with pytest.raises(FileNotFoundError, match=r"fatrelu-q4_0-s0"):
+        cli.resolve_model("7b-fatrelu", ns)
+    with pytest.raises(SystemExit, match="multiple of 32"):
+        cli.resolve_model("7b-fatrelu-r100", ns)
+    assert list(tmp_path.iterdir()) == []

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -44,12 +45,19 @@ def resolve_model(spec: str, args):
         from prosparse_rt import default_model
         path = Path(default_model.path())
         return "SmolLM2-135M Q4_1", path, path
-    if spec == "7b-fatrelu":
+    fat = re.fullmatch(r"7b-fatrelu(?:-r(\d+))?", spec)
+    if fat:
         # issue 3: ours on the sparse FATReLU file, llama.cpp on a dense SiLU file of the same
-        # shapes and weight type (llama.cpp refuses files with our extra tensors)
-        path = synth.fatrelu_7b(args.qtype, generate=args.gen, progress=_progress)
+        # shapes and weight type (llama.cpp refuses files with our extra tensors); -rN: a rank-N
+        # predictor instead of rank 1024 (issue 4)
+        rank = int(fat.group(1) or 1024)
+        try:
+            path = synth.fatrelu_7b(args.qtype, generate=args.gen, progress=_progress, rank=rank)
+        except ValueError as e:
+            raise SystemExit(f"prosparse-bench: {spec}: {e}")
         peer_path = synth.dense_7b(args.qtype, generate=args.gen, progress=_progress)
-        return f"LLaMA-2-7B shape FATReLU {args.qtype.upper()} (random, 89% sparse)", path, peer_path
+        return (f"LLaMA-2-7B shape FATReLU {args.qtype.upper()} (random, 89% sparse, rank-{rank} predictor)",
+                path, peer_path)
     if spec in ("7b", "7b-q4_0", "7b-q8_0"):
         qtype = spec[3:] if "-" in spec else args.qtype
         path = synth.dense_7b(qtype, generate=args.gen, progress=_progress)
@@ -91,7 +99,8 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-m", "--model", action="append",
                     help="smollm2, 7b (the random LLaMA-2-7B shape), 7b-q4_0, 7b-q8_0, 7b-fatrelu "
-                         "(89%% sparse, with predictor; llama.cpp runs the dense 7b file), or a "
+                         "(89%% sparse, with a rank-1024 predictor; llama.cpp runs the dense 7b file), "
+                         "7b-fatrelu-rN (the same with a rank-N predictor), or a "
                          "GGUF path; repeatable (default: smollm2 and 7b)")
     ap.add_argument("-p", "--pp", type=int, default=512, help="prompt tokens (pp test; 0 skips)")
     ap.add_argument("-n", "--tg", type=int, default=128, help="decoded tokens (tg test; 0 skips)")
@@ -138,7 +147,7 @@ def main(argv=None):
         xb = {"off": [False], "on": [True], "both": [False, True]}[args.peer_extra_bufts]
         jobs = [("llama.cpp", build + ("+extra-bufts" if x else ""), exe, None, peer_path, x)
                 for build, exe in peers for x in xb]
-        strategies = args.sparsity or ("dense,exact,predict" if spec == "7b-fatrelu" else "dense")
+        strategies = args.sparsity or ("dense,exact,predict" if spec.startswith("7b-fatrelu") else "dense")
         if not args.no_ours:
             jobs += [("ours", None, sys.executable, s, path, False) for s in strategies.split(",")]
         for runtime, build, exe, sparsity, mpath, xbufts in jobs:

@@ -355,7 +355,13 @@ def write_fatrelu(path: Path, shape: Shape = LLAMA2_7B, qtype: str = "q4_0", see
     return path
 
 
-def fatrelu_7b(qtype: str = "q4_0", generate: bool = True, seed: int = 0, progress=None) -> Path:
-    """The cached FATReLU LLaMA-2-7B-shaped model (issue 3's benchmark), generated on request."""
-    path = cache_dir() / f"llama2-7b-shape-fatrelu-{qtype}-s{seed}-v{GENERATOR_VERSION}.gguf"
-    return _cached(path, generate, lambda: write_fatrelu(path, LLAMA2_7B, qtype, seed, progress=progress))
+def fatrelu_7b(qtype: str = "q4_0", generate: bool = True, seed: int = 0, progress=None,
+               rank: int = 1024) -> Path:
+    """The cached FATReLU LLaMA-2-7B-shaped model (issue 3's benchmark; issue 4's predictor-rank
+    comparison with `rank`), generated on request."""
+    if rank < 1 or rank % 32:
+        raise ValueError(f"predictor rank must be a positive multiple of 32, got {rank}")
+    suffix = "" if rank == 1024 else f"-r{rank}"
+    path = cache_dir() / f"llama2-7b-shape-fatrelu-{qtype}{suffix}-s{seed}-v{GENERATOR_VERSION}.gguf"
+    return _cached(path, generate, lambda: write_fatrelu(path, LLAMA2_7B, qtype, seed, rank=rank,
+                                                         progress=progress))
