@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers_models import make_fatrelu_dir, make_llama_dir
+from helpers_models import make_fatrelu_dir, make_llama_dir, save_llama
 
 gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
@@ -233,6 +233,66 @@ def test_written_file_keeps_every_tensor_and_key(silu, texts, tmp_path):
     assert sum(".ffn_act_freq" in n for n in tb) == 3
 
 
+@pytest.fixture(scope="module")
+def silu_outliers(tmp_path_factory):
+    """A SiLU llama.cpp file (Q8_0) whose FFN activations carry one outlier per 32-neuron block:
+    neuron j's up row x100 and its down column /100, the same function. The input's own down
+    projection quantizes those activations to 8 bits per block (the matmul kernel), which crushes
+    the other 31 neurons of each block; ffn_down_t's axpy kernel takes them as floats."""
+    d = tmp_path_factory.mktemp("silu_outliers")
+    model, hf = make_llama_dir(d / "hf", n_layer=3)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.up_proj.weight[::32] *= 100.0
+            layer.mlp.down_proj.weight[:, ::32] /= 100.0
+    save_llama(hf, model)
+    return convert(hf, d / "model.gguf", outtype="q8_0", format="llama.cpp", progress=False)
+
+
+def _dense_ppl(path, windows):
+    from prosparse_convert.calibrate import evaluate as E
+
+    m = _core.Model(str(path), n_ctx=64, n_threads=1, sparsity="dense")
+    m.set_layer_thresholds([])
+    return E.perplexity(m, windows)
+
+
+def test_down_type_auto_compares_q8_0_with_f16_not_with_the_input(silu_outliers, texts, tmp_path):
+    """DESIGN.md: ffn_down_t is Q8_0 when perplexity moves < 0.5% against the unchanged model, which
+    is the same file with F16 ffn_down_t (F16 of the dequantized Q8_0 weights), through the same
+    kernel. On this file the input's quantized-activation path alone is > 0.5% away from the F16
+    file, while Q8_0 and F16 ffn_down_t agree: measured against the input, Q8_0 would be refused."""
+    outs = {t: tmp_path / f"{t}.gguf" for t in ("f16", "auto")}
+    reps = {t: calibrate(silu_outliers, p, Options(text=[texts[0]], tokens=1000, ctx=64, target_sparsity=0.3,
+                                                   allocation="uniform", down_type=t, progress=False,
+                                                   n_threads=1))
+            for t, p in outs.items()}
+    win = _windows(_core.Model(str(silu_outliers), n_ctx=64, n_threads=1), texts[1], tokens=1000)
+    ppl_input, ppl_f16 = _dense_ppl(silu_outliers, win), _dense_ppl(outs["f16"], win)
+    print(f"\ninput {ppl_input:.3f}, F16 ffn_down_t {ppl_f16:.3f} ({100 * (ppl_input / ppl_f16 - 1):+.2f}%); "
+          f"check: {reps['auto'].down_check}")
+    assert abs(ppl_input / ppl_f16 - 1) > 0.005  # the old reference would have chosen F16
+    chk = reps["auto"].down_check
+    assert reps["auto"].down_type == "q8_0" and abs(chk["rel_change"]) < 0.005
+    assert chk["rel_change"] == pytest.approx(chk["q8_0_ppl"] / chk["f16_ppl"] - 1)
+    r = gguf.GGUFReader(str(outs["auto"]))
+    assert {t.tensor_type for t in r.tensors if ".ffn_down_t." in t.name} == {gguf.GGMLQuantizationType.Q8_0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["auto.gguf", "f16.gguf"]  # no check files left
+
+
+def test_down_type_check_leaves_no_files_when_it_fails(silu, texts, tmp_path, monkeypatch):
+    """An error while the candidate files are measured leaves neither an output nor a candidate."""
+    from prosparse_convert.calibrate import evaluate as E
+
+    def boom(*a, **k):
+        raise ConvertError("interrupted")
+    monkeypatch.setattr(E, "perplexity", boom)
+    with pytest.raises(ConvertError, match="interrupted"):
+        calibrate(silu, tmp_path / "x.gguf", Options(text=[texts[0]], tokens=500, ctx=64, target_sparsity=0.4,
+                                                      allocation="uniform", progress=False, n_threads=1))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_output_is_written_atomically(silu, texts, tmp_path):
     """A failing calibration leaves neither a partial output nor a temporary file."""
     out = tmp_path / "x.gguf"
@@ -288,6 +348,7 @@ def test_cli_reports_and_writes(silu, texts, tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0 and (tmp_path / "c.gguf").is_file()
     assert "| mean |" in out and "| calibrated | exact |" in out
+    assert "ffn_down_t written at" in out and "at F16" in out  # both perplexities of the check
     rc = main([str(silu), str(tmp_path / "d.gguf"), "--text", str(texts[0]), "--no-progress"])
     assert rc == 1 and "--target-sparsity" in capsys.readouterr().err
 
@@ -315,3 +376,24 @@ def test_default_sparse_model_uses_the_shipped_thresholds(smollm2_path, tmp_path
         print(f"\n{text!r}: sparsity {sp:.3f}")
         assert 0.4 < sp < 0.6
     assert C.default_sparse_model(progress=False) == out  # cached
+
+
+def test_default_sparse_model_writes_ffn_down_t_at_the_presets_checked_type(smollm2_path, tmp_path, monkeypatch):
+    """The down projection's type comes from the preset (what --down-type auto chose for the file),
+    not from a fixed choice."""
+    import json
+
+    import prosparse_convert.calibrate as C
+
+    presets = json.loads(C._PRESETS.read_text())
+    shipped = presets[smollm2_path.name]["down_type"]
+    assert shipped in ("f16", "q8_0") and "down_type_check" in presets[smollm2_path.name]
+    presets[smollm2_path.name]["down_type"] = other = "q8_0" if shipped == "f16" else "f16"
+    (tmp_path / "presets.json").write_text(json.dumps(presets))
+    monkeypatch.setattr(C, "_PRESETS", tmp_path / "presets.json")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("PROSPARSE_CACHE", str(cache))
+    (cache / smollm2_path.name).symlink_to(smollm2_path)
+    r = gguf.GGUFReader(str(C.default_sparse_model(progress=False)))
+    assert {t.tensor_type.name for t in r.tensors if ".ffn_down_t." in t.name} == {other.upper()}

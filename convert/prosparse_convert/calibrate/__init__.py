@@ -19,14 +19,19 @@ DEFAULT_TARGET_SPARSITY = 0.5
 _PRESETS = Path(__file__).with_name("presets.json")
 
 
-def _preset(src: Path, target: float) -> Optional[list]:
+def _preset(src: Path, target: float) -> Optional[dict]:
+    """{"thresholds": [...], "down_type": ...} shipped for this exact file and target, or None."""
     if not _PRESETS.is_file():
         return None
     p = json.loads(_PRESETS.read_text())
     entry = p.get(Path(src).name)
     if not entry or entry.get("size") != Path(src).stat().st_size:
         return None
-    return entry.get("thresholds", {}).get(f"{target:.2f}")
+    thr = entry.get("thresholds", {}).get(f"{target:.2f}")
+    if thr is None:
+        return None
+    # the type --down-type auto chose for this file (its measurement is recorded beside it)
+    return {"thresholds": thr, "down_type": entry.get("down_type", "f16")}
 
 
 def default_sparse_model(target_sparsity: float = DEFAULT_TARGET_SPARSITY, progress: bool = True,
@@ -40,15 +45,15 @@ def default_sparse_model(target_sparsity: float = DEFAULT_TARGET_SPARSITY, progr
     out = src.with_name(f"{src.stem}.sparse{int(round(target_sparsity * 100))}.gguf")
     if out.is_file() and not recalibrate:
         return out
-    thr = None if recalibrate else _preset(src, target_sparsity)
-    if thr is not None:
+    preset = None if recalibrate else _preset(src, target_sparsity)
+    if preset is not None:
         from .write import Additions, InputFile, write
 
         inp = InputFile(src)
         n_layer = int(inp.get("llama.block_count"))
         n_ff = int(inp.get("llama.feed_forward_length"))
-        write(inp, out, Additions(activation="silu", layer_thresholds=thr, down_type="f16"), n_layer, n_ff,
-              progress=progress)
+        write(inp, out, Additions(activation="silu", layer_thresholds=preset["thresholds"],
+                                  down_type=preset["down_type"]), n_layer, n_ff, progress=progress)
         return out
     calibrate(src, out, Options(target_sparsity=target_sparsity, tokens=4096, progress=progress,
                                 n_threads=min(2, os.cpu_count() or 1)))

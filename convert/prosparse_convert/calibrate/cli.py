@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--neuron-order", default=d.neuron_order, choices=["original", "frequency"],
                    help="frequency: reorder each layer's neurons hottest first")
     g.add_argument("--down-type", default=d.down_type, choices=["auto", "f16", "q8_0"],
-                   help="type of ffn_down_t made from ffn_down (auto: Q8_0 when perplexity moves < 0.5%%, else F16)")
+                   help="type of ffn_down_t made from ffn_down (auto: Q8_0 when perplexity moves < 0.5%% against "
+                        "F16 ffn_down_t, else F16)")
     g.add_argument("--eval", type=Path, metavar="FILE", help="held-out text: perplexity dense vs each sparse strategy")
     g.add_argument("--eval-tokens", type=int, default=d.eval_tokens)
     g.add_argument("--json", type=Path, metavar="FILE", help="write the report as JSON")
@@ -89,7 +90,9 @@ def main(argv=None) -> int:
         print(f"sparsity allocation: {r.allocation}" + (f" (KL from dense on probe tokens: {kl})" if kl else ""))
     print(r.table())
     if r.down_type:
-        extra = f" (perplexity {100 * r.down_check['rel_change']:+.3f}%)" if r.down_check else ""
+        c = r.down_check
+        extra = (f" (held-out perplexity with ffn_down_t at Q8_0 {c['q8_0_ppl']:.3f}, at F16 {c['f16_ppl']:.3f}: "
+                 f"{100 * c['rel_change']:+.3f}%, dense, thresholds cleared, {int(c['tokens'])} tokens)") if c else ""
         print(f"ffn_down_t written at {r.down_type}{extra}")
     if r.eval:
         print("\n| model | strategy | perplexity | change | sparsity | recall |\n|---|---|---|---|---|---|")
