@@ -99,7 +99,8 @@ class LlamaCpp:
 def run(rt, pp, tg, reps, seed=0):
     rng = np.random.default_rng(seed)
     lo = 3 if rt.n_vocab > 300 else 0  # skip <unk> <s> </s>
-    prompt = [int(t) for t in rng.integers(lo, rt.n_vocab, size=max(pp, 1))]
+    # two tokens at least: the tg warm-up evals two single tokens (an empty eval is refused)
+    prompt = [int(t) for t in rng.integers(lo, rt.n_vocab, size=max(pp, 2))]
     finite = True
 
     def one_pp():
