@@ -354,16 +354,17 @@ def test_cli_reports_and_writes(silu, texts, tmp_path, capsys):
 
 
 def test_default_sparse_model_uses_the_shipped_thresholds(smollm2_path, tmp_path, monkeypatch):
-    """The README's default: SmolLM2 with the preset 50% thresholds, written without calibrating;
-    it runs `exact` and stays near 50% sparse on new text."""
+    """The README's default: SmolLM2 with the preset thresholds for the default target, written
+    without calibrating; it runs `exact` and stays near the target sparsity on new text."""
     import json
 
     import prosparse_convert.calibrate as C
 
     monkeypatch.setenv("PROSPARSE_CACHE", str(tmp_path))
     (tmp_path / smollm2_path.name).symlink_to(smollm2_path)
+    target = C.DEFAULT_TARGET_SPARSITY
     out = C.default_sparse_model(progress=False)
-    preset = json.loads(C._PRESETS.read_text())[smollm2_path.name]["thresholds"]["0.50"]
+    preset = json.loads(C._PRESETS.read_text())[smollm2_path.name]["thresholds"][f"{target:.2f}"]
     r = gguf.GGUFReader(str(out))
     np.testing.assert_allclose(r.fields["prosparse.layer_thresholds"].contents(), preset, rtol=1e-6)
     from prosparse_rt import Model
@@ -374,8 +375,9 @@ def test_default_sparse_model_uses_the_shipped_thresholds(smollm2_path, tmp_path
         assert len(text) > 20
         sp = 1 - np.mean(m.stats["active_fraction"])
         print(f"\n{text!r}: sparsity {sp:.3f}")
-        assert 0.4 < sp < 0.6
-    assert C.default_sparse_model(progress=False) == out  # cached
+        assert abs(sp - target) < 0.1
+    stamp = out.stat().st_mtime_ns
+    assert C.default_sparse_model(progress=False) == out and out.stat().st_mtime_ns == stamp  # cached
 
 
 def test_default_sparse_model_writes_ffn_down_t_at_the_presets_checked_type(smollm2_path, tmp_path, monkeypatch):

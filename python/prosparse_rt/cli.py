@@ -12,8 +12,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="prosparse-run",
         description="Generate text with a GGUF model (llama.cpp-style flags). "
-                    "Without -m, runs the default model (SmolLM2-135M-Instruct, downloaded once).")
-    p.add_argument("-m", "--model", help="GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
+                    "Without -m, runs the default model, SmolLM2-135M-Instruct (downloaded once) with "
+                    "per-layer thresholds calibrated for --target-sparsity (written once beside it); "
+                    "--sparsity dense runs the original file instead.")
+    p.add_argument("-m", "--model", help="GGUF file (default: SmolLM2-135M-Instruct Q4_1, sparsified)")
+    p.add_argument("--target-sparsity", type=float, default=None,
+                   help="default model only: fraction of FFN neurons its thresholds zero "
+                        "(default 0.3; shipped presets 0.3 and 0.5, other values calibrate for minutes)")
     p.add_argument("-p", "--prompt", default=None, help=f"prompt (default: {DEFAULT_PROMPT!r} as a chat)")
     p.add_argument("-f", "--file", help="read the prompt from a file")
     p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (default 128)")
@@ -29,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--sparsity", default="auto", choices=["auto", "dense", "exact", "predict"],
-                   help="FFN strategy (default auto: exact where the activation is sparse, else dense)")
+                   help="FFN strategy (default auto: exact where the activation is sparse, else dense); "
+                        "without -m, dense runs the original default model")
     p.add_argument("--act-threshold", type=float, default=None,
                    help="override the FATReLU threshold t (keep x >= t)")
     p.add_argument("--pred-threshold", type=float, default=None,
@@ -57,13 +63,39 @@ def _sparsity_line(s) -> str:
     return " | ".join(parts)
 
 
+def _default_path(args) -> str:
+    """The default model: SmolLM2 with calibrated thresholds (`exact` skips the neurons they zero),
+    or, with --sparsity dense, the original file (dense on the thresholded file would still apply
+    the thresholds: a different model)."""
+    from . import default_model
+
+    if args.sparsity == "dense":
+        if args.target_sparsity is not None:
+            raise ValueError("--target-sparsity sparsifies the default model; --sparsity dense runs the original")
+        return str(default_model.path())
+    from prosparse_convert.calibrate import DEFAULT_TARGET_SPARSITY, default_sparse_model, sparse_model_path
+
+    target = DEFAULT_TARGET_SPARSITY if args.target_sparsity is None else args.target_sparsity
+    if not 0.0 < target < 1.0:
+        raise ValueError(f"--target-sparsity must be in (0, 1), got {target}")
+    default_model.path()  # fetched first, so that its download is not mistaken for the sparsifying
+    if not sparse_model_path(target).is_file():
+        print(f"prosparse-run: writing the default model with thresholds for {100 * target:.0f}% FFN sparsity "
+              f"to {sparse_model_path(target)} (once)", file=sys.stderr)
+    return str(default_sparse_model(target, progress=sys.stderr.isatty()))  # errors are ValueErrors
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from . import default_model
+    import logging
+    logging.basicConfig(level=logging.WARNING, format="prosparse-run: %(message)s")
     from .model import Model
 
     try:
-        path = args.model or str(default_model.path())
+        if args.model and args.target_sparsity is not None:
+            raise ValueError("--target-sparsity applies to the default model; calibrate a file with "
+                             "prosparse-calibrate --target-sparsity")
+        path = args.model or _default_path(args)
         prompt = args.prompt
         chat = args.chat
         if args.file:
