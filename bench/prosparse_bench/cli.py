@@ -73,7 +73,7 @@ def _progress(i, n, name):
         print(f"  generating: {i}/{n} tensors ({name})", file=sys.stderr, flush=True)
 
 
-def run_worker(python, runtime, model, args, sparsity=None, extra_bufts=False):
+def run_worker(python, runtime, model, args, sparsity=None, extra_bufts=False, omp_wait=None):
     cmd = [python, "-m", "prosparse_bench.worker", "--runtime", runtime, "--model", str(model),
            "--threads", str(args.threads), "--pp", str(args.pp), "--tg", str(args.tg),
            "--reps", str(args.reps), "--batch", str(args.batch)]
@@ -83,7 +83,14 @@ def run_worker(python, runtime, model, args, sparsity=None, extra_bufts=False):
         cmd.append("--extra-bufts")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(BENCH_DIR)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # llama.cpp's OpenMP threads: don't spin after a run
+    if runtime == "llama.cpp" and omp_wait:
+        # llama.cpp's ggml runs its threads with OpenMP: "passive" sleeps at every barrier (hundreds
+        # per token: on a small model that halves its 2-thread speed), "active" always spins
+        # (collapses when another process wants the cores), unset is libgomp's spin-then-sleep.
+        if omp_wait == "default":
+            env.pop("OMP_WAIT_POLICY", None)
+        else:
+            env["OMP_WAIT_POLICY"] = omp_wait.upper()
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -119,12 +126,19 @@ def main(argv=None):
                     help="llama.cpp's extra buffer types (weight repacking, AMX): they crash on "
                          "first decode on the development CPU, hence off by default; 'both' runs "
                          "each build with and without them (a crash is reported as such)")
+    ap.add_argument("--peer-omp-wait", default="default,active",
+                    help="llama.cpp's OpenMP wait policies to run, comma-separated: default (libgomp's "
+                         "spin-then-sleep), active (spin), passive (sleep at every barrier); each "
+                         "build runs with each, and ours is compared with the fastest")
     ap.add_argument("--no-ours", action="store_true", help="run only llama.cpp")
     ap.add_argument("-o", "--output", choices=["md", "json"], default="md", help="stdout format")
     ap.add_argument("--results", default=str(BENCH_DIR / "results"),
                     help="folder for the JSON and the PNG plot")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per runtime and model")
     args = ap.parse_args(argv)
+    bad = [w for w in args.peer_omp_wait.split(",") if w not in ("default", "active", "passive")]
+    if bad or not args.peer_omp_wait:
+        ap.error(f"--peer-omp-wait: expected default, active or passive, got {args.peer_omp_wait!r}")
 
     specs = args.model or ["smollm2", "7b"]
     peers = find_peers(args.peer)
@@ -145,15 +159,17 @@ def main(argv=None):
         m = {"name": name, "path": str(path), "peer_path": str(peer_path), "pp": args.pp,
              "tg": args.tg, **bpt, "runs": []}
         xb = {"off": [False], "on": [True], "both": [False, True]}[args.peer_extra_bufts]
-        jobs = [("llama.cpp", build + ("+extra-bufts" if x else ""), exe, None, peer_path, x)
-                for build, exe in peers for x in xb]
+        waits = args.peer_omp_wait.split(",")
+        jobs = [("llama.cpp", build + ("+extra-bufts" if x else "") + (f" omp-{w}" if len(waits) > 1 else ""),
+                 exe, None, peer_path, x, w)
+                for build, exe in peers for x in xb for w in waits]
         strategies = args.sparsity or ("dense,exact,predict" if spec.startswith("7b-fatrelu") else "dense")
         if not args.no_ours:
-            jobs += [("ours", None, sys.executable, s, path, False) for s in strategies.split(",")]
-        for runtime, build, exe, sparsity, mpath, xbufts in jobs:
+            jobs += [("ours", None, sys.executable, s, path, False, None) for s in strategies.split(",")]
+        for runtime, build, exe, sparsity, mpath, xbufts, wait in jobs:
             label = f"{runtime}{' ' + build if build else ''}{' ' + sparsity if sparsity else ''}"
             print(f"prosparse-bench: {name}: {label} ...", file=sys.stderr, flush=True)
-            r = run_worker(exe, runtime, mpath, args, sparsity, xbufts)
+            r = run_worker(exe, runtime, mpath, args, sparsity, xbufts, wait)
             r.setdefault("runtime", "llama.cpp" if runtime == "llama.cpp" else "prosparse-rt")
             r.setdefault("threads", args.threads)
             if build:
