@@ -95,6 +95,20 @@ def llama_cpp_speed(path, args) -> dict:
             "builds": builds}
 
 
+def _write_preset(model: Path, out: Path, preset: dict):
+    """The file default_sparse_model() writes: the shipped thresholds, no calibration."""
+    from prosparse_convert.calibrate import Report
+    from prosparse_convert.calibrate.write import Additions, InputFile, write
+
+    inp = InputFile(model)
+    n_layer, n_ff = int(inp.get("llama.block_count")), int(inp.get("llama.feed_forward_length"))
+    write(inp, out, Additions(activation="silu", layer_thresholds=preset["thresholds"],
+                              down_type=preset["down_type"]), n_layer, n_ff, progress=False)
+    rep = Report(activation="silu", down_type=preset["down_type"])
+    rep.layers = [{"threshold": t} for t in preset["thresholds"]]
+    return rep
+
+
 def _settings(args, model: Path) -> dict:
     """What a stored row's perplexity and sparsity depend on (not the threads: perplexity does not)."""
     return {"model": model.name, "model_size": model.stat().st_size, "tokens": args.tokens,
@@ -135,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--peer", default="auto",
                     help="llama-cpp-python builds, as prosparse-bench --peer: auto, none or NAME=PYTHON,...")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per speed measurement")
+    ap.add_argument("--no-presets", dest="presets", action="store_false",
+                    help="leave out the thresholds shipped for the default model (rows 'preset S%%', added "
+                         "for each target that has them)")
     ap.add_argument("--out-dir", type=Path, default=Path("bench-calibrate"))
     ap.add_argument("--reuse", action="store_true",
                     help="skip calibration where --out-dir already holds the configuration's file and JSON "
@@ -170,19 +187,25 @@ def main(argv=None) -> int:
             **llama_cpp_speed(model, args)}
     rows += [dense, peer]
     flush()
+    from prosparse_convert.calibrate import _preset
+
     for target in args.targets:
-        for alloc in args.allocations:
+        # the thresholds shipped for the default model (what prosparse-run runs), when the file has some
+        preset = _preset(model, target) if args.presets else None
+        for alloc in args.allocations + (["preset"] if preset else []):
             name = f"{model.stem}.{alloc}{int(round(100 * target))}"
             out, meta = args.out_dir / f"{name}.gguf", args.out_dir / f"{name}.json"
             row = _load_row(meta, out, settings) if args.reuse else None
             if row is not None:
-                print(f"{row['config']}: reusing {out.name} (calibrated in {row['calibrate_seconds']:.0f} s)",
-                      flush=True)
+                print(f"{row['config']}: reusing {out.name}", flush=True)
             else:
                 t0 = time.perf_counter()
-                rep = calibrate(model, out, Options(text=[cal], tokens=args.tokens, target_sparsity=target,
-                                                    allocation=alloc, probe_tokens=args.probe_tokens,
-                                                    n_threads=args.threads, progress=False))
+                if alloc == "preset":
+                    rep = _write_preset(model, out, preset)
+                else:
+                    rep = calibrate(model, out, Options(text=[cal], tokens=args.tokens, target_sparsity=target,
+                                                        allocation=alloc, probe_tokens=args.probe_tokens,
+                                                        n_threads=args.threads, progress=False))
                 secs = time.perf_counter() - t0
                 ev = evaluate_file(model, out, held, max_tokens=args.eval_tokens, n_threads=args.threads,
                                    progress=False)
@@ -190,10 +213,11 @@ def main(argv=None) -> int:
                 row = {"config": f"{alloc} {int(round(100 * target))}%", "target": target, "allocation": alloc,
                        "settings": settings, "file_size": out.stat().st_size,
                        "perplexity": ex["perplexity"], "ppl_change": ex["ppl_change"], "sparsity": ex["sparsity"],
-                       "calibrate_seconds": secs, "calibrate_threads": args.threads, "down_type": rep.down_type,
-                       "down_check": rep.down_check, "probe_kl": rep.allocation_kl,
-                       "levels": [r["level"] for r in rep.layers],
+                       "down_type": rep.down_type, "down_check": rep.down_check, "probe_kl": rep.allocation_kl,
+                       "levels": [r.get("level") for r in rep.layers],
                        "thresholds": [r["threshold"] for r in rep.layers]}
+                if alloc != "preset":
+                    row.update(calibrate_seconds=secs, calibrate_threads=args.threads)
                 if dense["perplexity"] != dense["perplexity"]:
                     dense["perplexity"] = ev[0]["perplexity"]
                     _save(dense_meta, dense)
@@ -229,7 +253,8 @@ def markdown(rows) -> str:
             label += f" ({r['strategy']})"
         ch = "" if r["ppl_change"] != r["ppl_change"] or r["target"] == 0 else f"{100 * r['ppl_change']:+.1f}%"
         ppl = "" if r["perplexity"] != r["perplexity"] else f"{r['perplexity']:.3f}"
-        secs = f"{r['calibrate_seconds']:.0f} s" if "calibrate_seconds" in r else ""
+        secs = (f"{r['calibrate_seconds']:.0f} s" if "calibrate_seconds" in r else
+                "shipped" if r.get("allocation") == "preset" else "")
         lines.append(f"| {label} | {ppl} | {ch} | {100 * r['sparsity']:.1f}% | {f(r['tok_s'], '.1f')} | "
                      f"{f(r['bytes_per_token'] / 1e6, '.1f')} | {r.get('down_type') or ''} | {secs} |")
     return "\n".join(lines)
@@ -242,13 +267,18 @@ def plot(rows, model: Path, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for alloc, mk in (("uniform", "o--"), ("greedy", "s-")):
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for alloc, mk, label in (("uniform", "o--", "uniform"), ("greedy", "s-", "greedy"),
+                             ("preset", "D", "shipped presets (prosparse-run)")):
         pts = [(r["sparsity"], 100 * r["ppl_change"]) for r in rows if r.get("allocation") == alloc]
         if pts:
-            ax.plot(*zip(*pts), mk, label=alloc)
+            ax.plot(*zip(*pts), mk, label=label, **({"markerfacecolor": "none", "markersize": 9}
+                                                     if alloc == "preset" else {}))
     ax.set_xlabel("FFN sparsity (held-out)")
-    ax.set_ylabel("perplexity change vs dense (%)")
+    # 5% and 25% would vanish beside 70%'s +230% on a linear axis (symlog where a change is <= 0)
+    changes = [r["ppl_change"] for r in rows if r.get("allocation")]
+    ax.set_yscale("log" if changes and min(changes) > 0 else "symlog")
+    ax.set_ylabel("perplexity change vs dense (%, log)")
     ax.set_title(model.stem)
     ax.legend()
     fig.tight_layout()

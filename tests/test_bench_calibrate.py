@@ -80,3 +80,24 @@ def test_a_broken_peer_is_reported_not_fatal(silu):
     args = B.build_parser().parse_args(["--peer", f"broken={sys.executable}"] + QUICK)
     r = B.llama_cpp_speed(silu, args)
     assert r["tok_s"] != r["tok_s"] and "broken" in r["strategy"] and "failed" in r["strategy"]
+
+
+def test_shipped_presets_are_measured_beside_the_calibrations(silu, tmp_path, monkeypatch):
+    """For a model with shipped thresholds (the default model), a 'preset' row measures the file
+    prosparse-run runs: those thresholds, not calibrated again."""
+    import gguf
+    import numpy as np
+
+    import prosparse_convert.calibrate as C
+
+    thr = [0.05, 0.07]
+    (tmp_path / "presets.json").write_text(json.dumps({silu.name: {
+        "size": silu.stat().st_size, "down_type": "f16", "thresholds": {"0.30": thr}}}))
+    monkeypatch.setattr(C, "_PRESETS", tmp_path / "presets.json")
+    out = tmp_path / "out"
+    assert B.main(["--model", str(silu), "--out-dir", str(out), "--peer", "none"] + QUICK) == 0
+    row = _rows(out)["preset 30%"]
+    assert row["allocation"] == "preset" and "calibrate_seconds" not in row
+    assert row["perplexity"] > 0 and 0 < row["sparsity"] < 1
+    r = gguf.GGUFReader(str(out / "model.preset30.gguf"))
+    np.testing.assert_allclose(r.fields["prosparse.layer_thresholds"].contents(), thr, rtol=1e-6)
