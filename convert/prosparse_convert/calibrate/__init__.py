@@ -15,8 +15,8 @@ from .calibrate import Options, Report, calibrate, evaluate_file
 __all__ = ["Options", "Report", "calibrate", "evaluate_file", "default_sparse_model", "sparse_model_path"]
 
 # The README's first command runs SmolLM2 at this sparsity. Greedy text with the shipped thresholds
-# (docs/calibrate.md, "The default model"): at 30% (held-out perplexity +4.7%) the answers read like
-# the dense model's; at 50% (+23.7%) it loops ("fashion, culture, gastronomy, ..."), explains the blue
+# (docs/calibrate.md, "The default model"): at 30% (held-out perplexity +5.0%) the answers read like
+# the dense model's; at 50% (+24.3%) it loops ("fashion, culture, gastronomy, ..."), explains the blue
 # sky by absorption and invents a "Johannes Brahmerus" who printed in 1290. 30% is the highest
 # sparsity whose text is still good.
 DEFAULT_TARGET_SPARSITY = 0.3
