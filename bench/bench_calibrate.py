@@ -74,18 +74,21 @@ def llama_cpp_speed(path, args) -> dict:
     """llama.cpp's decode tok/s on `path` with every llama-cpp-python build found (prosparse-bench's
     discovery: ~/.cache/prosparse-bench/peer-*), each in its own process; the fastest is reported.
     Its extra buffer types (AMX, repacked weights) stay off, as in prosparse-bench by default:
-    they crash on first decode on the development CPU."""
+    they crash on first decode on the development CPU. Each build runs under each --peer-omp-wait
+    policy (OMP_WAIT_POLICY=passive halves its 2-thread decode on SmolLM2, docs/bench.md)."""
     peers = find_peers(args.peer)
     bpt = float(bench_report.weight_bytes_per_token(path)["bytes_per_token"])
     if not peers:
         return {"tok_s": float("nan"), "strategy": "no llama-cpp-python build (bash bench/setup_peer.sh)",
                 "bytes_per_token": bpt, "builds": {}}
     builds = {}
+    waits = args.peer_omp_wait.split(",")
     for name, exe in peers:
-        builds[name] = _tg(run_worker(exe, "llama.cpp", path, _worker_args(args)))
-        b = builds[name]
-        print(f"  llama.cpp {name}: " + (f"{b['tok_s']:.1f} tok/s" if "error" not in b else b["error"]),
-              flush=True)
+        for wait in waits:  # as prosparse-bench: each OpenMP wait policy is a peer configuration
+            label = name + (f" omp-{wait}" if len(waits) > 1 else "")
+            builds[label] = b = _tg(run_worker(exe, "llama.cpp", path, _worker_args(args), omp_wait=wait))
+            print(f"  llama.cpp {label}: " + (f"{b['tok_s']:.1f} tok/s" if "error" not in b else b["error"]),
+                  flush=True)
     ok = {n: b for n, b in builds.items() if "error" not in b}
     if not ok:
         return {"tok_s": float("nan"), "strategy": "llama.cpp failed: " + "; ".join(
@@ -148,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--peer", default="auto",
                     help="llama-cpp-python builds, as prosparse-bench --peer: auto, none or NAME=PYTHON,...")
+    ap.add_argument("--peer-omp-wait", default="default,active",
+                    help="llama.cpp's OpenMP wait policies, as prosparse-bench --peer-omp-wait: each build "
+                         "runs with each, the fastest is reported")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per speed measurement")
     ap.add_argument("--no-presets", dest="presets", action="store_false",
                     help="leave out the thresholds shipped for the default model (rows 'preset S%%', added "
@@ -160,7 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if not args.peer_omp_wait or any(w not in ("default", "active", "passive") for w in args.peer_omp_wait.split(",")):
+        ap.error(f"--peer-omp-wait: expected default, active or passive, got {args.peer_omp_wait!r}")
 
     from prosparse_convert.calibrate import Options, calibrate, evaluate_file
     from prosparse_rt import default_model
