@@ -12,7 +12,11 @@ namespace ps {
 
 namespace {
 
-constexpr int64_t kRowChunk = 32;      // weight rows per matmul task
+constexpr int64_t kRowChunk = 32;      // weight rows per matmul task, at least ...
+constexpr int64_t kChunkBytes = 128 << 10;  // ... and about this many weight bytes: one task streams
+                                            // a long contiguous run (short rows, e.g. SmolLM2's 360 B,
+                                            // made 11 KB tasks: +17% decode at 128 KB); a matrix
+                                            // under it is one task, run by the caller alone
 constexpr int64_t kColChunk = 128;     // output columns per batched axpy task (multiple of 32)
 constexpr int64_t kAxpyChunks = 16;    // target partial sums for a single-token axpy
 constexpr int64_t kAxpyMinChunk = 32;  // ... but no fewer rows than this in each
@@ -59,9 +63,11 @@ void gemm_chunks(ThreadPool& pool, const Tensor& W, const int32_t* rows, int64_t
     const size_t xs = convert_acts(pool, ks, W.type, k, X, n_tokens, scratch);
     const uint8_t* xa = scratch.data();
     const size_t stride = W.row_stride();
-    const int64_t n_chunks = (n + kRowChunk - 1) / kRowChunk;
+    // Each row's result comes from one tile whatever the chunk, so this choice never changes results.
+    const int64_t rc = std::max<int64_t>(kRowChunk, (kChunkBytes / int64_t(stride) + 3) / 4 * 4);
+    const int64_t n_chunks = (n + rc - 1) / rc;
     pool.parallel_for(n_chunks, [&](int64_t ch, int) {
-        const int64_t i0 = ch * kRowChunk, cnt = std::min(kRowChunk, n - i0);
+        const int64_t i0 = ch * rc, cnt = std::min(rc, n - i0);
         if (rows)
             ks.gemm_rows(W.type, k, W.data, stride, rows + i0, cnt, xa, xs, n_tokens, Y + i0, n);
         else
