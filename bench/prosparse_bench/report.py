@@ -89,6 +89,8 @@ def markdown_table(results: dict) -> str:
 
 
 def plot(results: dict, path) -> Path:
+    import textwrap
+
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -102,13 +104,16 @@ def plot(results: dict, path) -> Path:
         for j, t in enumerate(tests):
             ax = axes[i][j]
             sel = [r for r in rows if r["model"] == m and r["test"] == t]
+            if not sel:  # e.g. a decode-only model beside others with a prompt test
+                ax.axis("off")
+                continue
             labels = [r["runtime"] for r in sel]
             colors = ["tab:gray" if r["runtime"].startswith("llama.cpp") else "tab:blue" for r in sel]
             ax.barh(range(len(sel)), [r["mean"] for r in sel], xerr=[r["sd"] for r in sel],
                     color=colors)
             ax.set_yticks(range(len(sel)), labels, fontsize=8)
             ax.invert_yaxis()
-            ax.set_title(f"{m} {t}", fontsize=9)
+            ax.set_title(textwrap.fill(f"{m} {t}", 45), fontsize=8)
             ax.set_xlabel("tokens/s")
             if t.startswith("tg"):
                 mm = next(x for x in results["models"] if x["name"] == m)
