@@ -8,6 +8,7 @@ SentencePiece-style ("llama") one so that llama.cpp and prosparse-rt both load t
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -114,6 +115,30 @@ def file_size_estimate(shape: Shape, qtype: str) -> int:
     return total + 2_000_000  # metadata and vocabulary
 
 
+
+def _check_disk(folder: Path, need: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < need + (1 << 30):
+        raise RuntimeError(f"not enough free disk in {folder}: {need / 1e9:.1f} GB needed "
+                           f"(+1 GB margin), {free / 1e9:.1f} GB free")
+
+
+@contextlib.contextmanager
+def _atomic_file(path: Path):
+    """A temporary file beside `path`, renamed to it when the block completes, removed if it fails:
+    never a half-written model in the cache."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is as readable as any download
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def write_dense(path: Path, shape: Shape = LLAMA2_7B, qtype: str = "q4_0", seed: int = 0,
                 progress=None) -> Path:
     """Write a dense SiLU llama GGUF with random `qtype` weights, streaming tensor by tensor
@@ -125,16 +150,11 @@ def write_dense(path: Path, shape: Shape = LLAMA2_7B, qtype: str = "q4_0", seed:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     need = file_size_estimate(shape, qtype)
-    free = shutil.disk_usage(path.parent).free
-    if free < need + (1 << 30):
-        raise RuntimeError(f"not enough free disk in {path.parent}: {need / 1e9:.1f} GB needed "
-                           f"(+1 GB margin), {free / 1e9:.1f} GB free")
+    _check_disk(path.parent, need)
     rng = np.random.default_rng(seed)
     gtype = {"q4_0": gguf.GGMLQuantizationType.Q4_0, "q8_0": gguf.GGMLQuantizationType.Q8_0}[qtype]
     bsize = _QTYPES[qtype][0]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
+    with _atomic_file(path) as tmp:
         w = gguf.GGUFWriter(tmp, "llama")
         w.add_name(f"random llama-2-7b shape {qtype} seed {seed}")
         w.add_context_length(shape.n_ctx)
@@ -178,12 +198,6 @@ def write_dense(path: Path, shape: Shape = LLAMA2_7B, qtype: str = "q4_0", seed:
             if progress:
                 progress(i + 1, len(plan), name)
         w.close()
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is as readable as any download
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 
@@ -257,10 +271,7 @@ def write_fatrelu(path: Path, shape: Shape = LLAMA2_7B, qtype: str = "q4_0", see
     path.parent.mkdir(parents=True, exist_ok=True)
     st = sparse_plan_stats(shape, qtype, rank, pred_qtype)
     need = st["attention_and_output"] + st["ffn_dense"] + st["predictor"] + 2 * shape.n_vocab * shape.n_embd
-    free = shutil.disk_usage(path.parent).free
-    if free < need + (1 << 30):
-        raise RuntimeError(f"not enough free disk in {path.parent}: {need / 1e9:.1f} GB needed "
-                           f"(+1 GB margin), {free / 1e9:.1f} GB free")
+    _check_disk(path.parent, need)
     rng = np.random.default_rng(seed)
     GT = gguf.GGMLQuantizationType
     gtype = {"q4_0": GT.Q4_0, "q8_0": GT.Q8_0}
@@ -268,9 +279,7 @@ def write_fatrelu(path: Path, shape: Shape = LLAMA2_7B, qtype: str = "q4_0", see
     nd = NormalDist()
     inv = np.vectorize(nd.inv_cdf)
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
+    with _atomic_file(path) as tmp:
         w = gguf.GGUFWriter(tmp, "llama")
         w.add_name(f"random llama-2-7b shape fatrelu {qtype} seed {seed}")
         w.add_context_length(shape.n_ctx)
@@ -346,12 +355,6 @@ def write_fatrelu(path: Path, shape: Shape = LLAMA2_7B, qtype: str = "q4_0", see
             if progress:
                 progress(k + 1, len(plan), name)
         w.close()
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is as readable as any download
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 
