@@ -24,12 +24,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 HERE = Path(__file__).resolve().parent
-for p in ("python", "convert"):
-    sys.path.insert(0, str(HERE.parent / p))
-# the speed workers are subprocesses: they must import the same in-tree packages
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    [str(HERE.parent / "python"), str(HERE.parent / "convert")]
-    + [q for q in os.environ.get("PYTHONPATH", "").split(os.pathsep) if q])
+# prosparse_bench lives beside this script. prosparse_rt and prosparse_convert come from the install,
+# or, in a checkout without one, from `source scripts/devenv.sh` (PYTHONPATH, which the speed
+# workers inherit). Importing this module must not change sys.path or the environment: the test
+# suite imports it, and pointing every later subprocess at the source tree broke a fresh clone's run.
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
 
 from prosparse_bench import report as bench_report  # noqa: E402
 from prosparse_bench.cli import find_peers, run_worker  # noqa: E402
