@@ -73,9 +73,9 @@ def ours_speed(path, args, sparsity: str = "auto") -> dict:
 def llama_cpp_speed(path, args) -> dict:
     """llama.cpp's decode tok/s on `path` with every llama-cpp-python build found (prosparse-bench's
     discovery: ~/.cache/prosparse-bench/peer-*), each in its own process; the fastest is reported.
-    Its extra buffer types (AMX, repacked weights) stay off, as in prosparse-bench by default:
-    they crash on first decode on the development CPU. Each build runs under each --peer-omp-wait
-    policy (OMP_WAIT_POLICY=passive halves its 2-thread decode on SmolLM2, docs/bench.md)."""
+    As in prosparse-bench, each build runs with and without its extra buffer types (repacked
+    weights: its fastest Q4_0 path here) and under each --peer-omp-wait policy
+    (OMP_WAIT_POLICY=passive halves its 2-thread decode on SmolLM2, docs/bench.md)."""
     peers = find_peers(args.peer)
     bpt = float(bench_report.weight_bytes_per_token(path)["bytes_per_token"])
     if not peers:
@@ -84,11 +84,13 @@ def llama_cpp_speed(path, args) -> dict:
     builds = {}
     waits = args.peer_omp_wait.split(",")
     for name, exe in peers:
-        for wait in waits:  # as prosparse-bench: each OpenMP wait policy is a peer configuration
-            label = name + (f" omp-{wait}" if len(waits) > 1 else "")
-            builds[label] = b = _tg(run_worker(exe, "llama.cpp", path, _worker_args(args), omp_wait=wait))
-            print(f"  llama.cpp {label}: " + (f"{b['tok_s']:.1f} tok/s" if "error" not in b else b["error"]),
-                  flush=True)
+        for xb in (False, True):
+            for wait in waits:  # as prosparse-bench: each OpenMP wait policy is a peer configuration
+                label = name + ("+extra-bufts" if xb else "") + (f" omp-{wait}" if len(waits) > 1 else "")
+                b = _tg(run_worker(exe, "llama.cpp", path, _worker_args(args), extra_bufts=xb, omp_wait=wait))
+                builds[label] = b
+                print(f"  llama.cpp {label}: " + (f"{b['tok_s']:.1f} tok/s" if "error" not in b else b["error"]),
+                      flush=True)
     ok = {n: b for n, b in builds.items() if "error" not in b}
     if not ok:
         return {"tok_s": float("nan"), "strategy": "llama.cpp failed: " + "; ".join(
