@@ -260,6 +260,28 @@ NB_MODULE(_core, m) {
             return d;
         });
 
+    m.def("gguf_summary", [](const std::string& path) {
+        std::unique_ptr<ps::GGUFFile> f;
+        {
+            nb::gil_scoped_release r;
+            f = std::make_unique<ps::GGUFFile>(path);
+        }
+        nb::dict d;
+        d["version"] = f->version();
+        d["powerinfer"] = f->is_powerinfer();
+        d["metadata"] = metadata_dict(*f);
+        nb::list ts;
+        for (const auto& tn : f->tensors()) {
+            nb::list shape;
+            for (int i = 0; i < tn.n_dims; ++i) shape.append(tn.ne[i]);
+            ts.append(nb::make_tuple(tn.name, ps::type_name(tn.type), shape, tn.nbytes));
+        }
+        d["tensors"] = ts;
+        return d;
+    }, "path"_a,
+          "A GGUF file as the native loader reads and validates it: version, PWRI magic, metadata, "
+          "tensors (name, type, shape, bytes). Fast: no weights are read.");
+
     // Low-level hooks for the tests, which compare our kernels and loader against the gguf
     // package and numpy. Not part of the API.
     nb::module_ t = m.def_submodule("_testing", "internal test hooks");
@@ -324,25 +346,7 @@ NB_MODULE(_core, m) {
         ps::matmul(pool, w, X.data(), nt, Y.data(), scratch);
         return owned_array(std::move(Y), {size_t(nt), size_t(nr)});
     }, "type"_a, "W"_a, "nr"_a, "k"_a, "X"_a, "n_threads"_a);
-    t.def("gguf_summary", [](const std::string& path) {
-        std::unique_ptr<ps::GGUFFile> f;
-        {
-            nb::gil_scoped_release r;
-            f = std::make_unique<ps::GGUFFile>(path);
-        }
-        nb::dict d;
-        d["version"] = f->version();
-        d["powerinfer"] = f->is_powerinfer();
-        d["metadata"] = metadata_dict(*f);
-        nb::list ts;
-        for (const auto& tn : f->tensors()) {
-            nb::list shape;
-            for (int i = 0; i < tn.n_dims; ++i) shape.append(tn.ne[i]);
-            ts.append(nb::make_tuple(tn.name, ps::type_name(tn.type), shape, tn.nbytes));
-        }
-        d["tensors"] = ts;
-        return d;
-    }, "path"_a);
+    t.attr("gguf_summary") = m.attr("gguf_summary");
     // Loader/weight-type hooks for tests/test_gguf.py and tests/test_quant.py.
     t.def("gguf_tensor_bytes", [](const std::string& path, const std::string& name) {
         ps::GGUFFile f(path);

@@ -9,7 +9,6 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from ..errors import ConvertError
 from .calibrate import Options, Report, calibrate, evaluate_file
 
 __all__ = ["Options", "Report", "calibrate", "evaluate_file", "default_sparse_model", "sparse_model_path"]
@@ -53,27 +52,27 @@ def sparse_model_path(target_sparsity: float = DEFAULT_TARGET_SPARSITY) -> Path:
 def _cached_file_problem(path: Path, preset: Optional[dict]) -> Optional[str]:
     """Why a cached sparse model cannot be used (None if it can): it must load (the runtime checks
     that every tensor lies inside the file, so a truncated copy fails), carry thresholds, and, when
-    it was made from a preset, the preset's thresholds and ffn_down_t type (presets change)."""
+    it was made from a preset, the preset's thresholds and ffn_down_t type (presets change). Read
+    through the native loader: the gguf package's reader takes ~3 s on SmolLM2's vocabulary, at
+    every start of prosparse-run."""
     import numpy as np
-    from gguf import GGMLQuantizationType as T
 
     from prosparse_rt import _core
 
     from .. import names as N
-    from .write import InputFile
 
     try:
         _core.Model(str(path), n_ctx=16, n_threads=1, sparsity="dense")
-        inp = InputFile(path)
-    except (ValueError, ConvertError) as e:
+        info = _core.gguf_summary(str(path))
+    except ValueError as e:
         return str(e)
-    thr = inp.get(N.PS_LAYER_THRESHOLDS)
+    thr = info["metadata"].get(N.PS_LAYER_THRESHOLDS)
     if not thr:
         return "it has no layer thresholds"
     if preset is not None:
         if len(thr) != len(preset["thresholds"]) or not np.allclose(thr, preset["thresholds"], rtol=1e-6):
             return "its thresholds are not the shipped preset's"
-        types = {T(int(t.tensor_type)).name.lower() for n, t in inp.tensors.items() if ".ffn_down_t." in n}
+        types = {t.lower() for name, t, _, _ in info["tensors"] if ".ffn_down_t." in name}
         if types != {preset["down_type"]}:
             return f"its ffn_down_t is {sorted(types)}, the preset says {preset['down_type']}"
     return None
