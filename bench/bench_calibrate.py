@@ -102,13 +102,9 @@ def llama_cpp_speed(path, args) -> dict:
 
 def _write_preset(model: Path, out: Path, preset: dict):
     """The file default_sparse_model() writes: the shipped thresholds, no calibration."""
-    from prosparse_convert.calibrate import Report
-    from prosparse_convert.calibrate.write import Additions, InputFile, write
+    from prosparse_convert.calibrate import Report, write_preset
 
-    inp = InputFile(model)
-    n_layer, n_ff = int(inp.get("llama.block_count")), int(inp.get("llama.feed_forward_length"))
-    write(inp, out, Additions(activation="silu", layer_thresholds=preset["thresholds"],
-                              down_type=preset["down_type"]), n_layer, n_ff, progress=False)
+    write_preset(model, out, preset)
     rep = Report(activation="silu", down_type=preset["down_type"])
     rep.layers = [{"threshold": t} for t in preset["thresholds"]]
     return rep

@@ -11,7 +11,8 @@ from typing import Optional
 
 from .calibrate import Options, Report, calibrate, evaluate_file
 
-__all__ = ["Options", "Report", "calibrate", "evaluate_file", "default_sparse_model", "sparse_model_path"]
+__all__ = ["Options", "Report", "calibrate", "evaluate_file", "default_sparse_model", "sparse_model_path",
+           "write_preset"]
 
 # The README's first command runs SmolLM2 at this sparsity. Greedy text with the shipped thresholds
 # (docs/calibrate.md, "The default model"): at 30% (held-out perplexity +5.0%) the answers read like
@@ -39,6 +40,18 @@ def _preset(src: Path, target: float) -> Optional[dict]:
         return None
     # the type --down-type auto chose for this file (its measurement is recorded beside it)
     return {"thresholds": thr, "down_type": entry.get("down_type", "f16")}
+
+
+def write_preset(src: Path, out: Path, preset: dict, progress: bool = False) -> None:
+    """`src` with a shipped preset's thresholds (and ffn_down_t at its type) written to `out`,
+    atomically: what calibration would write, without calibrating."""
+    from .write import Additions, InputFile, write
+
+    inp = InputFile(src)
+    n_layer = int(inp.get("llama.block_count"))
+    n_ff = int(inp.get("llama.feed_forward_length"))
+    write(inp, out, Additions(activation="silu", layer_thresholds=preset["thresholds"],
+                              down_type=preset["down_type"]), n_layer, n_ff, progress=progress)
 
 
 def sparse_model_path(target_sparsity: float = DEFAULT_TARGET_SPARSITY) -> Path:
@@ -95,13 +108,7 @@ def default_sparse_model(target_sparsity: float = DEFAULT_TARGET_SPARSITY, progr
             return out
         log.warning("rebuilding %s: %s", out, problem)
     if preset is not None:
-        from .write import Additions, InputFile, write
-
-        inp = InputFile(src)
-        n_layer = int(inp.get("llama.block_count"))
-        n_ff = int(inp.get("llama.feed_forward_length"))
-        write(inp, out, Additions(activation="silu", layer_thresholds=preset["thresholds"],
-                                  down_type=preset["down_type"]), n_layer, n_ff, progress=progress)
+        write_preset(src, out, preset, progress=progress)
         return out
     calibrate(src, out, Options(target_sparsity=target_sparsity, tokens=4096, progress=progress,
                                 n_threads=min(2, os.cpu_count() or 1)))
