@@ -32,7 +32,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from prosparse_bench import report as bench_report  # noqa: E402
-from prosparse_bench.cli import find_peers, run_worker  # noqa: E402
+from prosparse_bench.cli import find_peers, parse_omp_waits, peer_configs, run_worker  # noqa: E402
 
 
 def offline_texts(out_dir: Path):
@@ -82,15 +82,9 @@ def llama_cpp_speed(path, args) -> dict:
         return {"tok_s": float("nan"), "strategy": "no llama-cpp-python build (bash bench/setup_peer.sh)",
                 "bytes_per_token": bpt, "builds": {}}
     builds = {}
-    waits = args.peer_omp_wait.split(",")
-    for name, exe in peers:
-        for xb in (False, True):
-            for wait in waits:  # as prosparse-bench: each OpenMP wait policy is a peer configuration
-                label = name + ("+extra-bufts" if xb else "") + (f" omp-{wait}" if len(waits) > 1 else "")
-                b = _tg(run_worker(exe, "llama.cpp", path, _worker_args(args), extra_bufts=xb, omp_wait=wait))
-                builds[label] = b
-                print(f"  llama.cpp {label}: " + (f"{b['tok_s']:.1f} tok/s" if "error" not in b else b["error"]),
-                      flush=True)
+    for label, exe, xb, wait in peer_configs(peers, (False, True), parse_omp_waits(args.peer_omp_wait)):
+        builds[label] = b = _tg(run_worker(exe, "llama.cpp", path, _worker_args(args), extra_bufts=xb, omp_wait=wait))
+        print(f"  llama.cpp {label}: " + (f"{b['tok_s']:.1f} tok/s" if "error" not in b else b["error"]), flush=True)
     ok = {n: b for n, b in builds.items() if "error" not in b}
     if not ok:
         return {"tok_s": float("nan"), "strategy": "llama.cpp failed: " + "; ".join(
@@ -166,8 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
-    if not args.peer_omp_wait or any(w not in ("default", "active", "passive") for w in args.peer_omp_wait.split(",")):
-        ap.error(f"--peer-omp-wait: expected default, active or passive, got {args.peer_omp_wait!r}")
+    try:
+        parse_omp_waits(args.peer_omp_wait)
+    except ValueError as e:
+        ap.error(str(e))
 
     from prosparse_convert.calibrate import Options, calibrate, evaluate_file
     from prosparse_rt import default_model

@@ -121,3 +121,21 @@ def test_7b_fatrelu_rank_spec_is_parsed_and_bad_ranks_refused(tmp_path, monkeypa
     with pytest.raises(SystemExit, match="multiple of 32"):
         cli.resolve_model("7b-fatrelu-r100", ns)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", ["", "x", "default,spin", "active,"])
+def test_unknown_openmp_wait_policy_is_refused(value):
+    from prosparse_bench import cli
+
+    with pytest.raises(ValueError, match="--peer-omp-wait: expected default, active or passive"):
+        cli.parse_omp_waits(value)
+    assert cli.parse_omp_waits("default,passive") == ["default", "passive"]
+
+
+def test_peer_configs_cover_every_build_buffer_and_policy():
+    from prosparse_bench import cli
+
+    got = list(cli.peer_configs([("b1", "p1"), ("b2", "p2")], [False, True], ["default", "active"]))
+    assert len(got) == 8 and len({g[0] for g in got}) == 8
+    assert ("b2+extra-bufts omp-active", "p2", True, "active") in got
+    assert [g[0] for g in cli.peer_configs([("b", "p")], [False], ["active"])] == ["b"]

@@ -73,6 +73,26 @@ def _progress(i, n, name):
         print(f"  generating: {i}/{n} tensors ({name})", file=sys.stderr, flush=True)
 
 
+OMP_WAITS = ("default", "active", "passive")
+
+
+def parse_omp_waits(value: str) -> list:
+    """--peer-omp-wait's comma-separated policies; ValueError naming the option if any is unknown."""
+    waits = value.split(",") if value else []
+    if not waits or any(w not in OMP_WAITS for w in waits):
+        raise ValueError(f"--peer-omp-wait: expected default, active or passive, got {value!r}")
+    return waits
+
+
+def peer_configs(peers, extra_bufts, waits):
+    """Every llama.cpp configuration to measure, as (label, python, extra_bufts, omp_wait): each
+    build with each extra-buffer setting under each OpenMP wait policy."""
+    for build, exe in peers:
+        for x in extra_bufts:
+            for w in waits:
+                yield build + ("+extra-bufts" if x else "") + (f" omp-{w}" if len(waits) > 1 else ""), exe, x, w
+
+
 def run_worker(python, runtime, model, args, sparsity=None, extra_bufts=False, omp_wait=None):
     cmd = [python, "-m", "prosparse_bench.worker", "--runtime", runtime, "--model", str(model),
            "--threads", str(args.threads), "--pp", str(args.pp), "--tg", str(args.tg),
@@ -137,9 +157,10 @@ def main(argv=None):
                     help="folder for the JSON and the PNG plot")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per runtime and model")
     args = ap.parse_args(argv)
-    bad = [w for w in args.peer_omp_wait.split(",") if w not in ("default", "active", "passive")]
-    if bad or not args.peer_omp_wait:
-        ap.error(f"--peer-omp-wait: expected default, active or passive, got {args.peer_omp_wait!r}")
+    try:
+        waits = parse_omp_waits(args.peer_omp_wait)
+    except ValueError as e:
+        ap.error(str(e))
 
     specs = args.model or ["smollm2", "7b"]
     peers = find_peers(args.peer)
@@ -160,10 +181,7 @@ def main(argv=None):
         m = {"name": name, "path": str(path), "peer_path": str(peer_path), "pp": args.pp,
              "tg": args.tg, **bpt, "runs": []}
         xb = {"off": [False], "on": [True], "both": [False, True]}[args.peer_extra_bufts]
-        waits = args.peer_omp_wait.split(",")
-        jobs = [("llama.cpp", build + ("+extra-bufts" if x else "") + (f" omp-{w}" if len(waits) > 1 else ""),
-                 exe, None, peer_path, x, w)
-                for build, exe in peers for x in xb for w in waits]
+        jobs = [("llama.cpp", label, exe, None, peer_path, x, w) for label, exe, x, w in peer_configs(peers, xb, waits)]
         strategies = args.sparsity or ("dense,exact,predict" if spec.startswith("7b-fatrelu") else "dense")
         if not args.no_ours:
             jobs += [("ours", None, sys.executable, s, path, False, None) for s in strategies.split(",")]
