@@ -96,11 +96,23 @@ def tie_heavy_rows(n_rows, k, seed):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_q8_0_activation_bytes_equal_gguf_quantizer(isa):
+@pytest.mark.parametrize("wtype", [QT.Q4_0, QT.Q8_0])
+def test_q8_0_activation_equals_gguf_quantizer(isa, wtype):
+    """The row against Q8_0/Q4_0 weights holds the gguf package's Q8_0 codes and fp16 scales
+    (as floats), field by field (codes, scales, then each block's sum of codes)."""
     x = tie_heavy_rows(3, 128, seed=1)
+    nb = 128 // 32
+    ref_dtype = np.dtype([("d", "<f2"), ("qs", "i1", 32)])
     for row in x:
-        ours = T.quantize_act(isa, int(QT.Q4_0), row)
-        assert ours == quants.quantize(row, QT.Q8_0).tobytes()
+        ours = T.quantize_act(isa, int(wtype), row)
+        assert len(ours) == nb * 40
+        ref = np.frombuffer(quants.quantize(row, QT.Q8_0).tobytes(), dtype=ref_dtype)
+        qs = np.frombuffer(ours[: nb * 32], dtype=np.int8).reshape(nb, 32)
+        d = np.frombuffer(ours[nb * 32 : nb * 36], dtype="<f4")
+        sums = np.frombuffer(ours[nb * 36 :], dtype="<i4")
+        np.testing.assert_array_equal(qs, ref["qs"])
+        np.testing.assert_array_equal(d, ref["d"].astype(np.float32))
+        np.testing.assert_array_equal(sums, ref["qs"].astype(np.int32).sum(axis=1))
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -26,6 +26,7 @@ struct block_q4_0 { uint16_t d; uint8_t qs[QK / 2]; };       // x = d * (q - 8);
 struct block_q4_1 { uint16_t d; uint16_t m; uint8_t qs[QK / 2]; };  // x = d * q + m
 // Activation format used against Q4_1 weights (internal, never in a file): s = d * sum(qs).
 struct block_q8_1 { float d; float s; int8_t qs[QK]; };
+
 #pragma pack(pop)
 static_assert(sizeof(block_q8_0) == 34, "block_q8_0 layout");
 static_assert(sizeof(block_q4_0) == 18, "block_q4_0 layout");

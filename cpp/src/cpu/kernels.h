@@ -5,13 +5,14 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "quant.h"
 
 namespace ps::cpu {
 
 // The format activations are converted to before they meet weights of type `w`:
-// F32 for F32/F16/BF16 weights, Q8_0 for Q8_0/Q4_0, our Q8_1 for Q4_1.
+// F32 for F32/F16/BF16 weights, Q8_0 values (Q8Act below) for Q8_0/Q4_0, our Q8_1 for Q4_1.
 size_t act_row_bytes(GgmlType w, int64_t k);
 
 // Bytes of n weights of a type the kernels support (n a multiple of the block size), 0 for any
@@ -26,6 +27,25 @@ inline size_t weight_bytes(GgmlType w, int64_t n) {
         default: return 0;
     }
 }
+
+// The activation row that meets Q8_0 and Q4_0 weights: llama.cpp's Q8_0 values laid out by field,
+// the codes of all nb blocks, then their scales as floats (rounded to fp16, as Q8_0 stores them),
+// then each block's integer sum of codes. The codes stay 32-byte aligned when the row is, and the
+// kernels neither convert a scale nor recompute a sum for every weight row that meets a block.
+constexpr size_t kQ8ActBlockBytes = QK + sizeof(float) + sizeof(int32_t);
+template <class Byte>  // uint8_t to write a row, const uint8_t to read one
+struct Q8Act {
+    using I8 = std::conditional_t<std::is_const_v<Byte>, const int8_t, int8_t>;
+    using F = std::conditional_t<std::is_const_v<Byte>, const float, float>;
+    using I32 = std::conditional_t<std::is_const_v<Byte>, const int32_t, int32_t>;
+    I8* qs;  // [nb][QK]
+    F* d;    // [nb]
+    I32* sum;  // [nb]
+    Q8Act(Byte* row, int64_t nb)
+        : qs(reinterpret_cast<I8*>(row)),
+          d(reinterpret_cast<F*>(row + nb * QK)),
+          sum(reinterpret_cast<I32*>(row + nb * (QK + sizeof(float)))) {}
+};
 
 struct KernelSet {
     const char* isa;  // "scalar", "avx2", "avx512"

@@ -62,15 +62,22 @@ float bf16_to_float(uint16_t h) {
 }
 
 // llama.cpp's reference quantizer for activations: d = amax / 127, q = roundf(x / d) with
-// roundf's half-away-from-zero rounding. Q8_1 keeps d as a float and s = d * sum(q).
-void quantize_q8_0(const float* x, block_q8_0* y, int64_t k) {
+// roundf's half-away-from-zero rounding. Q8_0s keeps d as Q8_0 stores it (fp16) and sum(q);
+// Q8_1 keeps d as a float and s = d * sum(q).
+void quantize_q8_0s(const float* x, uint8_t* row, int64_t k) {
+    const Q8Act<uint8_t> y(row, k / QK);
     for (int64_t b = 0; b < k / QK; ++b) {
         float amax = 0.0f;
         for (int j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(x[b * QK + j]));
         const float d = amax / 127.0f;
         const float id = d != 0.0f ? 1.0f / d : 0.0f;
-        y[b].d = float_to_half(d);
-        for (int j = 0; j < QK; ++j) y[b].qs[j] = int8_t(std::roundf(x[b * QK + j] * id));
+        int sum = 0;
+        for (int j = 0; j < QK; ++j) {
+            y.qs[b * QK + j] = int8_t(std::roundf(x[b * QK + j] * id));
+            sum += y.qs[b * QK + j];
+        }
+        y.d[b] = half_to_float(float_to_half(d));
+        y.sum[b] = sum;
     }
 }
 
@@ -96,7 +103,7 @@ void quantize_act(GgmlType w, const float* x, void* xa, int64_t k) {
             std::memcpy(xa, x, size_t(k) * sizeof(float));
             return;
         case GgmlType::Q8_0: case GgmlType::Q4_0:
-            quantize_q8_0(x, static_cast<block_q8_0*>(xa), k);
+            quantize_q8_0s(x, static_cast<uint8_t*>(xa), k);
             return;
         case GgmlType::Q4_1:
             quantize_q8_1(x, static_cast<block_q8_1*>(xa), k);
@@ -127,24 +134,25 @@ float dot(GgmlType w, int64_t k, const uint8_t* wr, const uint8_t* xr) {
         }
         case GgmlType::Q8_0: {
             const auto* a = reinterpret_cast<const block_q8_0*>(wr);
-            const auto* x = reinterpret_cast<const block_q8_0*>(xr);
+            const Q8Act<const uint8_t> x(xr, k / QK);
             for (int64_t b = 0; b < k / QK; ++b) {
                 int sumi = 0;
-                for (int j = 0; j < QK; ++j) sumi += a[b].qs[j] * x[b].qs[j];
-                acc += half_to_float(a[b].d) * half_to_float(x[b].d) * float(sumi);
+                for (int j = 0; j < QK; ++j) sumi += a[b].qs[j] * x.qs[b * QK + j];
+                acc += half_to_float(a[b].d) * x.d[b] * float(sumi);
             }
             return acc;
         }
         case GgmlType::Q4_0: {
             const auto* a = reinterpret_cast<const block_q4_0*>(wr);
-            const auto* x = reinterpret_cast<const block_q8_0*>(xr);
+            const Q8Act<const uint8_t> x(xr, k / QK);
             for (int64_t b = 0; b < k / QK; ++b) {
+                const int8_t* xq = x.qs + b * QK;
                 int sumi = 0;
                 for (int j = 0; j < QK / 2; ++j) {
-                    sumi += ((a[b].qs[j] & 0x0F) - 8) * x[b].qs[j];
-                    sumi += ((a[b].qs[j] >> 4) - 8) * x[b].qs[j + QK / 2];
+                    sumi += ((a[b].qs[j] & 0x0F) - 8) * xq[j];
+                    sumi += ((a[b].qs[j] >> 4) - 8) * xq[j + QK / 2];
                 }
-                acc += half_to_float(a[b].d) * half_to_float(x[b].d) * float(sumi);
+                acc += half_to_float(a[b].d) * x.d[b] * float(sumi);
             }
             return acc;
         }
@@ -257,7 +265,7 @@ size_t act_row_bytes(GgmlType w, int64_t k) {
         case GgmlType::F32: case GgmlType::F16: case GgmlType::BF16:
             return size_t(k) * sizeof(float);
         case GgmlType::Q8_0: case GgmlType::Q4_0:
-            return size_t(k / QK) * sizeof(block_q8_0);
+            return size_t(k / QK) * kQ8ActBlockBytes;
         case GgmlType::Q4_1:
             return size_t(k / QK) * sizeof(block_q8_1);
         default:
