@@ -25,6 +25,8 @@ import sys
 OPS = {
     # name: (op, rows, k, fraction of rows touched)
     "attn": ("matmul", 4096, 4096, 1.0),
+    "attn_il": ("matmul_interleaved", 4096, 4096, 1.0),
+    "down_il": ("matmul_interleaved", 4096, 11008, 1.0),
     "up": ("matmul", 11008, 4096, 1.0),
     "down": ("matmul", 4096, 11008, 1.0),
     "sparse_up": ("matmul_rows", 11008, 4096, 0.11),

@@ -108,3 +108,32 @@ def test_llama_cpp_format_file_computes_the_same_model(tmp_path):
     out = convert(path, tmp_path / "m.gguf", outtype="f32", format="llama.cpp", progress=False)
     ids = H.prompt_ids(20)
     assert H.rel_error(_ours(out, ids), H.hf_logits(ref_model, ids)) < F32_TOL
+
+
+@pytest.mark.parametrize("kind", ["silu_gqa_tied", "relu_gqa"])
+def test_interleaved_q4_0_weights_compute_the_same_model(tmp_path, kind, monkeypatch):
+    # Q4_0 matrices that matmul reads whole are re-laid out at load (cpu/kernels.h "Interleaved
+    # rows"); PROSPARSE_INTERLEAVE=0 keeps the file's rows. Both must give the same logits up to
+    # float rounding, for a prompt batch and token by token.
+    _, path = _case(tmp_path, kind)
+    out = convert(path, tmp_path / "m.gguf", outtype="q4_0", progress=False)
+    ids = H.prompt_ids(20)
+
+    def run():
+        with prosparse_rt.Model(str(out), n_ctx=64, sparsity="dense") as m:
+            batch = m.logits(ids)
+            n = m.stats["n_interleaved"]
+        with prosparse_rt.Model(str(out), n_ctx=64, n_batch=1, sparsity="dense") as m:
+            single = m.logits(ids)
+        return batch, single, n
+
+    batch, single, n = run()
+    # per layer (2) q, k, v, o, gate, up, and down where the file has llama.cpp's ffn_down (the
+    # ReLU file has the neuron-major ffn_down_t instead, which the axpy reads), and the output head
+    # (tied: a copy)
+    assert n == 2 * (7 if kind.startswith("silu") else 6) + 1
+    monkeypatch.setenv("PROSPARSE_INTERLEAVE", "0")
+    batch0, single0, n0 = run()
+    assert n0 == 0
+    assert H.rel_error(batch, batch0) < 1e-5
+    assert H.rel_error(single, single0) < 1e-5

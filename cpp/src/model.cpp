@@ -63,6 +63,7 @@ struct Model::Impl {
     std::vector<float> scores;  // [thread][n_ctx]
     std::vector<uint8_t> act_buf;
     FfnScratch ffn;
+    std::vector<std::unique_ptr<OwnedTensor>> interleaved;  // copies the layer pointers view
     FfnOptions ffn_opt;
     double fixed_bytes_per_token = 0;
     // Calibration capture (Model::set_capture): per layer, the FFN's input residual stream and
@@ -224,6 +225,7 @@ Model::Model(const std::string& path, const ModelParams& params)
     m.pool = std::make_unique<ThreadPool>(nt);
 
     choose_strategy(params);
+    interleave_weights();
     for (const LayerWeights& L : m.layers)
         for (const Tensor* t : {L.attn_norm, L.wq, L.wk, L.wv, L.wo, L.ffn_norm})
             m.fixed_bytes_per_token += double(t->nbytes);
@@ -294,6 +296,29 @@ void Model::choose_strategy(const ModelParams& params) {
     if (!std::isfinite(thr)) fail("predictor threshold must be finite");
     m.ffn_opt.pred_threshold = float(thr);
     strategy_ = strategy_name(s);
+}
+
+// Weights that matmul always reads whole under the chosen strategy get an interleaved copy
+// (cpu/kernels.h, "Interleaved rows"): attention, output, predictor, and the FFN matrices the
+// strategy does not gather (gate for dense and exact, up for dense). The file's mapping is kept
+// for the rest. PROSPARSE_INTERLEAVE=0 turns this off (same results up to float rounding).
+void Model::interleave_weights() {
+    Impl& m = *impl_;
+    const char* env = std::getenv("PROSPARSE_INTERLEAVE");
+    if (env && std::string(env) == "0") return;
+    auto swap_in = [&](const Tensor*& t) {
+        if (!t || !can_interleave(*t)) return;
+        m.interleaved.push_back(interleave(*m.pool, *t));
+        t = &m.interleaved.back()->t;
+    };
+    const FfnStrategy s = m.ffn_opt.strategy;
+    for (LayerWeights& L : m.layers) {
+        for (const Tensor** t : {&L.wq, &L.wk, &L.wv, &L.wo, &L.fc1, &L.fc2, &L.ffn_down}) swap_in(*t);
+        if (s != FfnStrategy::PREDICT) swap_in(L.ffn_gate);
+        if (s == FfnStrategy::DENSE) swap_in(L.ffn_up);
+    }
+    swap_in(m.output);  // a tied output gets its own copy; the embedding rows stay in the file
+    stats_.n_interleaved = int64_t(m.interleaved.size());
 }
 
 int Model::n_threads() const { return impl_->pool->size(); }

@@ -59,6 +59,7 @@ struct ModelStats {
     int64_t n_prompt_tokens = 0, n_decode_tokens = 0;
     double prompt_seconds = 0.0, decode_seconds = 0.0;
     double weight_bytes_per_token = 0.0;  // bytes of weights the last decode step read
+    int64_t n_interleaved = 0;            // weight matrices stored interleaved (cpu/kernels.h)
     std::vector<FfnLayerStats> layers;    // FFN counters per layer since load
 };
 
@@ -99,6 +100,7 @@ public:
 
 private:
     void choose_strategy(const ModelParams& params);
+    void interleave_weights();
 
     struct Impl;
     std::unique_ptr<GGUFFile> file_;

@@ -2,7 +2,10 @@
 // work handed to the pool. Each piece writes only its own outputs (or its own partial-sum buffer).
 #include "ops.h"
 
+#include <sys/mman.h>
+
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 
 #include "common.h"
@@ -58,17 +61,24 @@ size_t convert_acts(ThreadPool& pool, const cpu::KernelSet& ks, GgmlType type, i
 void gemm_chunks(ThreadPool& pool, const Tensor& W, const int32_t* rows, int64_t n, const float* X,
                  int64_t n_tokens, float* Y, std::vector<uint8_t>& scratch) {
     if (n == 0 || n_tokens <= 0) return;
+    const bool interleaved = W.layout == RowLayout::INTERLEAVED8;
+    if (interleaved && (rows || n != W.ne[1]))
+        fail(strfmt("tensor '%s' is stored interleaved: only whole-matrix products can read it", W.name.c_str()));
     const cpu::KernelSet& ks = cpu::kernels();
     const int64_t k = W.ne[0];
     const size_t xs = convert_acts(pool, ks, W.type, k, X, n_tokens, scratch);
     const uint8_t* xa = scratch.data();
     const size_t stride = W.row_stride();
-    // Each row's result comes from one tile whatever the chunk, so this choice never changes results.
-    const int64_t rc = std::max<int64_t>(kRowChunk, (kChunkBytes / int64_t(stride) + 3) / 4 * 4);
+    // Each row's result comes from one tile whatever the chunk, so this choice never changes
+    // results; chunks hold whole tiles (4 rows) and whole interleaved groups (8).
+    const int64_t rc = std::max<int64_t>(kRowChunk, (kChunkBytes / int64_t(stride) + 7) / 8 * 8);
     const int64_t n_chunks = (n + rc - 1) / rc;
     pool.parallel_for(n_chunks, [&](int64_t ch, int) {
         const int64_t i0 = ch * rc, cnt = std::min(rc, n - i0);
-        if (rows)
+        if (interleaved)
+            ks.gemm_interleaved(W.type, k, W.data + size_t(i0) * stride, cnt / cpu::kGroupRows, xa, xs,
+                                n_tokens, Y + i0, n);
+        else if (rows)
             ks.gemm_rows(W.type, k, W.data, stride, rows + i0, cnt, xa, xs, n_tokens, Y + i0, n);
         else
             ks.gemm(W.type, k, W.data + size_t(i0) * stride, stride, cnt, xa, xs, n_tokens, Y + i0, n);
@@ -93,6 +103,8 @@ void matmul_rows(ThreadPool& pool, const Tensor& W, const int32_t* rows, int64_t
 void axpy_rows(ThreadPool& pool, const Tensor& W, const int32_t* rows, int64_t n, const float* C,
                int64_t n_tokens, float* Y, std::vector<float>& scratch) {
     check_weight(W, "axpy_rows");
+    if (W.layout != RowLayout::PLAIN)
+        fail(strfmt("axpy_rows: tensor '%s' is stored interleaved", W.name.c_str()));
     check_rows(W, rows, n, "axpy_rows");
     if (n_tokens <= 0) return;
     const cpu::KernelSet& ks = cpu::kernels();
@@ -141,6 +153,37 @@ void axpy_rows(ThreadPool& pool, const Tensor& W, const int32_t* rows, int64_t n
             Y[j] = s;
         }
     });
+}
+
+bool can_interleave(const Tensor& W) {
+    return W.layout == RowLayout::PLAIN && W.n_dims == 2 && cpu::can_interleave(W.type, W.ne[0], W.ne[1]);
+}
+
+std::unique_ptr<OwnedTensor> interleave(ThreadPool& pool, const Tensor& W) {
+    if (!can_interleave(W)) fail(strfmt("tensor '%s' cannot be interleaved", W.name.c_str()));
+    const int64_t k = W.ne[0], n_groups = W.ne[1] / cpu::kGroupRows;
+    const size_t bytes = size_t(n_groups) * cpu::group_bytes(k);
+    // 2 MiB alignment and MADV_HUGEPAGE: fewer page faults while copying, fewer TLB misses after.
+    constexpr size_t kHuge = size_t(2) << 20;
+    void* p = std::aligned_alloc(kHuge, (bytes + kHuge - 1) / kHuge * kHuge);
+    if (!p) fail(strfmt("out of memory interleaving '%s' (%zu MB)", W.name.c_str(), bytes >> 20));
+    auto out = std::make_unique<OwnedTensor>();
+    out->buf = {static_cast<uint8_t*>(p), std::free};
+#if defined(MADV_HUGEPAGE)
+    ::madvise(p, (bytes + kHuge - 1) / kHuge * kHuge, MADV_HUGEPAGE);  // advice only: failure is harmless
+#endif
+    constexpr int64_t kGroupsPerTask = 16;
+    const size_t stride = W.row_stride();
+    pool.parallel_for((n_groups + kGroupsPerTask - 1) / kGroupsPerTask, [&](int64_t task, int) {
+        const int64_t g0 = task * kGroupsPerTask, cnt = std::min(kGroupsPerTask, n_groups - g0);
+        cpu::interleave_rows(k, W.data + size_t(g0) * cpu::kGroupRows * stride, stride, cnt,
+                             out->buf.get() + size_t(g0) * cpu::group_bytes(k));
+    });
+    out->t = W;
+    out->t.layout = RowLayout::INTERLEAVED8;
+    out->t.data = out->buf.get();
+    out->t.nbytes = bytes;
+    return out;
 }
 
 }  // namespace ps

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "tensor.h"
@@ -31,5 +32,15 @@ void matmul_rows(ThreadPool& pool, const Tensor& W, const int32_t* rows, int64_t
 // columns instead and sums every row in index order. `scratch` holds the partial sums.
 void axpy_rows(ThreadPool& pool, const Tensor& W, const int32_t* rows, int64_t n, const float* C,
                int64_t n_tokens, float* Y, std::vector<float>& scratch);
+
+// A copy of a weight in the interleaved layout (cpu/kernels.h, "Interleaved rows"), made at
+// load for weights that matmul always reads whole; `t` views `buf`, which this owns.
+struct OwnedTensor {
+    Tensor t;
+    std::unique_ptr<uint8_t, void (*)(void*)> buf{nullptr, nullptr};
+};
+bool can_interleave(const Tensor& W);
+// Throws if !can_interleave(W) or memory runs out.
+std::unique_ptr<OwnedTensor> interleave(ThreadPool& pool, const Tensor& W);
 
 }  // namespace ps

@@ -247,6 +247,7 @@ NB_MODULE(_core, m) {
             d["n_prompt_tokens"] = s.n_prompt_tokens; d["n_decode_tokens"] = s.n_decode_tokens;
             d["prompt_seconds"] = s.prompt_seconds; d["decode_seconds"] = s.decode_seconds;
             d["weight_bytes_per_token"] = s.weight_bytes_per_token;
+            d["n_interleaved"] = s.n_interleaved;
             // per layer, averaged over the tokens seen (NaN where the strategy cannot know)
             nb::list active, predicted, recall, ffn_bytes;
             for (const auto& l : s.layers) {
@@ -316,7 +317,7 @@ NB_MODULE(_core, m) {
         return to_bytes(out);
     }, "type"_a, "x"_a);
     t.def("gemm", [](const std::string& isa, uint32_t type, nb::bytes W, int64_t nr, int64_t k,
-                     nb::ndarray<const float, nb::ndim<2>, nb::c_contig> X) {
+                     nb::ndarray<const float, nb::ndim<2>, nb::c_contig> X, bool interleaved) {
         const ps::cpu::KernelSet* ks = ps::cpu::kernels_for(isa.c_str());
         if (!ks) throw ps::Error("isa not available: " + isa);
         auto ty = ps::GgmlType(type);
@@ -328,11 +329,19 @@ NB_MODULE(_core, m) {
         std::vector<uint8_t> xa(xs * size_t(nc));
         for (int64_t c = 0; c < nc; ++c) ks->quantize_act(ty, X.data() + c * k, xa.data() + c * xs, k);
         std::vector<float> Y(size_t(nc * nr));
-        ks->gemm(ty, k, W.c_str(), ps::row_bytes(ty, k), nr, xa.data(), xs, nc, Y.data(), nr);
+        if (interleaved) {  // the kernel on the interleaved copy (cpu/kernels.h, "Interleaved rows")
+            if (!ps::cpu::can_interleave(ty, k, nr)) throw ps::Error("this type/shape cannot be interleaved");
+            std::vector<uint8_t> il(size_t(nr / ps::cpu::kGroupRows) * ps::cpu::group_bytes(k));
+            ps::cpu::interleave_rows(k, reinterpret_cast<const uint8_t*>(W.c_str()), ps::row_bytes(ty, k),
+                                     nr / ps::cpu::kGroupRows, il.data());
+            ks->gemm_interleaved(ty, k, il.data(), nr / ps::cpu::kGroupRows, xa.data(), xs, nc, Y.data(), nr);
+        } else {
+            ks->gemm(ty, k, W.c_str(), ps::row_bytes(ty, k), nr, xa.data(), xs, nc, Y.data(), nr);
+        }
         return owned_array(std::move(Y), {size_t(nc), size_t(nr)});
-    }, "isa"_a, "type"_a, "W"_a, "nr"_a, "k"_a, "X"_a);
+    }, "isa"_a, "type"_a, "W"_a, "nr"_a, "k"_a, "X"_a, "interleaved"_a = false);
     t.def("matmul", [](uint32_t type, nb::bytes W, int64_t nr, int64_t k,
-                       nb::ndarray<const float, nb::ndim<2>, nb::c_contig> X, int n_threads) {
+                       nb::ndarray<const float, nb::ndim<2>, nb::c_contig> X, int n_threads, bool interleaved) {
         ps::Tensor w;
         w.name = "w"; w.type = ps::GgmlType(type); w.n_dims = 2; w.ne[0] = k; w.ne[1] = nr;
         if (!ps::type_supported(w.type) || k % ps::type_info(type)->block_size != 0 ||
@@ -343,9 +352,11 @@ NB_MODULE(_core, m) {
         std::vector<float> Y(size_t(nt * nr));
         std::vector<uint8_t> scratch;
         ps::ThreadPool pool(n_threads);
-        ps::matmul(pool, w, X.data(), nt, Y.data(), scratch);
+        std::unique_ptr<ps::OwnedTensor> il;  // the model's interleaved copy, when asked for
+        if (interleaved) il = ps::interleave(pool, w);
+        ps::matmul(pool, il ? il->t : w, X.data(), nt, Y.data(), scratch);
         return owned_array(std::move(Y), {size_t(nt), size_t(nr)});
-    }, "type"_a, "W"_a, "nr"_a, "k"_a, "X"_a, "n_threads"_a);
+    }, "type"_a, "W"_a, "nr"_a, "k"_a, "X"_a, "n_threads"_a, "interleaved"_a = false);
     t.attr("gguf_summary") = m.attr("gguf_summary");
     // Loader/weight-type hooks for tests/test_gguf.py and tests/test_quant.py.
     t.def("gguf_tensor_bytes", [](const std::string& path, const std::string& name) {
@@ -515,19 +526,28 @@ NB_MODULE(_core, m) {
             mats[size_t(i)].data = reinterpret_cast<const uint8_t*>(W.c_str()) + size_t(i) * per;
         if (n_tokens < 1 || n_active < 0 || n_active > nr) throw ps::Error("bad sizes");
         nb::gil_scoped_release r;
+        ps::ThreadPool pool(n_threads);
+        std::vector<std::unique_ptr<ps::OwnedTensor>> owned;  // "matmul_interleaved": the model's layout
+        if (op == "matmul_interleaved") {
+            if (!ps::can_interleave(probe.t)) throw ps::Error("this type/shape cannot be interleaved");
+            for (ps::Tensor& m : mats) {
+                owned.push_back(ps::interleave(pool, m));
+                m = owned.back()->t;
+            }
+        }
         const bool axpy = op == "axpy_rows";
         std::vector<float> X(size_t(n_tokens * (axpy ? n_active : k)));
         for (size_t i = 0; i < X.size(); ++i) X[i] = float(int(i * 2654435761u % 1000) - 500) * 1e-3f;
-        std::vector<float> Y(size_t(n_tokens * (axpy ? k : (op == "matmul" ? nr : n_active))));
+        const bool whole = op == "matmul" || op == "matmul_interleaved";
+        std::vector<float> Y(size_t(n_tokens * (axpy ? k : (whole ? nr : n_active))));
         std::vector<int32_t> rows(static_cast<size_t>(n_active));
         for (int64_t i = 0; i < n_active; ++i) rows[size_t(i)] = int32_t(i * nr / std::max<int64_t>(n_active, 1));
         std::vector<uint8_t> scratch;
         std::vector<float> fscratch;
-        ps::ThreadPool pool(n_threads);
         int64_t iters = 0;
         auto once = [&] {
             const ps::Tensor& w = mats[size_t(iters % n_copies)];
-            if (op == "matmul") ps::matmul(pool, w, X.data(), n_tokens, Y.data(), scratch);
+            if (whole) ps::matmul(pool, w, X.data(), n_tokens, Y.data(), scratch);
             else if (op == "matmul_rows") ps::matmul_rows(pool, w, rows.data(), n_active, X.data(), n_tokens, Y.data(), scratch);
             else if (axpy) ps::axpy_rows(pool, w, rows.data(), n_active, X.data(), n_tokens, Y.data(), fscratch);
             else throw ps::Error("unknown op " + op);

@@ -143,7 +143,9 @@ class Model:
         of weights the last decoded token read, and per layer (lists of n_layer, averaged over
         tokens): ``active_fraction`` (neurons whose activation is non-zero, where the strategy
         computes it), ``predicted_fraction`` and ``recall`` (predict; recall needs
-        ``diag_recall=True``), ``ffn_bytes_per_token``."""
+        ``diag_recall=True``), ``ffn_bytes_per_token``; and ``n_interleaved``, the weight
+        matrices re-laid out at load for faster matrix products (Q4_0 read whole; set
+        ``PROSPARSE_INTERLEAVE=0`` to keep the file's layout)."""
         s = self._native().stats()
         s["prompt_tokens_per_second"] = s["n_prompt_tokens"] / s["prompt_seconds"] if s["prompt_seconds"] else 0.0
         s["decode_tokens_per_second"] = s["n_decode_tokens"] / s["decode_seconds"] if s["decode_seconds"] else 0.0

@@ -47,6 +47,31 @@ struct Q8Act {
           sum(reinterpret_cast<I32*>(row + nb * (QK + sizeof(float)))) {}
 };
 
+// ---- Interleaved rows ---------------------------------------------------------------------------
+// Q4_0 weights that matmul always reads whole (attention, output, the dense FFN, the predictor)
+// are re-laid out at load in groups of 8 rows, as llama.cpp repacks Q4_0 into Q4_0x8 (the layout
+// here is our own). With plain rows every weight row redoes the activation-side work of a block
+// and converts its own fp16 scale, which made decode compute-bound on one core (15 GB/s on Zen 4).
+// A group of 8 rows is nb blocks of block_q4_0x8, the same bytes as 8 plain rows:
+//   d[i]:            row i's fp16 scale of the block;
+//   qs[m * 32 + 4i]: bytes 4m..4m+3 of row i's 16 nibble bytes, that is columns 4m..4m+3 (low
+//                    nibbles) and 16+4m..16+4m+3 (high nibbles) of the block.
+// One 32-byte chunk then holds 8 rows' codes for the same 4+4 activation values (one vpdpbusd
+// with a broadcast activation word serves 8 rows), one load converts 8 scales, and a group is a
+// single sequential stream (scales and codes together, as the prefetcher wants).
+#pragma pack(push, 1)
+struct block_q4_0x8 { uint16_t d[8]; uint8_t qs[128]; };
+#pragma pack(pop)
+static_assert(sizeof(block_q4_0x8) == 8 * sizeof(block_q4_0), "block_q4_0x8 layout");
+constexpr int kGroupRows = 8;
+inline bool can_interleave(GgmlType w, int64_t k, int64_t n_rows) {
+    return w == GgmlType::Q4_0 && k % QK == 0 && n_rows % kGroupRows == 0 && n_rows > 0;
+}
+// Bytes of one group of 8 interleaved rows of k weights.
+inline size_t group_bytes(int64_t k) { return size_t(k / QK) * sizeof(block_q4_0x8); }
+// Interleaves n_groups groups of 8 plain Q4_0 rows (k weights, src_stride bytes apart) into dst.
+void interleave_rows(int64_t k, const uint8_t* src, size_t src_stride, int64_t n_groups, uint8_t* dst);
+
 struct KernelSet {
     const char* isa;  // "scalar", "avx2", "avx512"
 
@@ -74,6 +99,12 @@ struct KernelSet {
     // split the columns (at block boundaries, offsetting W by row_bytes(w, j0)) freely.
     void (*axpy_rows)(GgmlType w, int64_t k, const void* W, size_t w_stride, const int32_t* rows,
                       int64_t n, const float* C, int64_t ldc, int64_t nc, float* Y, int64_t ldy);
+
+    // gemm over interleaved rows (n_groups groups of 8, see above):
+    // Y[c * ldy + 8g + i] = dot(row i of group g, activation row c). Per row, the same operations
+    // in every instruction set (bitwise the same results).
+    void (*gemm_interleaved)(GgmlType w, int64_t k, const void* W, int64_t n_groups, const void* X,
+                             size_t x_stride, int64_t nc, float* Y, int64_t ldy);
 };
 
 // The best set this CPU supports, chosen once. PROSPARSE_ISA=scalar|avx2|avx512 forces one.

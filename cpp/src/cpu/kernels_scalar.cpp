@@ -258,6 +258,34 @@ void axpy_rows(GgmlType w, int64_t k, const void* W, size_t w_stride, const int3
     }
 }
 
+// The reference for every instruction set: per row, the block's integer dot (with the -8 offset
+// of the codes as -8 * sum(x)) times (row scale * activation scale), fma-accumulated over blocks.
+void gemm_interleaved(GgmlType w, int64_t k, const void* W, int64_t n_groups, const void* X,
+                      size_t x_stride, int64_t nc, float* Y, int64_t ldy) {
+    if (w != GgmlType::Q4_0) fail(strfmt("no interleaved kernel for weight type %s", type_name(w)));
+    const int64_t nb = k / QK;
+    for (int64_t g = 0; g < n_groups; ++g) {
+        const auto* blk = reinterpret_cast<const block_q4_0x8*>(static_cast<const uint8_t*>(W) + size_t(g) * group_bytes(k));
+        for (int64_t c = 0; c < nc; ++c) {
+            const Q8Act<const uint8_t> x(static_cast<const uint8_t*>(X) + size_t(c) * x_stride, nb);
+            for (int i = 0; i < kGroupRows; ++i) {
+                float acc = 0.0f;
+                for (int64_t b = 0; b < nb; ++b) {
+                    const int8_t* xq = x.qs + b * QK;
+                    int s = -8 * x.sum[b];
+                    for (int m = 0; m < 4; ++m)
+                        for (int j = 0; j < 4; ++j) {
+                            const uint8_t q = blk[b].qs[m * 32 + i * 4 + j];
+                            s += (q & 0x0F) * xq[4 * m + j] + (q >> 4) * xq[QK / 2 + 4 * m + j];
+                        }
+                    acc = std::fma(float(s), half_to_float(blk[b].d[i]) * x.d[b], acc);
+                }
+                Y[c * ldy + g * kGroupRows + i] = acc;
+            }
+        }
+    }
+}
+
 }  // namespace
 
 size_t act_row_bytes(GgmlType w, int64_t k) {
@@ -273,6 +301,6 @@ size_t act_row_bytes(GgmlType w, int64_t k) {
     }
 }
 
-const KernelSet kScalarKernels = {"scalar", quantize_act, gemm, gemm_rows, axpy_rows};
+const KernelSet kScalarKernels = {"scalar", quantize_act, gemm, gemm_rows, axpy_rows, gemm_interleaved};
 
 }  // namespace ps::cpu
