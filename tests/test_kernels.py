@@ -170,35 +170,42 @@ def test_matmul_bitwise_identical_for_1_2_3_threads(name):
 
 # ---- interleaved rows (Q4_0 weights that matmul reads whole, re-laid out 8 rows a group) --------
 
+IL_TYPES = ["Q4_0", "Q4_1", "Q8_0"]
+
+
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("name", IL_TYPES)
 @pytest.mark.parametrize("nc", [1, 3, 6])
-def test_interleaved_gemm_matches_numpy_and_equals_scalar_bitwise(isa, nc):
-    nr, k = 40, k_for("Q4_0")  # 5 groups of 8 rows
-    wb, wd = make_weights("Q4_0", nr, k, seed=7)
+def test_interleaved_gemm_matches_numpy_and_equals_scalar_bitwise(isa, name, nc):
+    nr, k = 40, k_for(name)  # 5 groups of 8 rows
+    qt = int(TYPES[name])
+    wb, wd = make_weights(name, nr, k, seed=7)
     x = np.random.default_rng(20 + nc).standard_normal((nc, k)).astype(np.float32)
-    xq = act_as_kernels_see_it("Q4_0", x)
-    got = T.gemm(isa, int(QT.Q4_0), wb, nr, k, x, interleaved=True)
+    xq = act_as_kernels_see_it(name, x)
+    got = T.gemm(isa, qt, wb, nr, k, x, interleaved=True)
     assert got.shape == (nc, nr)
-    assert np.all(np.abs(got - xq @ wd.T) <= dot_bound("Q4_0", k, xq, wd))
+    assert np.all(np.abs(got - xq @ wd.T) <= dot_bound(name, k, xq, wd))
     # every instruction set does the same operations per row as the scalar reference
-    np.testing.assert_array_equal(got, T.gemm("scalar", int(QT.Q4_0), wb, nr, k, x, interleaved=True))
+    np.testing.assert_array_equal(got, T.gemm("scalar", qt, wb, nr, k, x, interleaved=True))
     # and agrees with the plain layout up to float rounding
-    plain = T.gemm(isa, int(QT.Q4_0), wb, nr, k, x)
-    assert np.all(np.abs(got - plain) <= 2 * dot_bound("Q4_0", k, xq, wd))
+    plain = T.gemm(isa, qt, wb, nr, k, x)
+    assert np.all(np.abs(got - plain) <= 2 * dot_bound(name, k, xq, wd))
 
 
-def test_interleaved_matmul_bitwise_identical_for_1_2_3_threads():
+@pytest.mark.parametrize("name", IL_TYPES)
+def test_interleaved_matmul_bitwise_identical_for_1_2_3_threads(name):
     nr, k = 1040, 1024  # 130 groups: several chunks, the last one short
-    wb, _ = make_weights("Q4_0", nr, k, seed=8)
+    qt = int(TYPES[name])
+    wb, _ = make_weights(name, nr, k, seed=8)
     for nt in (1, 5):
         x = np.random.default_rng(nt).standard_normal((nt, k)).astype(np.float32)
-        outs = [T.matmul(int(QT.Q4_0), wb, nr, k, x, n, interleaved=True) for n in (1, 2, 3)]
+        outs = [T.matmul(qt, wb, nr, k, x, n, interleaved=True) for n in (1, 2, 3)]
         for o in outs[1:]:
             np.testing.assert_array_equal(o, outs[0])
-        np.testing.assert_array_equal(outs[0], T.gemm(T.active_isa(), int(QT.Q4_0), wb, nr, k, x, interleaved=True))
+        np.testing.assert_array_equal(outs[0], T.gemm(T.active_isa(), qt, wb, nr, k, x, interleaved=True))
 
 
-@pytest.mark.parametrize("name,nr", [("Q4_0", 36), ("Q8_0", 40), ("Q4_1", 40)])
+@pytest.mark.parametrize("name,nr", [("Q4_0", 36), ("Q8_0", 20), ("F16", 40)])
 def test_interleaving_refuses_other_types_and_row_counts(name, nr):
     wb, _ = make_weights(name, nr, k_for(name))
     x = np.ones((1, k_for(name)), dtype=np.float32)

@@ -300,8 +300,14 @@ void Model::choose_strategy(const ModelParams& params) {
 
 // Weights that matmul always reads whole under the chosen strategy get an interleaved copy
 // (cpu/kernels.h, "Interleaved rows"): attention, output, predictor, and the FFN matrices the
-// strategy does not gather (gate for dense and exact, up for dense). The file's mapping is kept
-// for the rest. PROSPARSE_INTERLEAVE=0 turns this off (same results up to float rounding).
+// strategy does not gather (gate for dense and exact; up for dense, only where the activation
+// is dense). The file's mapping is kept for the rest. PROSPARSE_INTERLEAVE=0 turns this off
+// (same results up to float rounding).
+//
+// Up stays plain on sparse models even for dense: exact gathers its rows, and a row's dot is the
+// same bits gathered or not only in the same layout. Dense and exact then compute the same model
+// bit for bit, which their tests (and calibration, which measures with dense) rely on: a rounding
+// difference in up flips neurons that sit at a threshold.
 void Model::interleave_weights() {
     Impl& m = *impl_;
     const char* env = std::getenv("PROSPARSE_INTERLEAVE");
@@ -312,10 +318,11 @@ void Model::interleave_weights() {
         t = &m.interleaved.back()->t;
     };
     const FfnStrategy s = m.ffn_opt.strategy;
+    const bool sparse_act = hp_.act != Activation::SILU || !hp_.layer_thresholds.empty();
     for (LayerWeights& L : m.layers) {
         for (const Tensor** t : {&L.wq, &L.wk, &L.wv, &L.wo, &L.fc1, &L.fc2, &L.ffn_down}) swap_in(*t);
         if (s != FfnStrategy::PREDICT) swap_in(L.ffn_gate);
-        if (s == FfnStrategy::DENSE) swap_in(L.ffn_up);
+        if (s == FfnStrategy::DENSE && !sparse_act) swap_in(L.ffn_up);
     }
     swap_in(m.output);  // a tied output gets its own copy; the embedding rows stay in the file
     stats_.n_interleaved = int64_t(m.interleaved.size());

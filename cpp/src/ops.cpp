@@ -162,7 +162,7 @@ bool can_interleave(const Tensor& W) {
 std::unique_ptr<OwnedTensor> interleave(ThreadPool& pool, const Tensor& W) {
     if (!can_interleave(W)) fail(strfmt("tensor '%s' cannot be interleaved", W.name.c_str()));
     const int64_t k = W.ne[0], n_groups = W.ne[1] / cpu::kGroupRows;
-    const size_t bytes = size_t(n_groups) * cpu::group_bytes(k);
+    const size_t bytes = size_t(n_groups) * cpu::group_bytes(W.type, k);
     // 2 MiB alignment and MADV_HUGEPAGE: fewer page faults while copying, fewer TLB misses after.
     constexpr size_t kHuge = size_t(2) << 20;
     void* p = std::aligned_alloc(kHuge, (bytes + kHuge - 1) / kHuge * kHuge);
@@ -176,8 +176,8 @@ std::unique_ptr<OwnedTensor> interleave(ThreadPool& pool, const Tensor& W) {
     const size_t stride = W.row_stride();
     pool.parallel_for((n_groups + kGroupsPerTask - 1) / kGroupsPerTask, [&](int64_t task, int) {
         const int64_t g0 = task * kGroupsPerTask, cnt = std::min(kGroupsPerTask, n_groups - g0);
-        cpu::interleave_rows(k, W.data + size_t(g0) * cpu::kGroupRows * stride, stride, cnt,
-                             out->buf.get() + size_t(g0) * cpu::group_bytes(k));
+        cpu::interleave_rows(W.type, k, W.data + size_t(g0) * cpu::kGroupRows * stride, stride, cnt,
+                             out->buf.get() + size_t(g0) * cpu::group_bytes(W.type, k));
     });
     out->t = W;
     out->t.layout = RowLayout::INTERLEAVED8;

@@ -331,8 +331,8 @@ NB_MODULE(_core, m) {
         std::vector<float> Y(size_t(nc * nr));
         if (interleaved) {  // the kernel on the interleaved copy (cpu/kernels.h, "Interleaved rows")
             if (!ps::cpu::can_interleave(ty, k, nr)) throw ps::Error("this type/shape cannot be interleaved");
-            std::vector<uint8_t> il(size_t(nr / ps::cpu::kGroupRows) * ps::cpu::group_bytes(k));
-            ps::cpu::interleave_rows(k, reinterpret_cast<const uint8_t*>(W.c_str()), ps::row_bytes(ty, k),
+            std::vector<uint8_t> il(size_t(nr / ps::cpu::kGroupRows) * ps::cpu::group_bytes(ty, k));
+            ps::cpu::interleave_rows(ty, k, reinterpret_cast<const uint8_t*>(W.c_str()), ps::row_bytes(ty, k),
                                      nr / ps::cpu::kGroupRows, il.data());
             ks->gemm_interleaved(ty, k, il.data(), nr / ps::cpu::kGroupRows, xa.data(), xs, nc, Y.data(), nr);
         } else {

@@ -144,7 +144,8 @@ class Model:
         tokens): ``active_fraction`` (neurons whose activation is non-zero, where the strategy
         computes it), ``predicted_fraction`` and ``recall`` (predict; recall needs
         ``diag_recall=True``), ``ffn_bytes_per_token``; and ``n_interleaved``, the weight
-        matrices re-laid out at load for faster matrix products (Q4_0 read whole; set
+        matrices re-laid out at load for faster matrix products (Q4_0, Q4_1 and Q8_0 matrices
+        read whole; set
         ``PROSPARSE_INTERLEAVE=0`` to keep the file's layout)."""
         s = self._native().stats()
         s["prompt_tokens_per_second"] = s["n_prompt_tokens"] / s["prompt_seconds"] if s["prompt_seconds"] else 0.0

@@ -48,29 +48,37 @@ struct Q8Act {
 };
 
 // ---- Interleaved rows ---------------------------------------------------------------------------
-// Q4_0 weights that matmul always reads whole (attention, output, the dense FFN, the predictor)
-// are re-laid out at load in groups of 8 rows, as llama.cpp repacks Q4_0 into Q4_0x8 (the layout
-// here is our own). With plain rows every weight row redoes the activation-side work of a block
-// and converts its own fp16 scale, which made decode compute-bound on one core (15 GB/s on Zen 4).
-// A group of 8 rows is nb blocks of block_q4_0x8, the same bytes as 8 plain rows:
-//   d[i]:            row i's fp16 scale of the block;
-//   qs[m * 32 + 4i]: bytes 4m..4m+3 of row i's 16 nibble bytes, that is columns 4m..4m+3 (low
-//                    nibbles) and 16+4m..16+4m+3 (high nibbles) of the block.
-// One 32-byte chunk then holds 8 rows' codes for the same 4+4 activation values (one vpdpbusd
-// with a broadcast activation word serves 8 rows), one load converts 8 scales, and a group is a
-// single sequential stream (scales and codes together, as the prefetcher wants).
+// Q4_0, Q4_1 and Q8_0 weights that matmul always reads whole (attention, output, the dense FFN,
+// the predictor) are re-laid out at load in groups of 8 rows, as llama.cpp repacks Q4_0 into
+// Q4_0x8 (the layout here is our own). With plain rows every weight row redoes the
+// activation-side work of a block and converts its own fp16 scale, which made decode
+// compute-bound on one core (15 GB/s on Zen 4). A group of 8 rows is nb blocks of the type's
+// x8 block, the same bytes as 8 plain rows:
+//   d[i] (and m[i]):   row i's fp16 scale (and min) of the block;
+//   qs[m * 32 + 4i]:   Q4_0/Q4_1: bytes 4m..4m+3 (m < 4) of row i's 16 nibble bytes, that is
+//                      columns 4m..4m+3 (low nibbles) and 16+4m..16+4m+3 (high nibbles);
+//                      Q8_0: bytes 4m..4m+3 (m < 8) of row i's codes, columns 4m..4m+3.
+// One 32-byte chunk then holds 8 rows' codes for the same activation values (one vpdpbusd with a
+// broadcast activation word serves 8 rows), one load converts 8 scales, and a group is a single
+// sequential stream (scales and codes together, as the prefetcher wants).
 #pragma pack(push, 1)
 struct block_q4_0x8 { uint16_t d[8]; uint8_t qs[128]; };
+struct block_q4_1x8 { uint16_t d[8]; uint16_t m[8]; uint8_t qs[128]; };
+struct block_q8_0x8 { uint16_t d[8]; int8_t qs[256]; };
 #pragma pack(pop)
 static_assert(sizeof(block_q4_0x8) == 8 * sizeof(block_q4_0), "block_q4_0x8 layout");
+static_assert(sizeof(block_q4_1x8) == 8 * sizeof(block_q4_1), "block_q4_1x8 layout");
+static_assert(sizeof(block_q8_0x8) == 8 * sizeof(block_q8_0), "block_q8_0x8 layout");
 constexpr int kGroupRows = 8;
 inline bool can_interleave(GgmlType w, int64_t k, int64_t n_rows) {
-    return w == GgmlType::Q4_0 && k % QK == 0 && n_rows % kGroupRows == 0 && n_rows > 0;
+    const bool type_ok = w == GgmlType::Q4_0 || w == GgmlType::Q4_1 || w == GgmlType::Q8_0;
+    return type_ok && k > 0 && k % QK == 0 && n_rows % kGroupRows == 0 && n_rows > 0;
 }
-// Bytes of one group of 8 interleaved rows of k weights.
-inline size_t group_bytes(int64_t k) { return size_t(k / QK) * sizeof(block_q4_0x8); }
-// Interleaves n_groups groups of 8 plain Q4_0 rows (k weights, src_stride bytes apart) into dst.
-void interleave_rows(int64_t k, const uint8_t* src, size_t src_stride, int64_t n_groups, uint8_t* dst);
+// Bytes of one group of 8 interleaved rows of k weights (of a type can_interleave accepts).
+inline size_t group_bytes(GgmlType w, int64_t k) { return weight_bytes(w, k) * kGroupRows; }
+// Interleaves n_groups groups of 8 plain rows (k weights, src_stride bytes apart) into dst.
+void interleave_rows(GgmlType w, int64_t k, const uint8_t* src, size_t src_stride, int64_t n_groups,
+                     uint8_t* dst);
 
 struct KernelSet {
     const char* isa;  // "scalar", "avx2", "avx512"

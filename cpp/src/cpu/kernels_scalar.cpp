@@ -258,29 +258,65 @@ void axpy_rows(GgmlType w, int64_t k, const void* W, size_t w_stride, const int3
     }
 }
 
-// The reference for every instruction set: per row, the block's integer dot (with the -8 offset
-// of the codes as -8 * sum(x)) times (row scale * activation scale), fma-accumulated over blocks.
+// The reference for every instruction set: per row and block, the integer dot of codes and
+// activation codes (Q4_0's -8 offset as -8 * sum(x)), times (row scale * activation scale),
+// fma-accumulated over blocks; Q4_1 then adds min * (activation scale * sum(x)) by a second fma.
+template <GgmlType T>
+void interleaved_group(int64_t nb, const uint8_t* G, const uint8_t* xr, int i, float* out) {
+    float acc = 0.0f;
+    for (int64_t b = 0; b < nb; ++b) {
+        if constexpr (T == GgmlType::Q4_1) {
+            const auto& blk = reinterpret_cast<const block_q4_1x8*>(G)[b];
+            const auto& x = reinterpret_cast<const block_q8_1*>(xr)[b];
+            int s = 0;
+            for (int m = 0; m < 4; ++m)
+                for (int j = 0; j < 4; ++j) {
+                    const uint8_t q = blk.qs[m * 32 + i * 4 + j];
+                    s += (q & 0x0F) * x.qs[4 * m + j] + (q >> 4) * x.qs[QK / 2 + 4 * m + j];
+                }
+            acc = std::fma(float(s), half_to_float(blk.d[i]) * x.d, acc);
+            acc = std::fma(half_to_float(blk.m[i]), x.s, acc);
+        } else {
+            const Q8Act<const uint8_t> x(xr, nb);
+            const int8_t* xq = x.qs + b * QK;
+            int s = 0;
+            uint16_t d;
+            if constexpr (T == GgmlType::Q4_0) {
+                const auto& blk = reinterpret_cast<const block_q4_0x8*>(G)[b];
+                s = -8 * x.sum[b];
+                for (int m = 0; m < 4; ++m)
+                    for (int j = 0; j < 4; ++j) {
+                        const uint8_t q = blk.qs[m * 32 + i * 4 + j];
+                        s += (q & 0x0F) * xq[4 * m + j] + (q >> 4) * xq[QK / 2 + 4 * m + j];
+                    }
+                d = blk.d[i];
+            } else {
+                const auto& blk = reinterpret_cast<const block_q8_0x8*>(G)[b];
+                for (int m = 0; m < 8; ++m)
+                    for (int j = 0; j < 4; ++j) s += blk.qs[m * 32 + i * 4 + j] * xq[4 * m + j];
+                d = blk.d[i];
+            }
+            acc = std::fma(float(s), half_to_float(d) * x.d[b], acc);
+        }
+    }
+    *out = acc;
+}
+
 void gemm_interleaved(GgmlType w, int64_t k, const void* W, int64_t n_groups, const void* X,
                       size_t x_stride, int64_t nc, float* Y, int64_t ldy) {
-    if (w != GgmlType::Q4_0) fail(strfmt("no interleaved kernel for weight type %s", type_name(w)));
     const int64_t nb = k / QK;
     for (int64_t g = 0; g < n_groups; ++g) {
-        const auto* blk = reinterpret_cast<const block_q4_0x8*>(static_cast<const uint8_t*>(W) + size_t(g) * group_bytes(k));
+        const uint8_t* G = static_cast<const uint8_t*>(W) + size_t(g) * group_bytes(w, k);
         for (int64_t c = 0; c < nc; ++c) {
-            const Q8Act<const uint8_t> x(static_cast<const uint8_t*>(X) + size_t(c) * x_stride, nb);
+            const uint8_t* xr = static_cast<const uint8_t*>(X) + size_t(c) * x_stride;
             for (int i = 0; i < kGroupRows; ++i) {
-                float acc = 0.0f;
-                for (int64_t b = 0; b < nb; ++b) {
-                    const int8_t* xq = x.qs + b * QK;
-                    int s = -8 * x.sum[b];
-                    for (int m = 0; m < 4; ++m)
-                        for (int j = 0; j < 4; ++j) {
-                            const uint8_t q = blk[b].qs[m * 32 + i * 4 + j];
-                            s += (q & 0x0F) * xq[4 * m + j] + (q >> 4) * xq[QK / 2 + 4 * m + j];
-                        }
-                    acc = std::fma(float(s), half_to_float(blk[b].d[i]) * x.d[b], acc);
+                float* out = Y + c * ldy + g * kGroupRows + i;
+                switch (w) {
+                    case GgmlType::Q4_0: interleaved_group<GgmlType::Q4_0>(nb, G, xr, i, out); break;
+                    case GgmlType::Q4_1: interleaved_group<GgmlType::Q4_1>(nb, G, xr, i, out); break;
+                    case GgmlType::Q8_0: interleaved_group<GgmlType::Q8_0>(nb, G, xr, i, out); break;
+                    default: fail(strfmt("no interleaved kernel for weight type %s", type_name(w)));
                 }
-                Y[c * ldy + g * kGroupRows + i] = acc;
             }
         }
     }
