@@ -63,7 +63,7 @@ struct Model::Impl {
     std::vector<float> scores;  // [thread][n_ctx]
     std::vector<uint8_t> act_buf;
     FfnScratch ffn;
-    std::vector<std::unique_ptr<OwnedTensor>> interleaved;  // copies the layer pointers view
+    std::unique_ptr<InterleavedSet> interleaved;  // copies the layer pointers view
     FfnOptions ffn_opt;
     double fixed_bytes_per_token = 0;
     // Calibration capture (Model::set_capture): per layer, the FFN's input residual stream and
@@ -312,20 +312,23 @@ void Model::interleave_weights() {
     Impl& m = *impl_;
     const char* env = std::getenv("PROSPARSE_INTERLEAVE");
     if (env && std::string(env) == "0") return;
-    auto swap_in = [&](const Tensor*& t) {
-        if (!t || !can_interleave(*t)) return;
-        m.interleaved.push_back(interleave(*m.pool, *t));
-        t = &m.interleaved.back()->t;
+    std::vector<const Tensor**> slots;  // the pointers to redirect to the copies
+    auto want = [&](const Tensor*& t) {
+        if (t && can_interleave(*t)) slots.push_back(&t);
     };
     const FfnStrategy s = m.ffn_opt.strategy;
     const bool sparse_act = hp_.act != Activation::SILU || !hp_.layer_thresholds.empty();
     for (LayerWeights& L : m.layers) {
-        for (const Tensor** t : {&L.wq, &L.wk, &L.wv, &L.wo, &L.fc1, &L.fc2, &L.ffn_down}) swap_in(*t);
-        if (s != FfnStrategy::PREDICT) swap_in(L.ffn_gate);
-        if (s == FfnStrategy::DENSE && !sparse_act) swap_in(L.ffn_up);
+        for (const Tensor** t : {&L.wq, &L.wk, &L.wv, &L.wo, &L.fc1, &L.fc2, &L.ffn_down}) want(*t);
+        if (s != FfnStrategy::PREDICT) want(L.ffn_gate);
+        if (s == FfnStrategy::DENSE && !sparse_act) want(L.ffn_up);
     }
-    swap_in(m.output);  // a tied output gets its own copy; the embedding rows stay in the file
-    stats_.n_interleaved = int64_t(m.interleaved.size());
+    want(m.output);  // a tied output gets its own copy; the embedding rows stay in the file
+    std::vector<const Tensor*> src;
+    for (const Tensor** t : slots) src.push_back(*t);
+    m.interleaved = interleave(*m.pool, src);
+    for (size_t i = 0; i < slots.size(); ++i) *slots[i] = &m.interleaved->tensors[i];
+    stats_.n_interleaved = int64_t(slots.size());
 }
 
 int Model::n_threads() const { return impl_->pool->size(); }

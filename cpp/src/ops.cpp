@@ -159,30 +159,45 @@ bool can_interleave(const Tensor& W) {
     return W.layout == RowLayout::PLAIN && W.n_dims == 2 && cpu::can_interleave(W.type, W.ne[0], W.ne[1]);
 }
 
-std::unique_ptr<OwnedTensor> interleave(ThreadPool& pool, const Tensor& W) {
-    if (!can_interleave(W)) fail(strfmt("tensor '%s' cannot be interleaved", W.name.c_str()));
-    const int64_t k = W.ne[0], n_groups = W.ne[1] / cpu::kGroupRows;
-    const size_t bytes = size_t(n_groups) * cpu::group_bytes(W.type, k);
+std::unique_ptr<InterleavedSet> interleave(ThreadPool& pool, const std::vector<const Tensor*>& ws) {
+    // One block for all: a model has hundreds of matrices (SmolLM2: 211), and a 2 MiB-aligned
+    // block each would hold a huge page for every small one (600 MB resident for a 100 MB model).
+    constexpr size_t kAlign = 64;
+    std::vector<size_t> offset;
+    size_t total = 0;
+    for (const Tensor* W : ws) {
+        if (!can_interleave(*W)) fail(strfmt("tensor '%s' cannot be interleaved", W->name.c_str()));
+        offset.push_back(total);
+        total += (W->nbytes + kAlign - 1) / kAlign * kAlign;
+    }
+    auto out = std::make_unique<InterleavedSet>();
+    if (ws.empty()) return out;
     // 2 MiB alignment and MADV_HUGEPAGE: fewer page faults while copying, fewer TLB misses after.
     constexpr size_t kHuge = size_t(2) << 20;
-    void* p = std::aligned_alloc(kHuge, (bytes + kHuge - 1) / kHuge * kHuge);
-    if (!p) fail(strfmt("out of memory interleaving '%s' (%zu MB)", W.name.c_str(), bytes >> 20));
-    auto out = std::make_unique<OwnedTensor>();
+    const size_t alloc = (total + kHuge - 1) / kHuge * kHuge;
+    void* p = std::aligned_alloc(kHuge, alloc);
+    if (!p) fail(strfmt("out of memory for the interleaved weights (%zu MB)", total >> 20));
     out->buf = {static_cast<uint8_t*>(p), std::free};
 #if defined(MADV_HUGEPAGE)
-    ::madvise(p, (bytes + kHuge - 1) / kHuge * kHuge, MADV_HUGEPAGE);  // advice only: failure is harmless
+    ::madvise(p, alloc, MADV_HUGEPAGE);  // advice only: failure is harmless
 #endif
     constexpr int64_t kGroupsPerTask = 16;
-    const size_t stride = W.row_stride();
-    pool.parallel_for((n_groups + kGroupsPerTask - 1) / kGroupsPerTask, [&](int64_t task, int) {
-        const int64_t g0 = task * kGroupsPerTask, cnt = std::min(kGroupsPerTask, n_groups - g0);
-        cpu::interleave_rows(W.type, k, W.data + size_t(g0) * cpu::kGroupRows * stride, stride, cnt,
-                             out->buf.get() + size_t(g0) * cpu::group_bytes(W.type, k));
-    });
-    out->t = W;
-    out->t.layout = RowLayout::INTERLEAVED8;
-    out->t.data = out->buf.get();
-    out->t.nbytes = bytes;
+    for (size_t i = 0; i < ws.size(); ++i) {
+        const Tensor& W = *ws[i];
+        const int64_t k = W.ne[0], n_groups = W.ne[1] / cpu::kGroupRows;
+        const size_t stride = W.row_stride(), gb = cpu::group_bytes(W.type, k);
+        uint8_t* dst = out->buf.get() + offset[i];
+        pool.parallel_for((n_groups + kGroupsPerTask - 1) / kGroupsPerTask, [&](int64_t task, int) {
+            const int64_t g0 = task * kGroupsPerTask, cnt = std::min(kGroupsPerTask, n_groups - g0);
+            cpu::interleave_rows(W.type, k, W.data + size_t(g0) * cpu::kGroupRows * stride, stride, cnt,
+                                 dst + size_t(g0) * gb);
+        });
+        Tensor t = W;
+        t.layout = RowLayout::INTERLEAVED8;
+        t.data = dst;
+        t.nbytes = size_t(n_groups) * gb;
+        out->tensors.push_back(std::move(t));
+    }
     return out;
 }
 

@@ -5,6 +5,8 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
+#include <deque>
 #include <memory>
 #include <vector>
 
@@ -33,14 +35,14 @@ void matmul_rows(ThreadPool& pool, const Tensor& W, const int32_t* rows, int64_t
 void axpy_rows(ThreadPool& pool, const Tensor& W, const int32_t* rows, int64_t n, const float* C,
                int64_t n_tokens, float* Y, std::vector<float>& scratch);
 
-// A copy of a weight in the interleaved layout (cpu/kernels.h, "Interleaved rows"), made at
-// load for weights that matmul always reads whole; `t` views `buf`, which this owns.
-struct OwnedTensor {
-    Tensor t;
-    std::unique_ptr<uint8_t, void (*)(void*)> buf{nullptr, nullptr};
+// Interleaved copies (cpu/kernels.h, "Interleaved rows") of weights that matmul always reads
+// whole, made at load, all in one block of memory that this owns.
+struct InterleavedSet {
+    std::deque<Tensor> tensors;  // stable addresses: the layer weights point at them
+    std::unique_ptr<uint8_t, void (*)(void*)> buf{nullptr, std::free};
 };
 bool can_interleave(const Tensor& W);
-// Throws if !can_interleave(W) or memory runs out.
-std::unique_ptr<OwnedTensor> interleave(ThreadPool& pool, const Tensor& W);
+// Copies of ws (each must pass can_interleave, else this throws), in order. Throws if memory runs out.
+std::unique_ptr<InterleavedSet> interleave(ThreadPool& pool, const std::vector<const Tensor*>& ws);
 
 }  // namespace ps

@@ -352,9 +352,9 @@ NB_MODULE(_core, m) {
         std::vector<float> Y(size_t(nt * nr));
         std::vector<uint8_t> scratch;
         ps::ThreadPool pool(n_threads);
-        std::unique_ptr<ps::OwnedTensor> il;  // the model's interleaved copy, when asked for
-        if (interleaved) il = ps::interleave(pool, w);
-        ps::matmul(pool, il ? il->t : w, X.data(), nt, Y.data(), scratch);
+        std::unique_ptr<ps::InterleavedSet> il;  // the model's interleaved copy, when asked for
+        if (interleaved) il = ps::interleave(pool, {&w});
+        ps::matmul(pool, il ? il->tensors[0] : w, X.data(), nt, Y.data(), scratch);
         return owned_array(std::move(Y), {size_t(nt), size_t(nr)});
     }, "type"_a, "W"_a, "nr"_a, "k"_a, "X"_a, "n_threads"_a, "interleaved"_a = false);
     t.attr("gguf_summary") = m.attr("gguf_summary");
@@ -527,13 +527,12 @@ NB_MODULE(_core, m) {
         if (n_tokens < 1 || n_active < 0 || n_active > nr) throw ps::Error("bad sizes");
         nb::gil_scoped_release r;
         ps::ThreadPool pool(n_threads);
-        std::vector<std::unique_ptr<ps::OwnedTensor>> owned;  // "matmul_interleaved": the model's layout
+        std::unique_ptr<ps::InterleavedSet> owned;  // "matmul_interleaved": the model's layout
         if (op == "matmul_interleaved") {
-            if (!ps::can_interleave(probe.t)) throw ps::Error("this type/shape cannot be interleaved");
-            for (ps::Tensor& m : mats) {
-                owned.push_back(ps::interleave(pool, m));
-                m = owned.back()->t;
-            }
+            std::vector<const ps::Tensor*> src;
+            for (const ps::Tensor& m : mats) src.push_back(&m);
+            owned = ps::interleave(pool, src);
+            for (size_t i = 0; i < mats.size(); ++i) mats[i] = owned->tensors[i];
         }
         const bool axpy = op == "axpy_rows";
         std::vector<float> X(size_t(n_tokens * (axpy ? n_active : k)));
