@@ -52,7 +52,9 @@ struct Model::Impl {
     std::vector<LayerWeights> layers;
     std::vector<std::vector<float>> attn_norm, ffn_norm;
 
-    // KV cache: [layer][pos][n_head_kv * head_dim], f32 so that f32 models match references.
+    // KV cache: [layer][kv head][pos][head_dim], f32 so that f32 models match references. One
+    // head's keys (and values) are contiguous over positions: attention streams them, where the
+    // [pos][head] order put consecutive positions of a head 4 KB+ apart (one page each).
     FloatBuf k_cache, v_cache;
     size_t kv_layer_stride = 0;
 
@@ -438,8 +440,14 @@ void Model::eval(const int32_t* tokens, int n, bool all_logits, float* logits) {
                 rope(m.q.data() + size_t(t) * H, NH, HD, hp_.n_rot, cs);
                 rope(m.k.data() + size_t(t) * KV, NKV, HD, hp_.n_rot, cs);
             }
-            std::memcpy(kc + size_t(p0) * KV, m.k.data(), sizeof(float) * size_t(nb) * KV);
-            std::memcpy(vc + size_t(p0) * KV, m.v.data(), sizeof(float) * size_t(nb) * KV);
+            const size_t head_stride = size_t(n_ctx_) * size_t(HD);  // one KV head's [pos][head_dim]
+            for (int t = 0; t < nb; ++t)
+                for (int kvh = 0; kvh < NKV; ++kvh) {
+                    const size_t dst = size_t(kvh) * head_stride + size_t(p0 + t) * size_t(HD);
+                    const size_t src = size_t(t) * KV + size_t(kvh) * HD;
+                    std::memcpy(kc + dst, m.k.data() + src, sizeof(float) * size_t(HD));
+                    std::memcpy(vc + dst, m.v.data() + src, sizeof(float) * size_t(HD));
+                }
 
             // one task per (token, head): causal softmax(q k / sqrt(d)) v over the cache
             pool.parallel_for(int64_t(nb) * NH, [&](int64_t task, int thread) {
@@ -447,12 +455,13 @@ void Model::eval(const int32_t* tokens, int n, bool all_logits, float* logits) {
                 const int n_keys = p0 + t + 1;
                 const float* qh = m.q.data() + size_t(t) * H + size_t(h) * HD;
                 float* sc = m.scores.data() + size_t(thread) * size_t(n_ctx_);
-                for (int p = 0; p < n_keys; ++p)
-                    sc[p] = vec_dot(qh, kc + size_t(p) * KV + size_t(kvh) * HD, HD) * attn_scale;
+                const float* kh = kc + size_t(kvh) * head_stride;
+                const float* vh = vc + size_t(kvh) * head_stride;
+                for (int p = 0; p < n_keys; ++p) sc[p] = vec_dot(qh, kh + size_t(p) * HD, HD) * attn_scale;
                 softmax(sc, n_keys);
                 float* out = m.attn.data() + size_t(t) * H + size_t(h) * HD;
                 std::fill(out, out + HD, 0.0f);
-                for (int p = 0; p < n_keys; ++p) vec_axpy(out, sc[p], vc + size_t(p) * KV + size_t(kvh) * HD, HD);
+                for (int p = 0; p < n_keys; ++p) vec_axpy(out, sc[p], vh + size_t(p) * HD, HD);
             });
             matmul(pool, *L.wo, m.attn.data(), nb, m.branch.data(), m.act_buf);
             vec_add_scaled(m.x.data(), m.branch.data(), hp_.residual_scale, int64_t(nb) * E);
