@@ -108,6 +108,27 @@ def test_cli_writes_table_json_and_plot(dense_q4, tmp_path, capsys):
     assert len(list(tmp_path.glob("bench-*.png"))) == 1
 
 
+def test_rounds_pool_the_repetitions_of_every_configuration(dense_q4, tmp_path, capsys):
+    import json
+    from prosparse_bench import cli
+    assert cli.main(["-m", str(dense_q4), "--peer", "none", "-p", "8", "-n", "2", "-r", "1",
+                     "--rounds", "2", "-t", "1", "--results", str(tmp_path)]) == 0
+    assert "1 repetitions x 2 rounds" in capsys.readouterr().out
+    (js,) = tmp_path.glob("bench-*.json")
+    res = json.loads(js.read_text())
+    run = res["models"][0]["runs"][0]
+    assert res["rounds"] == 2
+    assert run["tg"]["n_tokens"] == [2, 2] and len(run["tg"]["rates"]) == 2
+    assert run["pp"]["n_tokens"] == [8, 8]
+
+
+@pytest.mark.parametrize("flag", ["--rounds", "-r"])
+def test_zero_rounds_or_repetitions_are_refused(flag):
+    from prosparse_bench import cli
+    with pytest.raises(SystemExit):
+        cli.main(["--peer", "none", flag, "0"])
+
+
 def test_7b_fatrelu_rank_spec_is_parsed_and_bad_ranks_refused(tmp_path, monkeypatch):
     from prosparse_bench import cli
 

@@ -121,6 +121,21 @@ def run_worker(python, runtime, model, args, sparsity=None, extra_bufts=False, o
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def _pool_rounds(a: dict, b: dict) -> dict:
+    """One configuration's results over two rounds: the repetitions of both (a failed round
+    fails the configuration); everything else from the first round."""
+    if "error" in a:
+        return a
+    if "error" in b:
+        return b
+    for t in ("pp", "tg"):
+        if t in a and t in b:
+            a[t]["seconds"] = list(a[t]["seconds"]) + list(b[t]["seconds"])
+            a[t]["n_tokens"] = list(a[t]["n_tokens"]) + list(b[t]["n_tokens"])
+    a["logits_finite"] = a.get("logits_finite", True) and b.get("logits_finite", True)
+    return a
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="prosparse-bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -132,6 +147,10 @@ def main(argv=None):
     ap.add_argument("-p", "--pp", type=int, default=512, help="prompt tokens (pp test; 0 skips)")
     ap.add_argument("-n", "--tg", type=int, default=128, help="decoded tokens (tg test; 0 skips)")
     ap.add_argument("-r", "--reps", type=int, default=3, help="repetitions (mean ± sd)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every configuration this many times in turn (round robin), pooling "
+                         "the repetitions: on a VM whose memory bandwidth drifts over minutes, each "
+                         "configuration then samples the whole run instead of one stretch of it")
     ap.add_argument("-t", "--threads", type=int, default=2, help="threads, same for both runtimes")
     ap.add_argument("-b", "--batch", type=int, default=512, help="prompt batch size, both runtimes")
     ap.add_argument("--qtype", default="q4_0", choices=["q4_0", "q8_0"], help="weights of the 7B shape")
@@ -161,6 +180,8 @@ def main(argv=None):
         waits = parse_omp_waits(args.peer_omp_wait)
     except ValueError as e:
         ap.error(str(e))
+    if args.rounds < 1 or args.reps < 1:
+        ap.error("--rounds and --reps must be >= 1")
 
     specs = args.model or ["smollm2", "7b"]
     peers = find_peers(args.peer)
@@ -168,7 +189,8 @@ def main(argv=None):
         print("prosparse-bench: no llama-cpp-python build found (run bench/setup_peer.sh); "
               "measuring prosparse-rt alone", file=sys.stderr)
     results = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "threads": args.threads,
-               "pp": args.pp, "tg": args.tg, "reps": args.reps, "dram_gbps": report.DRAM_GBPS,
+               "pp": args.pp, "tg": args.tg, "reps": args.reps, "rounds": args.rounds,
+               "dram_gbps": report.DRAM_GBPS,
                "cpu": _cpu_name(), "models": []}
     for spec in specs:
         try:
@@ -185,10 +207,18 @@ def main(argv=None):
         strategies = args.sparsity or ("dense,exact,predict" if spec.startswith("7b-fatrelu") else "dense")
         if not args.no_ours:
             jobs += [("ours", None, sys.executable, s, path, False, None) for s in strategies.split(",")]
-        for runtime, build, exe, sparsity, mpath, xbufts, wait in jobs:
-            label = f"{runtime}{' ' + build if build else ''}{' ' + sparsity if sparsity else ''}"
-            print(f"prosparse-bench: {name}: {label} ...", file=sys.stderr, flush=True)
-            r = run_worker(exe, runtime, mpath, args, sparsity, xbufts, wait)
+        pooled = [None] * len(jobs)
+        for rnd in range(args.rounds):
+            for j, (runtime, build, exe, sparsity, mpath, xbufts, wait) in enumerate(jobs):
+                label = f"{runtime}{' ' + build if build else ''}{' ' + sparsity if sparsity else ''}"
+                of = f" (round {rnd + 1}/{args.rounds})" if args.rounds > 1 else ""
+                print(f"prosparse-bench: {name}: {label}{of} ...", file=sys.stderr, flush=True)
+                r = run_worker(exe, runtime, mpath, args, sparsity, xbufts, wait)
+                if "error" not in r:
+                    print("  " + ", ".join(f"{t}: {report.summarize(r[t]['seconds'], r[t]['n_tokens'])[0]:.2f} tok/s"
+                                           for t in ("pp", "tg") if t in r), file=sys.stderr, flush=True)
+                pooled[j] = r if pooled[j] is None else _pool_rounds(pooled[j], r)
+        for (runtime, build, exe, sparsity, mpath, xbufts, wait), r in zip(jobs, pooled):
             r.setdefault("runtime", "llama.cpp" if runtime == "llama.cpp" else "prosparse-rt")
             r.setdefault("threads", args.threads)
             if build:
@@ -205,12 +235,11 @@ def main(argv=None):
                     mean, sd, rates = report.summarize(r[test]["seconds"], r[test]["n_tokens"])
                     r[test].update(mean=mean, sd=sd, rates=rates)
             if "error" in r:
-                print(f"  failed: {r['error']}", file=sys.stderr)
-            else:  # progress, so that an interrupted run still leaves its figures
-                print("  " + ", ".join(f"{t}: {r[t]['mean']:.2f} ± {r[t]['sd']:.2f} tok/s"
-                                       for t in ("pp", "tg") if t in r), file=sys.stderr, flush=True)
-                if not r.get("logits_finite", True):
-                    print("  warning: non-finite logits", file=sys.stderr)
+                print(f"prosparse-bench: {name}: {runtime} {build or sparsity or ''} failed: {r['error']}",
+                      file=sys.stderr)
+            elif not r.get("logits_finite", True):
+                print(f"prosparse-bench: {name}: {runtime} {build or sparsity or ''}: non-finite logits",
+                      file=sys.stderr)
             m["runs"].append(r)
         # a cross-check that both runtimes compute the same model: the greedy tokens of the first
         # tg repetition (same start token), ours dense vs each llama.cpp run
@@ -231,7 +260,8 @@ def main(argv=None):
     if args.output == "json":
         print(json.dumps(results, indent=1))
     else:
-        print(f"\n{args.threads} threads, pp{args.pp} / tg{args.tg}, {args.reps} repetitions, "
+        reps = f"{args.reps} repetitions" + (f" x {args.rounds} rounds" if args.rounds > 1 else "")
+        print(f"\n{args.threads} threads, pp{args.pp} / tg{args.tg}, {reps}, "
               f"{results['cpu']}; GB/s = weight bytes read per token x tok/s "
               f"(DRAM ~{report.DRAM_GBPS:.0f} GB/s)\n")
         print(report.markdown_table(results))

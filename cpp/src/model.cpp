@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <thread>
@@ -300,6 +301,22 @@ void Model::choose_strategy(const ModelParams& params) {
     strategy_ = strategy_name(s);
 }
 
+namespace {
+
+// MemAvailable from /proc/meminfo in bytes, or -1 where there is none (not Linux).
+int64_t available_memory_bytes() {
+    std::FILE* f = std::fopen("/proc/meminfo", "r");
+    if (!f) return -1;
+    char line[256];
+    long long kb = -1;
+    while (std::fgets(line, sizeof line, f))
+        if (std::sscanf(line, "MemAvailable: %lld kB", &kb) == 1) break;
+    std::fclose(f);
+    return kb < 0 ? -1 : int64_t(kb) * 1024;
+}
+
+}  // namespace
+
 // Weights that matmul always reads whole under the chosen strategy get an interleaved copy
 // (cpu/kernels.h, "Interleaved rows"): attention, output, predictor, and the FFN matrices the
 // strategy does not gather (gate for dense and exact; up for dense, only where the activation
@@ -327,7 +344,16 @@ void Model::interleave_weights() {
     }
     want(m.output);  // a tied output gets its own copy; the embedding rows stay in the file
     std::vector<const Tensor*> src;
-    for (const Tensor** t : slots) src.push_back(*t);
+    size_t bytes = 0;
+    for (const Tensor** t : slots) {
+        src.push_back(*t);
+        bytes += (*t)->nbytes;
+    }
+    // The copy is anonymous memory: if it would not fit in what the kernel reports available
+    // (page cache included, so the file's own pages count), keep the mapped file's layout rather
+    // than risk the OOM killer halfway through a generation.
+    const int64_t avail = available_memory_bytes();
+    if (avail >= 0 && double(bytes) > 0.8 * double(avail)) return;
     m.interleaved = interleave(*m.pool, src);
     for (size_t i = 0; i < slots.size(); ++i) *slots[i] = &m.interleaved->tensors[i];
     stats_.n_interleaved = int64_t(slots.size());
