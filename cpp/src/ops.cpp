@@ -168,7 +168,8 @@ std::unique_ptr<InterleavedSet> interleave(ThreadPool& pool, const std::vector<c
     for (const Tensor* W : ws) {
         if (!can_interleave(*W)) fail(strfmt("tensor '%s' cannot be interleaved", W->name.c_str()));
         offset.push_back(total);
-        total += (W->nbytes + kAlign - 1) / kAlign * kAlign;
+        const size_t bytes = size_t(W->ne[1] / cpu::kGroupRows) * cpu::group_bytes(W->type, W->ne[0]);
+        total += (bytes + kAlign - 1) / kAlign * kAlign;
     }
     auto out = std::make_unique<InterleavedSet>();
     if (ws.empty()) return out;
