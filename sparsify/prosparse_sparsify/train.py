@@ -241,7 +241,7 @@ class Trainer:
                                              "lower --lr or λ")
                 (loss / cfg.grad_accum).backward()
                 for k, v in (("loss", loss), ("lm_loss", lm), ("l1", l1), ("kl", kl)):
-                    tot[k] += float(v) / cfg.grad_accum
+                    tot[k] += float(v.detach() if torch.is_tensor(v) else v) / cfg.grad_accum
             sparsity = self.sp.sparsity()
             self.sp.stop()
             if cfg.max_grad_norm > 0:
