@@ -113,7 +113,9 @@ void quantize_act(GgmlType w, const float* x, void* xa, int64_t k) {
     }
 }
 
-// One dot product of a weight row with a converted activation row.
+// One dot product of a weight row with a converted activation row. Quantized types accumulate
+// per block as the interleaved reference below does (one fma of the block's integer dot, Q4_1 a
+// second for the min), so a row gives the same bits in either layout.
 float dot(GgmlType w, int64_t k, const uint8_t* wr, const uint8_t* xr) {
     float acc = 0.0f;
     switch (w) {
@@ -138,7 +140,7 @@ float dot(GgmlType w, int64_t k, const uint8_t* wr, const uint8_t* xr) {
             for (int64_t b = 0; b < k / QK; ++b) {
                 int sumi = 0;
                 for (int j = 0; j < QK; ++j) sumi += a[b].qs[j] * x.qs[b * QK + j];
-                acc += half_to_float(a[b].d) * x.d[b] * float(sumi);
+                acc = std::fma(float(sumi), half_to_float(a[b].d) * x.d[b], acc);
             }
             return acc;
         }
@@ -152,7 +154,7 @@ float dot(GgmlType w, int64_t k, const uint8_t* wr, const uint8_t* xr) {
                     sumi += ((a[b].qs[j] & 0x0F) - 8) * xq[j];
                     sumi += ((a[b].qs[j] >> 4) - 8) * xq[j + QK / 2];
                 }
-                acc += half_to_float(a[b].d) * x.d[b] * float(sumi);
+                acc = std::fma(float(sumi), half_to_float(a[b].d) * x.d[b], acc);
             }
             return acc;
         }
@@ -165,7 +167,8 @@ float dot(GgmlType w, int64_t k, const uint8_t* wr, const uint8_t* xr) {
                     sumi += (a[b].qs[j] & 0x0F) * x[b].qs[j];
                     sumi += (a[b].qs[j] >> 4) * x[b].qs[j + QK / 2];
                 }
-                acc += half_to_float(a[b].d) * x[b].d * float(sumi) + half_to_float(a[b].m) * x[b].s;
+                acc = std::fma(float(sumi), half_to_float(a[b].d) * x[b].d, acc);
+                acc = std::fma(half_to_float(a[b].m), x[b].s, acc);
             }
             return acc;
         }
