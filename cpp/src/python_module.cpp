@@ -329,12 +329,14 @@ NB_MODULE(_core, m) {
         std::vector<uint8_t> xa(xs * size_t(nc));
         for (int64_t c = 0; c < nc; ++c) ks->quantize_act(ty, X.data() + c * k, xa.data() + c * xs, k);
         std::vector<float> Y(size_t(nc * nr));
-        if (interleaved) {  // the kernel on the interleaved copy (cpu/kernels.h, "Interleaved rows")
-            if (!ps::cpu::can_interleave(ty, k, nr)) throw ps::Error("this type/shape cannot be interleaved");
-            std::vector<uint8_t> il(size_t(nr / ps::cpu::kGroupRows) * ps::cpu::group_bytes(ty, k));
-            ps::cpu::interleave_rows(ty, k, reinterpret_cast<const uint8_t*>(W.c_str()), ps::row_bytes(ty, k),
-                                     nr / ps::cpu::kGroupRows, il.data());
-            ks->gemm_interleaved(ty, k, il.data(), nr / ps::cpu::kGroupRows, xa.data(), xs, nc, Y.data(), nr);
+        if (interleaved) {  // the kernel on the model's interleaved copy (cpu/kernels.h, "Interleaved rows")
+            ps::Tensor w;
+            w.name = "w"; w.type = ty; w.n_dims = 2; w.ne[0] = k; w.ne[1] = nr;
+            w.data = reinterpret_cast<const uint8_t*>(W.c_str()); w.nbytes = W.size();
+            ps::ThreadPool pool(1);
+            const auto il = ps::interleave(pool, {&w});  // throws if the type/shape cannot be
+            ks->gemm_interleaved(ty, k, il->tensors[0].data, nr / ps::cpu::kGroupRows, xa.data(), xs, nc,
+                                 Y.data(), nr);
         } else {
             ks->gemm(ty, k, W.c_str(), ps::row_bytes(ty, k), nr, xa.data(), xs, nc, Y.data(), nr);
         }
