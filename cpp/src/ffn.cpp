@@ -172,12 +172,15 @@ void ffn_predict(ThreadPool& pool, const HParams& hp, const LayerWeights& L, con
         grow(s.diag_gate, n);
         const float* full = s.diag_gate.data();
         matmul(pool, *L.ffn_gate, h, n_tokens, s.diag_gate.data(), s.act_buf);
+        int64_t active = 0, hit = 0;
         for (size_t i = 0; i < n; ++i) {
             if (ffn_activation(hp.act, full[i], L.act_t) == 0.0f) continue;
-            st.recall_total += 1;
-            st.recall_hit += logit[i] > thr;
+            active += 1;
+            hit += logit[i] > thr;
         }
-        st.active += st.recall_total;  // counted over the same tokens
+        st.recall_total += double(active);
+        st.recall_hit += double(hit);
+        st.active += double(active);  // counted over the same tokens
         st.active_known += n_tokens;
     }
 
