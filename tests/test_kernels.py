@@ -310,6 +310,76 @@ def test_simd_axpy_rows_agrees_with_scalar(isa, name):
     assert np.all(np.abs(simd - scalar) <= 2 * axpy_bound(len(rows), c, wd[rows], y0))
 
 
+# ---- batch invariance (docs/design.md, "Determinism") ------------------------------------------
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("name", QUANT_TYPES)
+def test_quantized_rows_give_the_same_bits_alone_in_a_batch_and_in_every_isa(isa, name):
+    """Whole or gathered, one activation row or nine: every quantized (row, token) product is the
+    interleaved reference's sequence, so it equals the scalar set's bits and itself in any call."""
+    nr, k = 44, k_for(name)  # 44 rows: five groups of 8, the last one short
+    wb, _ = make_weights(name, nr, k, seed=40)
+    x = np.random.default_rng(41).standard_normal((9, k)).astype(np.float32)
+    qt = int(TYPES[name])
+    ref = T.gemm("scalar", qt, wb, nr, k, x)
+    np.testing.assert_array_equal(T.gemm(isa, qt, wb, nr, k, x), ref)
+    for c in (0, 4, 8):
+        np.testing.assert_array_equal(T.gemm(isa, qt, wb, nr, k, x[c:c + 1])[0], ref[c])
+    rows = [43, 2, 17, 18, 30, 5, 41, 0, 9, 11, 12]
+    np.testing.assert_array_equal(T.gemm_rows(isa, qt, wb, nr, k, rows, x), ref[:, rows])
+    np.testing.assert_array_equal(T.gemm_rows(isa, qt, wb, nr, k, rows, x[3:4])[0], ref[3, rows])
+
+
+def _group_rule(wd32, rows, c, y0):
+    """kernels.h's axpy_rows in float32, for one token: per group of 64 neurons a partial from zero
+    over the group's rows in order, then added to y; numpy has no fma, so the reference rounds the
+    product and the sum apart and is compared with a bound, the structure with the bits below."""
+    y = y0.astype(np.float32).copy()
+    groups = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(r // 64, []).append(i)
+    for g in sorted(groups):
+        p = np.zeros_like(y)
+        for i in groups[g]:
+            p = (p + np.float32(c[i]) * wd32[rows[i]]).astype(np.float32)
+        y = (y + p).astype(np.float32)
+    return y
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("name", TYPES)
+def test_axpy_rows_sums_in_neuron_groups_and_a_token_sees_only_its_own_rows(isa, name):
+    nr, k = 300, k_for(name)  # five groups of 64 neurons, the last one partial
+    wb, wd = make_weights(name, nr, k, seed=42)
+    rng = np.random.default_rng(43)
+    union = sorted(rng.choice(nr, 120, replace=False).tolist())
+    nt = 9
+    c = rng.standard_normal((nt, len(union))).astype(np.float32)
+    c[rng.random(c.shape) < 0.5] = 0.0  # each token selects its own half of the union
+    y0 = np.zeros((nt, k), np.float32)
+    qt = int(TYPES[name])
+    batch = T.axpy_rows(isa, qt, wb, nr, k, union, c, y0)
+    np.testing.assert_array_equal(batch, T.axpy_rows("scalar", qt, wb, nr, k, union, c, y0))
+    for t in range(nt):
+        own = [i for i in range(len(union)) if c[t, i] != 0.0]
+        alone = T.axpy_rows(isa, qt, wb, nr, k, [union[i] for i in own], c[t:t + 1, own], y0[t:t + 1])
+        np.testing.assert_array_equal(batch[t], alone[0], err_msg=f"token {t}")
+        in_union = T.axpy_rows(isa, qt, wb, nr, k, union, c[t:t + 1], y0[t:t + 1])
+        np.testing.assert_array_equal(batch[t], in_union[0], err_msg=f"token {t}")
+        ref = _group_rule(wd.astype(np.float32), union, c[t], y0[t])
+        assert np.all(np.abs(batch[t] - ref) <= axpy_bound(len(union), c[t:t + 1], wd[union], y0[t:t + 1])[0])
+    # dense: rows == None is the same as listing every row
+    cd = rng.standard_normal((2, nr)).astype(np.float32)
+    np.testing.assert_array_equal(T.axpy_rows(isa, qt, wb, nr, k, None, cd, y0[:2]),
+                                  T.axpy_rows(isa, qt, wb, nr, k, list(range(nr)), cd, y0[:2]))
+
+
+def test_axpy_rows_op_refuses_rows_out_of_order():
+    wb, _ = make_weights("Q4_0", 8, 64)
+    with pytest.raises(ValueError, match="ascending"):
+        T.axpy_rows_op(int(QT.Q4_0), wb, 8, 64, [3, 1], np.ones((1, 2), np.float32), 2)
+
+
 @pytest.mark.parametrize("name", TYPES)
 def test_matmul_rows_bitwise_identical_for_1_2_3_threads(name):
     nr, k = 120, k_for(name)
@@ -326,8 +396,8 @@ def test_matmul_rows_bitwise_identical_for_1_2_3_threads(name):
 @pytest.mark.parametrize("name", TYPES)
 @pytest.mark.parametrize("nt", [1, 4])
 def test_axpy_rows_op_bitwise_identical_for_1_2_3_threads_and_matches_numpy(name, nt):
-    # 300 rows: a single token's index list is cut into several partial sums; a batch's output
-    # columns into several slices.
+    # 300 rows: five neuron groups, each summed apart and added in order; the output columns are
+    # cut into one slice per thread (a single token) or fixed slices (a batch).
     nr, k = 300, k_for(name)
     wb, wd = make_weights(name, nr, k, seed=16)
     rng = np.random.default_rng(17)
@@ -338,7 +408,7 @@ def test_axpy_rows_op_bitwise_identical_for_1_2_3_threads_and_matches_numpy(name
         for o in outs[1:]:
             np.testing.assert_array_equal(o, outs[0])
         zero = np.zeros((nt, k))
-        # Partial sums added at the end: one more rounding per chunk on top of the chain bound.
+        # The groups' partials added at the end: one more rounding per group on top of the chain bound.
         assert np.all(np.abs(outs[0] - c.astype(np.float64) @ sel) <= 2 * axpy_bound(len(sel) + 20, c, sel, zero))
 
 

@@ -44,7 +44,7 @@ double rows_bytes(const Tensor& W, int64_t n_rows) { return double(W.row_stride(
 void down_proj(ThreadPool& pool, const LayerWeights& L, const int32_t* rows, int64_t n,
                const float* C, int n_tokens, float* out, FfnScratch& s, FfnLayerStats& st) {
     if (L.ffn_down_t) {
-        axpy_rows(pool, *L.ffn_down_t, rows, n, C, n_tokens, out, s.down_buf);
+        axpy_rows(pool, *L.ffn_down_t, rows, n, C, n_tokens, out);
         st.bytes += rows_bytes(*L.ffn_down_t, n);
     } else {
         matmul(pool, *L.ffn_down, C, n_tokens, out, s.act_buf);

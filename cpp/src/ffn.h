@@ -25,7 +25,6 @@ struct FfnScratch {
     std::vector<int32_t> rows, rows2;    // active / predicted neuron index lists
     std::vector<uint8_t> mark;           // [n_ff] per-neuron flags for union / recall
     std::vector<uint8_t> act_buf;        // converted activations for matmul
-    std::vector<float> down_buf;         // partial sums of the down projection
     std::vector<float> diag_gate;        // predict's recall diagnostic: the full gate
 };
 

@@ -21,8 +21,6 @@ constexpr int64_t kChunkBytes = 128 << 10;  // ... and about this many weight by
                                             // made 11 KB tasks: +17% decode at 128 KB); a matrix
                                             // under it is one task, run by the caller alone
 constexpr int64_t kColChunk = 128;     // output columns per batched axpy task (multiple of 32)
-constexpr int64_t kAxpyChunks = 16;    // target partial sums for a single-token axpy
-constexpr int64_t kAxpyMinChunk = 32;  // ... but no fewer rows than this in each
 
 void check_weight(const Tensor& W, const char* op) {
     if (W.n_dims > 2 || W.ne[2] != 1 || W.ne[3] != 1)
@@ -101,57 +99,32 @@ void matmul_rows(ThreadPool& pool, const Tensor& W, const int32_t* rows, int64_t
 }
 
 void axpy_rows(ThreadPool& pool, const Tensor& W, const int32_t* rows, int64_t n, const float* C,
-               int64_t n_tokens, float* Y, std::vector<float>& scratch) {
+               int64_t n_tokens, float* Y) {
     check_weight(W, "axpy_rows");
     if (W.layout != RowLayout::PLAIN)
         fail(strfmt("axpy_rows: tensor '%s' is stored interleaved", W.name.c_str()));
     check_rows(W, rows, n, "axpy_rows");
+    if (rows)
+        for (int64_t i = 1; i < n; ++i)
+            if (rows[i] <= rows[i - 1])
+                fail(strfmt("axpy_rows: row indices for '%s' are not ascending", W.name.c_str()));
     if (n_tokens <= 0) return;
     const cpu::KernelSet& ks = cpu::kernels();
     const int64_t k = W.ne[0];
-    const size_t stride = W.row_stride();
-    const int64_t n_col_chunks = (k + kColChunk - 1) / kColChunk;
-
-    if (n_tokens > 1) {
-        // A batch: each task owns a slice of the output columns for every token and sums all
-        // listed rows into it in index order; no partial buffers, no reduction.
-        pool.parallel_for(n_col_chunks, [&](int64_t ch, int) {
-            const int64_t j0 = ch * kColChunk, len = std::min(kColChunk, k - j0);
-            for (int64_t t = 0; t < n_tokens; ++t) std::memset(Y + t * k + j0, 0, size_t(len) * sizeof(float));
-            ks.axpy_rows(W.type, len, W.data + cpu::weight_bytes(W.type, j0), stride, rows, n, C, n, n_tokens,
-                         Y + j0, k);
-        });
-        return;
-    }
-
-    // One token: cut the index list into chunks (their size a function of n alone), each summed
-    // into its own buffer, then add the buffers in chunk order.
-    int64_t chunk = std::max(kAxpyMinChunk, (n + kAxpyChunks - 1) / kAxpyChunks);
-    chunk = (chunk + 3) / 4 * 4;
-    const int64_t n_chunks = n == 0 ? 0 : (n + chunk - 1) / chunk;
-    if (n_chunks <= 1) {
-        std::memset(Y, 0, size_t(k) * sizeof(float));
-        if (n > 0) ks.axpy_rows(W.type, k, W.data, stride, rows, n, C, n, 1, Y, k);
-        return;
-    }
-    if (scratch.size() < size_t(n_chunks * k)) scratch.resize(size_t(n_chunks * k));
-    float* part = scratch.data();
-    pool.parallel_for(n_chunks, [&](int64_t ch, int) {
-        const int64_t i0 = ch * chunk, cnt = std::min(chunk, n - i0);
-        float* p = part + ch * k;
-        std::memset(p, 0, size_t(k) * sizeof(float));
-        if (rows)
-            ks.axpy_rows(W.type, k, W.data, stride, rows + i0, cnt, C + i0, n, 1, p, k);
-        else
-            ks.axpy_rows(W.type, k, W.data + size_t(i0) * stride, stride, nullptr, cnt, C + i0, n, 1, p, k);
-    });
+    // Columns are independent and every column's sum has the kernel's fixed grouping, so each
+    // task owns a slice of the output columns for every token: no partial buffers, no reduction,
+    // and the slicing (one slice per thread for a single token, whose rows then stream in long
+    // runs; narrow slices for a batch, whose panels stay in L1) never changes a result.
+    const int64_t col_chunk = n_tokens > 1
+        ? kColChunk
+        : std::max<int64_t>(QK, ((k + pool.size() - 1) / pool.size() + QK - 1) / QK * QK);
+    const int64_t n_col_chunks = (k + col_chunk - 1) / col_chunk;
     pool.parallel_for(n_col_chunks, [&](int64_t ch, int) {
-        const int64_t j0 = ch * kColChunk, j1 = std::min(k, j0 + kColChunk);
-        for (int64_t j = j0; j < j1; ++j) {
-            float s = part[j];
-            for (int64_t c = 1; c < n_chunks; ++c) s += part[c * k + j];
-            Y[j] = s;
-        }
+        const int64_t j0 = ch * col_chunk, len = std::min(col_chunk, k - j0);
+        for (int64_t t = 0; t < n_tokens; ++t) std::memset(Y + t * k + j0, 0, size_t(len) * sizeof(float));
+        if (n > 0)
+            ks.axpy_rows(W.type, len, W.data + cpu::weight_bytes(W.type, j0), W.row_stride(), rows, n, C, n,
+                         n_tokens, Y + j0, k);
     });
 }
 

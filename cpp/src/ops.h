@@ -29,11 +29,11 @@ void matmul_rows(ThreadPool& pool, const Tensor& W, const int32_t* rows, int64_t
 
 // Sparse down projection from the neuron-major ffn_down_t W ({n_embd, n_ff}: one row of n_embd
 // weights per neuron): Y[t * n_embd + j] = sum_i C[t * n + i] * W[rows[i]][j] (Y is
-// overwritten). rows == nullptr means rows 0..n-1 (the dense case). A single token cuts the index
-// list into fixed chunks whose partial sums are added in chunk order; a batch cuts the n_embd
-// columns instead and sums every row in index order. `scratch` holds the partial sums.
+// overwritten), summed in the kernels' fixed neuron groups (cpu/kernels.h, axpy_rows), so a
+// token's result depends only on its own coefficients, not on the batch or the thread count.
+// rows (ascending) == nullptr means rows 0..n-1 (the dense case).
 void axpy_rows(ThreadPool& pool, const Tensor& W, const int32_t* rows, int64_t n, const float* C,
-               int64_t n_tokens, float* Y, std::vector<float>& scratch);
+               int64_t n_tokens, float* Y);
 
 // Interleaved copies (cpu/kernels.h, "Interleaved rows") of weights that matmul always reads
 // whole, made at load, all in one block of memory that this owns.

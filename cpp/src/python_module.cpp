@@ -480,11 +480,10 @@ NB_MODULE(_core, m) {
         const int64_t nt = int64_t(C.shape(0));
         if (int64_t(C.shape(1)) != n) throw ps::Error("shape mismatch");
         std::vector<float> Y(size_t(nt * k));
-        std::vector<float> scratch;
         {
             nb::gil_scoped_release r;
             ps::ThreadPool pool(n_threads);
-            ps::axpy_rows(pool, w.t, rows ? rows->data() : nullptr, n, C.data(), nt, Y.data(), scratch);
+            ps::axpy_rows(pool, w.t, rows ? rows->data() : nullptr, n, C.data(), nt, Y.data());
         }
         return owned_array(std::move(Y), {size_t(nt), size_t(k)});
     }, "type"_a, "W"_a, "nr"_a, "k"_a, "rows"_a, "C"_a, "n_threads"_a);
@@ -544,13 +543,12 @@ NB_MODULE(_core, m) {
         std::vector<int32_t> rows(static_cast<size_t>(n_active));
         for (int64_t i = 0; i < n_active; ++i) rows[size_t(i)] = int32_t(i * nr / std::max<int64_t>(n_active, 1));
         std::vector<uint8_t> scratch;
-        std::vector<float> fscratch;
         int64_t iters = 0;
         auto once = [&] {
             const ps::Tensor& w = mats[size_t(iters % n_copies)];
             if (whole) ps::matmul(pool, w, X.data(), n_tokens, Y.data(), scratch);
             else if (op == "matmul_rows") ps::matmul_rows(pool, w, rows.data(), n_active, X.data(), n_tokens, Y.data(), scratch);
-            else if (axpy) ps::axpy_rows(pool, w, rows.data(), n_active, X.data(), n_tokens, Y.data(), fscratch);
+            else if (axpy) ps::axpy_rows(pool, w, rows.data(), n_active, X.data(), n_tokens, Y.data());
             else throw ps::Error("unknown op " + op);
         };
         for (int64_t i = 0; i < n_copies; ++i, ++iters) once();  // page in every copy

@@ -80,6 +80,15 @@ inline size_t group_bytes(GgmlType w, int64_t k) { return weight_bytes(w, k) * k
 void interleave_rows(GgmlType w, int64_t k, const uint8_t* src, size_t src_stride, int64_t n_groups,
                      uint8_t* dst);
 
+// The batch-invariance rule (docs/design.md, "Determinism"): a (weight row, token) product is the
+// same sequence of operations whatever the batch, the thread count or the list of rows. For the
+// quantized types that sequence is the interleaved reference's (kernels_scalar.cpp): per 32-block
+// an exact integer dot, then one fma per block into a single accumulator in block order (Q4_1: a
+// second fma for the min). Sums over neurons (axpy_rows) go through fixed groups of
+// kNeuronGroup neurons by absolute index, the groups added in index order: a token's sum then
+// depends only on its own rows, and a hot/cold split at a group boundary continues the chain.
+constexpr int kNeuronGroup = 64;
+
 struct KernelSet {
     const char* isa;  // "scalar", "avx2", "avx512"
 
@@ -90,7 +99,7 @@ struct KernelSet {
 
     // Y[c * ldy + r] = dot(row r of W, activation row c), for r < nr and c < nc.
     // Rows of W are w_stride bytes apart, activation rows x_stride bytes apart. k is a multiple
-    // of the block size of w.
+    // of the block size of w. Quantized rows give the same bits as gemm_interleaved would.
     void (*gemm)(GgmlType w, int64_t k, const void* W, size_t w_stride, int64_t nr,
                  const void* X, size_t x_stride, int64_t nc, float* Y, int64_t ldy);
 
@@ -100,11 +109,13 @@ struct KernelSet {
     void (*gemm_rows)(GgmlType w, int64_t k, const void* W, size_t w_stride, const int32_t* rows,
                       int64_t n, const void* X, size_t x_stride, int64_t nc, float* Y, int64_t ldy);
 
-    // Sparse down projection over the neuron-major ffn_down_t:
-    // Y[c * ldy + j] += sum_i C[c * ldc + i] * W[rows[i]][j], for j < k and c < nc, where W's
-    // rows hold k weights each (rows == nullptr: rows 0..n-1). The sum over i is taken in a fixed
-    // grouping that depends only on i, never on which columns a call covers, so callers may
-    // split the columns (at block boundaries, offsetting W by row_bytes(w, j0)) freely.
+    // Sparse down projection over the neuron-major ffn_down_t, in neuron groups (kNeuronGroup):
+    // Y[c * ldy + j] += sum over groups g, in group order, of P_g[c][j], where
+    // P_g[c][j] = sum over the listed rows i in group g, in list order, of C[c * ldc + i] * W[rows[i]][j],
+    // starting from zero; each term is fma(w, C, P) with w the weight as dequantize gives it
+    // (d * q, Q4_1 fma(q, d, m)). A row's group is rows[i] / kNeuronGroup (rows == nullptr: rows
+    // 0..n-1, row i in group i / kNeuronGroup). rows must be ascending. Columns are independent,
+    // so callers may split them (at block boundaries, offsetting W by weight_bytes(w, j0)) freely.
     void (*axpy_rows)(GgmlType w, int64_t k, const void* W, size_t w_stride, const int32_t* rows,
                       int64_t n, const float* C, int64_t ldc, int64_t nc, float* Y, int64_t ldy);
 

@@ -11,8 +11,10 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "common.h"
 #include "cpu/kernels.h"

@@ -228,8 +228,8 @@ void dequant(GgmlType w, const uint8_t* wr, float* out, int64_t k) {
             for (int64_t b = 0; b < k / QK; ++b) {
                 const float d = half_to_float(a[b].d), m = half_to_float(a[b].m);
                 for (int j = 0; j < QK / 2; ++j) {
-                    out[b * QK + j] = d * (a[b].qs[j] & 0x0F) + m;
-                    out[b * QK + j + QK / 2] = d * (a[b].qs[j] >> 4) + m;
+                    out[b * QK + j] = std::fma(float(a[b].qs[j] & 0x0F), d, m);
+                    out[b * QK + j + QK / 2] = std::fma(float(a[b].qs[j] >> 4), d, m);
                 }
             }
             return;
@@ -239,25 +239,40 @@ void dequant(GgmlType w, const uint8_t* wr, float* out, int64_t k) {
     }
 }
 
-void axpy_rows(GgmlType w, int64_t k, const void* W, size_t w_stride, const int32_t* rows,
-               int64_t n, const float* C, int64_t ldc, int64_t nc, float* Y, int64_t ldy) {
-    const auto* wb = static_cast<const uint8_t*>(W);
-    // One dequantized row at a time, on the stack in pieces so that any k works without
-    // allocation: columns are independent, so a piece at a time gives the same sums.
-    constexpr int64_t kPiece = 1024;  // a multiple of every block size
-    float buf[kPiece];
+// One neuron group's listed rows [i0, i1) for every token: P = 0, P = fma(w, c, P) row after row,
+// then Y += P (kernels.h, axpy_rows).
+void axpy_group(GgmlType w, int64_t k, const uint8_t* wb, size_t w_stride, const int32_t* rows, int64_t i0,
+                int64_t i1, const float* C, int64_t ldc, int64_t nc, float* Y, int64_t ldy) {
+    // The dequantized rows a piece of columns at a time, on the stack: any k works without
+    // allocation, and columns are independent, so a piece at a time gives the same sums.
+    constexpr int64_t kPiece = 256;  // a multiple of every block size
+    float buf[kPiece], part[kPiece];
     for (int64_t j0 = 0; j0 < k; j0 += kPiece) {
         const int64_t len = std::min(kPiece, k - j0);
         const size_t off = weight_bytes(w, j0);
-        for (int64_t i = 0; i < n; ++i) {
-            const int64_t r = rows ? rows[i] : i;
-            dequant(w, wb + size_t(r) * w_stride + off, buf, len);
-            for (int64_t c = 0; c < nc; ++c) {
+        for (int64_t c = 0; c < nc; ++c) {
+            std::fill(part, part + len, 0.0f);
+            for (int64_t i = i0; i < i1; ++i) {
+                const int64_t r = rows ? rows[i] : i;
+                dequant(w, wb + size_t(r) * w_stride + off, buf, len);
                 const float coef = C[c * ldc + i];
-                float* y = Y + c * ldy + j0;
-                for (int64_t j = 0; j < len; ++j) y[j] += coef * buf[j];
+                for (int64_t j = 0; j < len; ++j) part[j] = std::fma(buf[j], coef, part[j]);
             }
+            float* y = Y + c * ldy + j0;
+            for (int64_t j = 0; j < len; ++j) y[j] += part[j];
         }
+    }
+}
+
+void axpy_rows(GgmlType w, int64_t k, const void* W, size_t w_stride, const int32_t* rows,
+               int64_t n, const float* C, int64_t ldc, int64_t nc, float* Y, int64_t ldy) {
+    const auto* wb = static_cast<const uint8_t*>(W);
+    for (int64_t i0 = 0; i0 < n;) {
+        const int64_t g = (rows ? rows[i0] : i0) / kNeuronGroup;
+        int64_t i1 = i0 + 1;
+        while (i1 < n && i1 - i0 < kNeuronGroup && (rows ? rows[i1] : i1) / kNeuronGroup == g) ++i1;
+        axpy_group(w, k, wb, w_stride, rows, i0, i1, C, ldc, nc, Y, ldy);
+        i0 = i1;
     }
 }
 
