@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "common.h"
+#include "cpu/kernels.h"
 #include "ops.h"
 
 namespace ps {
@@ -39,167 +40,201 @@ void grow(std::vector<T>& v, size_t n) {
 
 double rows_bytes(const Tensor& W, int64_t n_rows) { return double(W.row_stride()) * double(n_rows); }
 
-// The down projection of coefficients C [n_tokens][n] over the listed neurons (rows == nullptr:
-// every neuron), from ffn_down_t when the file has it, else through llama.cpp's ffn_down.
-void down_proj(ThreadPool& pool, const LayerWeights& L, const int32_t* rows, int64_t n,
-               const float* C, int n_tokens, float* out, FfnScratch& s, FfnLayerStats& st) {
-    if (L.ffn_down_t) {
-        axpy_rows(pool, *L.ffn_down_t, rows, n, C, n_tokens, out);
-        st.bytes += rows_bytes(*L.ffn_down_t, n);
-    } else {
-        matmul(pool, *L.ffn_down, C, n_tokens, out, s.act_buf);
-        st.bytes += double(L.ffn_down->nbytes);
-    }
-}
-
-// Sorted union over tokens of the neurons whose flag is set in a [n_tokens][n_ff] predicate.
+// Sorted union over tokens of the neurons of r (absolute indices) whose flag pred(t, j) is set,
+// j counted from r.begin.
 template <class Pred>
-void union_rows(int n_tokens, int64_t n_ff, Pred pred, FfnScratch& s, std::vector<int32_t>& rows) {
-    grow(s.mark, size_t(n_ff));
-    std::fill(s.mark.begin(), s.mark.begin() + n_ff, uint8_t(0));
+void union_rows(int n_tokens, FfnRange r, Pred pred, std::vector<uint8_t>& mark, std::vector<int32_t>& rows) {
+    const int64_t m = r.end - r.begin;
+    grow(mark, size_t(m));
+    std::fill(mark.begin(), mark.begin() + m, uint8_t(0));
     for (int t = 0; t < n_tokens; ++t)
-        for (int64_t i = 0; i < n_ff; ++i)
-            if (pred(t, i)) s.mark[size_t(i)] = 1;
+        for (int64_t j = 0; j < m; ++j)
+            if (pred(t, j)) mark[size_t(j)] = 1;
     rows.clear();
-    for (int64_t i = 0; i < n_ff; ++i)
-        if (s.mark[size_t(i)]) rows.push_back(int32_t(i));
-}
-
-void ffn_dense(ThreadPool& pool, const HParams& hp, const LayerWeights& L, const float* h,
-               int n_tokens, float* out, FfnScratch& s, FfnLayerStats& st) {
-    const int64_t n_ff = hp.n_ff;
-    const size_t n = size_t(n_tokens) * size_t(n_ff);
-    grow(s.gate, n);
-    grow(s.up, n);
-    matmul(pool, *L.ffn_gate, h, n_tokens, s.gate.data(), s.act_buf);
-    matmul(pool, *L.ffn_up, h, n_tokens, s.up.data(), s.act_buf);
-    st.bytes += double(L.ffn_gate->nbytes) + double(L.ffn_up->nbytes);
-    int64_t active = 0;
-    for (size_t i = 0; i < n; ++i) {
-        const float a = ffn_activation(hp.act, s.gate[i], L.act_t);
-        active += a != 0.0f;
-        s.gate[i] = a * s.up[i];
-    }
-    st.active += double(active);
-    st.active_known += n_tokens;
-    down_proj(pool, L, nullptr, n_ff, s.gate.data(), n_tokens, out, s, st);
-}
-
-// Up and down over the listed neurons, given each token's activation act(g) in a [n_tokens][ld]
-// array indexed by neuron (ld = n_ff) — the tail both sparse strategies share.
-void sparse_up_down(ThreadPool& pool, const LayerWeights& L, const std::vector<int32_t>& rows,
-                    const float* act, int64_t ld, const float* h, int n_tokens, float* out,
-                    FfnScratch& s, FfnLayerStats& st) {
-    const int64_t m = int64_t(rows.size());
-    if (m == 0) {
-        std::fill(out, out + size_t(n_tokens) * size_t(L.ffn_gate->ne[0]), 0.0f);
-        return;
-    }
-    grow(s.up, size_t(n_tokens) * size_t(m));
-    grow(s.coef, size_t(n_tokens) * size_t(m));
-    matmul_rows(pool, *L.ffn_up, rows.data(), m, h, n_tokens, s.up.data(), s.act_buf);
-    st.bytes += rows_bytes(*L.ffn_up, m);
-    for (int t = 0; t < n_tokens; ++t)
-        for (int64_t i = 0; i < m; ++i)
-            s.coef[size_t(t) * m + i] = act[size_t(t) * ld + rows[size_t(i)]] * s.up[size_t(t) * m + i];
-    down_proj(pool, L, rows.data(), m, s.coef.data(), n_tokens, out, s, st);
-}
-
-void ffn_exact(ThreadPool& pool, const HParams& hp, const LayerWeights& L, const FfnOptions& opt,
-               const float* h, int n_tokens, float* out, FfnScratch& s, FfnLayerStats& st) {
-    const int64_t n_ff = hp.n_ff;
-    const size_t n = size_t(n_tokens) * size_t(n_ff);
-    grow(s.gate, n);
-    matmul(pool, *L.ffn_gate, h, n_tokens, s.gate.data(), s.act_buf);
-    st.bytes += double(L.ffn_gate->nbytes);
-    int64_t active = 0;
-    for (size_t i = 0; i < n; ++i) {
-        s.gate[i] = ffn_activation(hp.act, s.gate[i], L.act_t);
-        active += s.gate[i] != 0.0f;
-    }
-    st.active += double(active);
-    st.active_known += n_tokens;
-    const float* act = s.gate.data();
-    union_rows(n_tokens, n_ff, [&](int t, int64_t i) { return act[size_t(t) * n_ff + i] != 0.0f; }, s, s.rows);
-    if (n_tokens > 1 && double(s.rows.size()) > opt.dense_fallback * double(n_ff)) {
-        // a prompt batch whose union is mostly active: plain matrix-matrix work is faster
-        grow(s.up, n);
-        matmul(pool, *L.ffn_up, h, n_tokens, s.up.data(), s.act_buf);
-        st.bytes += double(L.ffn_up->nbytes);
-        for (size_t i = 0; i < n; ++i) s.gate[i] *= s.up[i];
-        down_proj(pool, L, nullptr, n_ff, s.gate.data(), n_tokens, out, s, st);
-        return;
-    }
-    sparse_up_down(pool, L, s.rows, act, n_ff, h, n_tokens, out, s, st);
-}
-
-void ffn_predict(ThreadPool& pool, const HParams& hp, const LayerWeights& L, const FfnOptions& opt,
-                 const float* x, const float* h, int n_tokens, float* out, FfnScratch& s,
-                 FfnLayerStats& st) {
-    const int64_t n_ff = hp.n_ff, R = L.fc1->ne[1];
-    const size_t n = size_t(n_tokens) * size_t(n_ff);
-    // predictor: logits = fc2 · relu(fc1 · x), x the residual stream before ffn_norm
-    grow(s.pred_hidden, size_t(n_tokens) * size_t(R));
-    grow(s.coef, n);
-    matmul(pool, *L.fc1, x, n_tokens, s.pred_hidden.data(), s.act_buf);
-    for (size_t i = 0; i < size_t(n_tokens) * size_t(R); ++i) s.pred_hidden[i] = std::max(0.0f, s.pred_hidden[i]);
-    matmul(pool, *L.fc2, s.pred_hidden.data(), n_tokens, s.coef.data(), s.act_buf);
-    st.bytes += double(L.fc1->nbytes) + double(L.fc2->nbytes);
-    const float* logit = s.coef.data();
-    const float thr = opt.pred_threshold;
-    int64_t predicted = 0;
-    for (size_t i = 0; i < n; ++i) predicted += logit[i] > thr;
-    st.predicted += double(predicted);
-    union_rows(n_tokens, n_ff, [&](int t, int64_t i) { return logit[size_t(t) * n_ff + i] > thr; }, s, s.rows2);
-
-    // gate on the predicted rows only, scattered into a [n_tokens][n_ff] activation array whose
-    // unpredicted entries are zero: a missed neuron is dropped (the approximation)
-    grow(s.gate, n);
-    grow(s.up, size_t(n_tokens) * s.rows2.size());
-    const int64_t m = int64_t(s.rows2.size());
-    if (m) matmul_rows(pool, *L.ffn_gate, s.rows2.data(), m, h, n_tokens, s.up.data(), s.act_buf);
-    st.bytes += rows_bytes(*L.ffn_gate, m);
-    std::fill(s.gate.begin(), s.gate.begin() + std::ptrdiff_t(n), 0.0f);
-    for (int t = 0; t < n_tokens; ++t)
-        for (int64_t i = 0; i < m; ++i) {
-            const int32_t r = s.rows2[size_t(i)];
-            if (logit[size_t(t) * n_ff + r] > thr)
-                s.gate[size_t(t) * n_ff + r] = ffn_activation(hp.act, s.up[size_t(t) * m + i], L.act_t);
-        }
-
-    if (opt.diag_recall) {
-        // the full gate, only to count which active neurons the predictor caught
-        grow(s.diag_gate, n);
-        const float* full = s.diag_gate.data();
-        matmul(pool, *L.ffn_gate, h, n_tokens, s.diag_gate.data(), s.act_buf);
-        int64_t active = 0, hit = 0;
-        for (size_t i = 0; i < n; ++i) {
-            if (ffn_activation(hp.act, full[i], L.act_t) == 0.0f) continue;
-            active += 1;
-            hit += logit[i] > thr;
-        }
-        st.recall_total += double(active);
-        st.recall_hit += double(hit);
-        st.active += double(active);  // counted over the same tokens
-        st.active_known += n_tokens;
-    }
-
-    const float* act = s.gate.data();
-    union_rows(n_tokens, n_ff, [&](int t, int64_t i) { return act[size_t(t) * n_ff + i] != 0.0f; }, s, s.rows);
-    sparse_up_down(pool, L, s.rows, act, n_ff, h, n_tokens, out, s, st);
+    for (int64_t j = 0; j < m; ++j)
+        if (mark[size_t(j)]) rows.push_back(int32_t(r.begin + j));
 }
 
 }  // namespace
 
-void ffn_forward(ThreadPool& pool, const HParams& hp, const LayerWeights& L, const FfnOptions& opt,
-                 const float* x, const float* h, int n_tokens, float* out, FfnScratch& s,
-                 FfnLayerStats& st) {
-    st.tokens += n_tokens;
-    switch (opt.strategy) {
-        case FfnStrategy::DENSE: return ffn_dense(pool, hp, L, h, n_tokens, out, s, st);
-        case FfnStrategy::EXACT: return ffn_exact(pool, hp, L, opt, h, n_tokens, out, s, st);
-        case FfnStrategy::PREDICT: return ffn_predict(pool, hp, L, opt, x, h, n_tokens, out, s, st);
+void CpuFfnExecutor::prepare(const FfnCall& call, FfnRange r) {
+    call_ = call;
+    range_ = r;
+    const HParams& hp = *call.hp;
+    const LayerWeights& L = *call.L;
+    FfnLayerStats& st = *call.stats;
+    const int nt = call.n_tokens;
+    const int64_t m = r.end - r.begin;
+    const size_t n = size_t(nt) * size_t(m);
+    listed_ = true;
+    s_.rows.clear();
+    if (m <= 0) return;
+    if (!L.ffn_down_t && (r.begin != 0 || r.end != hp.n_ff))
+        fail(strfmt("neurons [%lld, %lld) of %d: only a file with ffn_down_t splits its FFN", (long long)r.begin,
+                    (long long)r.end, hp.n_ff));
+
+    // the range's rows of a matrix read whole, into a [nt][m] array
+    auto whole = [&](const Tensor* W, std::vector<float>& dst) {
+        grow(dst, n);
+        const Tensor v = row_range(*W, r.begin, r.end);
+        matmul(pool_, v, call.h, nt, dst.data(), s_.act_buf);
+        st.bytes += double(v.nbytes);
+    };
+    // coefficients act * up for every neuron of the range (act in s_.gate)
+    auto coef_all = [&] {
+        whole(L.ffn_up, s_.up);
+        grow(s_.coef, n);
+        for (size_t i = 0; i < n; ++i) s_.coef[i] = s_.gate[i] * s_.up[i];
+        listed_ = false;
+    };
+    // coefficients for the listed neurons s_.rows only, act from the [nt][m] array in s_.gate
+    auto coef_listed = [&] {
+        const int64_t k2 = int64_t(s_.rows.size());
+        if (k2 == 0) return;
+        grow(s_.up, size_t(nt) * size_t(k2));
+        grow(s_.coef, size_t(nt) * size_t(k2));
+        matmul_rows(pool_, *L.ffn_up, s_.rows.data(), k2, call.h, nt, s_.up.data(), s_.act_buf);
+        st.bytes += rows_bytes(*L.ffn_up, k2);
+        for (int t = 0; t < nt; ++t)
+            for (int64_t i = 0; i < k2; ++i)
+                s_.coef[size_t(t) * k2 + i] =
+                    s_.gate[size_t(t) * m + (s_.rows[size_t(i)] - r.begin)] * s_.up[size_t(t) * k2 + i];
+    };
+    auto activate = [&] {  // s_.gate = act(gate), counting the non-zero ones
+        int64_t active = 0;
+        for (size_t i = 0; i < n; ++i) {
+            s_.gate[i] = ffn_activation(hp.act, s_.gate[i], L.act_t);
+            active += s_.gate[i] != 0.0f;
+        }
+        st.active += double(active);
+    };
+
+    switch (call.opt->strategy) {
+        case FfnStrategy::DENSE:
+            whole(L.ffn_gate, s_.gate);
+            activate();
+            coef_all();
+            return;
+        case FfnStrategy::EXACT: {
+            whole(L.ffn_gate, s_.gate);
+            activate();
+            const float* act = s_.gate.data();
+            union_rows(nt, r, [&](int t, int64_t j) { return act[size_t(t) * m + j] != 0.0f; }, s_.mark, s_.rows);
+            // a prompt batch whose union is mostly active: plain matrix-matrix work is faster,
+            // and the zero coefficients it adds change no sum (cpu/kernels.h)
+            if (nt > 1 && double(s_.rows.size()) > call.opt->dense_fallback * double(m))
+                coef_all();
+            else
+                coef_listed();
+            return;
+        }
+        case FfnStrategy::PREDICT: {
+            const float* logit = call.pred_logit;
+            const int64_t n_ff = hp.n_ff;
+            const float thr = call.opt->pred_threshold;
+            auto predicted = [&](int t, int64_t j) { return logit[size_t(t) * n_ff + r.begin + j] > thr; };
+            union_rows(nt, r, predicted, s_.mark, s_.rows2);
+            // gate on the predicted rows only, scattered into a [nt][m] activation array whose
+            // unpredicted entries are zero: a missed neuron is dropped (the approximation)
+            const int64_t m2 = int64_t(s_.rows2.size());
+            grow(s_.gate, n);
+            grow(s_.up, size_t(nt) * size_t(m2));
+            if (m2) matmul_rows(pool_, *L.ffn_gate, s_.rows2.data(), m2, call.h, nt, s_.up.data(), s_.act_buf);
+            st.bytes += rows_bytes(*L.ffn_gate, m2);
+            std::fill(s_.gate.begin(), s_.gate.begin() + std::ptrdiff_t(n), 0.0f);
+            for (int t = 0; t < nt; ++t)
+                for (int64_t i = 0; i < m2; ++i) {
+                    const int64_t j = s_.rows2[size_t(i)] - r.begin;
+                    if (predicted(t, j))
+                        s_.gate[size_t(t) * m + j] = ffn_activation(hp.act, s_.up[size_t(t) * m2 + i], L.act_t);
+                }
+            if (call.opt->diag_recall) {
+                // the range's full gate, only to count which active neurons the predictor caught
+                grow(s_.diag_gate, n);
+                const Tensor g = row_range(*L.ffn_gate, r.begin, r.end);
+                matmul(pool_, g, call.h, nt, s_.diag_gate.data(), s_.act_buf);
+                int64_t active = 0, hit = 0;
+                for (int t = 0; t < nt; ++t)
+                    for (int64_t j = 0; j < m; ++j) {
+                        if (ffn_activation(hp.act, s_.diag_gate[size_t(t) * m + j], L.act_t) == 0.0f) continue;
+                        active += 1;
+                        hit += predicted(t, j);
+                    }
+                st.recall_total += double(active);
+                st.recall_hit += double(hit);
+                st.active += double(active);  // counted over the same tokens
+            }
+            const float* act = s_.gate.data();
+            union_rows(nt, r, [&](int t, int64_t j) { return act[size_t(t) * m + j] != 0.0f; }, s_.mark, s_.rows);
+            coef_listed();
+            return;
+        }
     }
+}
+
+void CpuFfnExecutor::accumulate(float* out) {
+    const LayerWeights& L = *call_.L;
+    FfnLayerStats& st = *call_.stats;
+    const int nt = call_.n_tokens;
+    const int64_t m = range_.end - range_.begin;
+    if (listed_) {
+        const int64_t k2 = int64_t(s_.rows.size());
+        if (k2 == 0) return;
+        axpy_rows(pool_, *L.ffn_down_t, s_.rows.data(), k2, s_.coef.data(), nt, out);
+        st.bytes += rows_bytes(*L.ffn_down_t, k2);
+    } else if (L.ffn_down_t) {
+        const Tensor d = row_range(*L.ffn_down_t, range_.begin, range_.end);
+        axpy_rows(pool_, d, nullptr, m, s_.coef.data(), nt, out);
+        st.bytes += double(d.nbytes);
+    } else {
+        // llama.cpp's ffn_down over the whole range (prepare refuses a part of it)
+        const size_t ne = size_t(nt) * size_t(call_.hp->n_embd);
+        grow(s_.gate, ne);
+        matmul(pool_, *L.ffn_down, s_.coef.data(), nt, s_.gate.data(), s_.act_buf);
+        for (size_t i = 0; i < ne; ++i) out[i] += s_.gate[i];
+        st.bytes += double(L.ffn_down->nbytes);
+    }
+}
+
+void ffn_forward(ThreadPool& pool, const HParams& hp, const LayerWeights& L, const FfnOptions& opt,
+                 const float* x, const float* h, int n_tokens, float* out, FfnExecutor& cold,
+                 FfnExecutor* hot, int64_t n_hot, FfnScratch& s, FfnLayerStats& st) {
+    const int64_t n_ff = hp.n_ff;
+    if (n_hot < 0 || n_hot > n_ff || (n_hot > 0 && !hot) || (n_hot % cpu::kNeuronGroup && n_hot != n_ff))
+        fail(strfmt("invalid hot neuron count %lld for %lld neurons (a multiple of %d)", (long long)n_hot,
+                    (long long)n_ff, cpu::kNeuronGroup));
+    st.tokens += n_tokens;
+    FfnCall call;
+    call.hp = &hp;
+    call.L = &L;
+    call.opt = &opt;
+    call.h = h;
+    call.n_tokens = n_tokens;
+    call.stats = &st;
+    if (opt.strategy == FfnStrategy::PREDICT) {
+        // predictor: logits = fc2 · relu(fc1 · x), x the residual stream before ffn_norm
+        const int64_t R = L.fc1->ne[1];
+        const size_t n = size_t(n_tokens) * size_t(n_ff);
+        grow(s.pred_hidden, size_t(n_tokens) * size_t(R));
+        grow(s.coef, n);
+        matmul(pool, *L.fc1, x, n_tokens, s.pred_hidden.data(), s.act_buf);
+        for (size_t i = 0; i < size_t(n_tokens) * size_t(R); ++i) s.pred_hidden[i] = std::max(0.0f, s.pred_hidden[i]);
+        matmul(pool, *L.fc2, s.pred_hidden.data(), n_tokens, s.coef.data(), s.act_buf);
+        st.bytes += double(L.fc1->nbytes) + double(L.fc2->nbytes);
+        int64_t predicted = 0;
+        for (size_t i = 0; i < n; ++i) predicted += s.coef[i] > opt.pred_threshold;
+        st.predicted += double(predicted);
+        call.pred_logit = s.coef.data();
+    }
+    if (opt.strategy != FfnStrategy::PREDICT || opt.diag_recall) st.active_known += n_tokens;
+
+    std::fill(out, out + size_t(n_tokens) * size_t(hp.n_embd), 0.0f);
+    // hot first: an asynchronous executor works while the CPU prepares the cold range; the cold
+    // range's groups then continue the chain from the hot range's sum
+    if (n_hot > 0) hot->prepare(call, {0, n_hot});
+    if (n_hot < n_ff) cold.prepare(call, {n_hot, n_ff});
+    if (n_hot > 0) hot->accumulate(out);
+    if (n_hot < n_ff) cold.accumulate(out);
 }
 
 }  // namespace ps

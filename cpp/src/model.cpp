@@ -12,8 +12,10 @@
 #include <cstring>
 #include <thread>
 
+#include "attention.h"
 #include "common.h"
 #include "ffn.h"
+#include "kv_cache.h"
 #include "ops.h"
 #include "vec.h"
 
@@ -29,20 +31,6 @@ std::vector<float> to_f32(const Tensor& t) {
     return v;
 }
 
-// Uninitialised float storage: the KV cache may be gigabytes, and untouched pages cost nothing.
-struct FloatBuf {
-    float* p = nullptr;
-    explicit FloatBuf(size_t n = 0) { reset(n); }
-    ~FloatBuf() { std::free(p); }
-    FloatBuf(const FloatBuf&) = delete;
-    FloatBuf& operator=(const FloatBuf&) = delete;
-    void reset(size_t n) {
-        std::free(p);
-        p = n ? static_cast<float*>(std::malloc(n * sizeof(float))) : nullptr;
-        if (n && !p) fail(strfmt("out of memory allocating %zu MB", n * sizeof(float) >> 20));
-    }
-};
-
 }  // namespace
 
 struct Model::Impl {
@@ -52,20 +40,21 @@ struct Model::Impl {
     std::vector<float> output_norm;
     std::vector<LayerWeights> layers;
     std::vector<std::vector<float>> attn_norm, ffn_norm;
-
-    // KV cache: [layer][kv head][pos][head_dim], f32 so that f32 models match references. One
-    // head's keys (and values) are contiguous over positions: attention streams them, where the
-    // [pos][head] order put consecutive positions of a head 4 KB+ apart (one page each).
-    FloatBuf k_cache, v_cache;
-    size_t kv_layer_stride = 0;
+    std::unique_ptr<KvCache> kv;
 
     // Scratch for one batch (llama2.c's RunState): allocated once, reused every token.
     int n_batch = 0;
     std::vector<float> x, xn, q, k, v, attn, branch, logits_rows;
     std::vector<float> rope_cs;  // [n_batch][n_rot]: (cos, sin) pairs per position of the batch
-    std::vector<float> scores;  // [thread][n_ctx]
+    std::vector<float> scores;   // attention scores, [thread][n_ctx]
+    std::vector<int32_t> pos, seq;  // the batch's positions and sequences
     std::vector<uint8_t> act_buf;
     FfnScratch ffn;
+    // The FFN's executors (ffn.h): every layer's neurons [n_hot[l], n_ff) on the CPU, [0, n_hot[l])
+    // on hot_ffn. Only the tests set n_hot today (a second CPU executor as the hot side).
+    std::unique_ptr<CpuFfnExecutor> cpu_ffn;
+    std::unique_ptr<FfnExecutor> hot_ffn;
+    std::vector<int64_t> n_hot;
     std::unique_ptr<InterleavedSet> interleaved;  // copies the layer pointers view
     FfnOptions ffn_opt;
     double fixed_bytes_per_token = 0;
@@ -236,15 +225,20 @@ Model::Model(const std::string& path, const ModelParams& params)
                                double(m.tok_embd->row_stride());
     stats_.layers.resize(size_t(hp_.n_layer));
 
-    m.kv_layer_stride = size_t(n_ctx_) * size_t(KV);
-    m.k_cache.reset(m.kv_layer_stride * size_t(hp_.n_layer));
-    m.v_cache.reset(m.kv_layer_stride * size_t(hp_.n_layer));
+    m.kv = std::make_unique<KvCache>(hp_.n_layer, hp_.n_head_kv, hp_.head_dim, n_ctx_, 1, KvType::F32);
+    m.cpu_ffn = std::make_unique<CpuFfnExecutor>(*m.pool);
+    m.n_hot.assign(size_t(hp_.n_layer), 0);
+    if (params.test_split_hot >= 0) {
+        // the hybrid's split with a second CPU executor as the hot side (tests)
+        m.hot_ffn = std::make_unique<CpuFfnExecutor>(*m.pool);
+        m.n_hot.assign(size_t(hp_.n_layer), std::min<int64_t>(params.test_split_hot, hp_.n_ff));
+    }
 
     const size_t nb = size_t(m.n_batch);
     m.x.resize(nb * E); m.xn.resize(nb * E); m.attn.resize(nb * H); m.branch.resize(nb * E);
     m.q.resize(nb * H); m.k.resize(nb * KV); m.v.resize(nb * KV);
     m.rope_cs.resize(nb * size_t(hp_.n_rot));
-    m.scores.resize(size_t(nt) * size_t(n_ctx_));
+    m.pos.resize(nb); m.seq.resize(nb);
 }
 
 Model::~Model() = default;
@@ -390,28 +384,42 @@ void Model::rewind(int n) {
 
 namespace {
 
-// llama.cpp's "normal" RoPE: rotate adjacent pairs (x[2i], x[2i+1]) by pos * base^(-2i/n_rot).
-// The converter permutes Q/K rows so that this equals Hugging Face's rotate_half convention.
-// cs holds (cos, sin) for one position, n_rot/2 pairs (rope_table), shared by Q, K and all layers.
-void rope_table(float* cs, int n_rot, int pos, float theta, float freq_scale) {
-    for (int i = 0; i < n_rot / 2; ++i) {
-        const double inv_freq = std::pow(double(theta), -2.0 * i / n_rot);
-        const double ang = double(pos) * double(freq_scale) * inv_freq;
-        cs[2 * i] = float(std::cos(ang));
-        cs[2 * i + 1] = float(std::sin(ang));
-    }
-}
+// One layer for the batch in m.x: attention (RMSNorm, q/k/v, RoPE, the cache, softmax, wo) and
+// the FFN (RMSNorm, the strategy on its executors), each added to the residual stream.
+void layer_forward(Model::Impl& m, const HParams& hp, int il, const TokenBatch& batch, FfnLayerStats& st) {
+    ThreadPool& pool = *m.pool;
+    const LayerWeights& L = m.layers[size_t(il)];
+    const int nb = batch.n, E = hp.n_embd, HD = hp.head_dim, NH = hp.n_head, NKV = hp.n_head_kv;
+    const int H = NH * HD, KV = NKV * HD;
 
-void rope(float* x, int n_heads, int head_dim, int n_rot, const float* cs) {
-    for (int i = 0; i < n_rot / 2; ++i) {
-        const float c = cs[2 * i], s = cs[2 * i + 1];
-        for (int h = 0; h < n_heads; ++h) {
-            float* p = x + size_t(h) * head_dim + 2 * i;
-            const float a = p[0], b = p[1];
-            p[0] = a * c - b * s;
-            p[1] = a * s + b * c;
-        }
+    for (int t = 0; t < nb; ++t)
+        rms_norm(m.xn.data() + size_t(t) * E, m.x.data() + size_t(t) * E, m.attn_norm[size_t(il)].data(), E, hp.rms_eps);
+    matmul(pool, *L.wq, m.xn.data(), nb, m.q.data(), m.act_buf);
+    matmul(pool, *L.wk, m.xn.data(), nb, m.k.data(), m.act_buf);
+    matmul(pool, *L.wv, m.xn.data(), nb, m.v.data(), m.act_buf);
+    for (int t = 0; t < nb; ++t) {
+        const float* cs = m.rope_cs.data() + size_t(t) * size_t(hp.n_rot);
+        rope(m.q.data() + size_t(t) * H, NH, HD, hp.n_rot, cs);
+        rope(m.k.data() + size_t(t) * KV, NKV, HD, hp.n_rot, cs);
+        m.kv->store(il, batch.seq[t], batch.pos[t], m.k.data() + size_t(t) * KV, m.v.data() + size_t(t) * KV);
     }
+    attention(pool, hp, *m.kv, il, batch, m.q.data(), m.attn.data(), m.scores);
+    matmul(pool, *L.wo, m.attn.data(), nb, m.branch.data(), m.act_buf);
+    vec_add_scaled(m.x.data(), m.branch.data(), hp.residual_scale, int64_t(nb) * E);
+
+    for (int t = 0; t < nb; ++t)
+        rms_norm(m.xn.data() + size_t(t) * E, m.x.data() + size_t(t) * E, m.ffn_norm[size_t(il)].data(), E, hp.rms_eps);
+    if (m.capture) {
+        auto& cx = m.cap_x[size_t(il)];
+        auto& cg = m.cap_gate[size_t(il)];
+        cx.insert(cx.end(), m.x.begin(), m.x.begin() + std::ptrdiff_t(size_t(nb) * E));
+        const size_t off = cg.size();
+        cg.resize(off + size_t(nb) * size_t(hp.n_ff));
+        matmul(pool, *L.ffn_gate, m.xn.data(), nb, cg.data() + off, m.act_buf);
+    }
+    ffn_forward(pool, hp, L, m.ffn_opt, m.x.data(), m.xn.data(), nb, m.branch.data(), *m.cpu_ffn, m.hot_ffn.get(),
+                m.n_hot[size_t(il)], m.ffn, st);
+    vec_add_scaled(m.x.data(), m.branch.data(), hp.residual_scale, int64_t(nb) * E);
 }
 
 }  // namespace
@@ -425,7 +433,6 @@ void Model::eval(const int32_t* tokens, int n, bool all_logits, float* logits) {
             fail(strfmt("token id %d is out of range [0, %d)", tokens[i], hp_.n_vocab));
 
     Impl& m = *impl_;
-    ThreadPool& pool = *m.pool;
     const auto t0 = std::chrono::steady_clock::now();
     if (m.capture) {
         m.cap_x.assign(size_t(hp_.n_layer), {});
@@ -433,80 +440,26 @@ void Model::eval(const int32_t* tokens, int n, bool all_logits, float* logits) {
     }
     double ffn_bytes0 = 0;
     for (const auto& ls : stats_.layers) ffn_bytes0 += ls.bytes;
-    const int E = hp_.n_embd, HD = hp_.head_dim, NH = hp_.n_head, NKV = hp_.n_head_kv;
-    const int H = NH * HD, KV = NKV * HD, V = hp_.n_vocab;
-    const float attn_scale = 1.0f / std::sqrt(float(HD));
+    const int E = hp_.n_embd, V = hp_.n_vocab;
 
     for (int b0 = 0; b0 < n; b0 += m.n_batch) {
         const int nb = std::min(m.n_batch, n - b0);
-        const int p0 = n_past_;
-
+        TokenBatch batch;
+        batch.token = tokens + b0;
+        batch.pos = m.pos.data();
+        batch.seq = m.seq.data();
+        batch.n = nb;
         for (int t = 0; t < nb; ++t) {
+            m.pos[size_t(t)] = n_past_ + t;
+            m.seq[size_t(t)] = 0;
             float* xt = m.x.data() + size_t(t) * E;
-            dequantize_row(m.tok_embd->type, m.tok_embd->row(tokens[b0 + t]), xt, E);
+            dequantize_row(m.tok_embd->type, m.tok_embd->row(batch.token[t]), xt, E);
             if (hp_.embedding_scale != 1.0f) vec_scale(xt, hp_.embedding_scale, E);
-        }
-
-        for (int t = 0; t < nb; ++t)  // the positions' rotations, once for every layer
-            rope_table(m.rope_cs.data() + size_t(t) * size_t(hp_.n_rot), hp_.n_rot, p0 + t, hp_.rope_theta,
+            // the position's rotations, once for every layer
+            rope_table(m.rope_cs.data() + size_t(t) * size_t(hp_.n_rot), hp_.n_rot, batch.pos[t], hp_.rope_theta,
                        hp_.rope_freq_scale);
-        for (int il = 0; il < hp_.n_layer; ++il) {
-            const LayerWeights& L = m.layers[size_t(il)];
-            float* kc = m.k_cache.p + size_t(il) * m.kv_layer_stride;
-            float* vc = m.v_cache.p + size_t(il) * m.kv_layer_stride;
-
-            // attention
-            for (int t = 0; t < nb; ++t)
-                rms_norm(m.xn.data() + size_t(t) * E, m.x.data() + size_t(t) * E, m.attn_norm[size_t(il)].data(), E, hp_.rms_eps);
-            matmul(pool, *L.wq, m.xn.data(), nb, m.q.data(), m.act_buf);
-            matmul(pool, *L.wk, m.xn.data(), nb, m.k.data(), m.act_buf);
-            matmul(pool, *L.wv, m.xn.data(), nb, m.v.data(), m.act_buf);
-            for (int t = 0; t < nb; ++t) {
-                const float* cs = m.rope_cs.data() + size_t(t) * size_t(hp_.n_rot);
-                rope(m.q.data() + size_t(t) * H, NH, HD, hp_.n_rot, cs);
-                rope(m.k.data() + size_t(t) * KV, NKV, HD, hp_.n_rot, cs);
-            }
-            const size_t head_stride = size_t(n_ctx_) * size_t(HD);  // one KV head's [pos][head_dim]
-            for (int t = 0; t < nb; ++t)
-                for (int kvh = 0; kvh < NKV; ++kvh) {
-                    const size_t dst = size_t(kvh) * head_stride + size_t(p0 + t) * size_t(HD);
-                    const size_t src = size_t(t) * KV + size_t(kvh) * HD;
-                    std::memcpy(kc + dst, m.k.data() + src, sizeof(float) * size_t(HD));
-                    std::memcpy(vc + dst, m.v.data() + src, sizeof(float) * size_t(HD));
-                }
-
-            // one task per (token, head): causal softmax(q k / sqrt(d)) v over the cache
-            pool.parallel_for(int64_t(nb) * NH, [&](int64_t task, int thread) {
-                const int t = int(task / NH), h = int(task % NH), kvh = h / (NH / NKV);
-                const int n_keys = p0 + t + 1;
-                const float* qh = m.q.data() + size_t(t) * H + size_t(h) * HD;
-                float* sc = m.scores.data() + size_t(thread) * size_t(n_ctx_);
-                const float* kh = kc + size_t(kvh) * head_stride;
-                const float* vh = vc + size_t(kvh) * head_stride;
-                for (int p = 0; p < n_keys; ++p) sc[p] = vec_dot(qh, kh + size_t(p) * HD, HD) * attn_scale;
-                softmax(sc, n_keys);
-                float* out = m.attn.data() + size_t(t) * H + size_t(h) * HD;
-                std::fill(out, out + HD, 0.0f);
-                for (int p = 0; p < n_keys; ++p) vec_axpy(out, sc[p], vh + size_t(p) * HD, HD);
-            });
-            matmul(pool, *L.wo, m.attn.data(), nb, m.branch.data(), m.act_buf);
-            vec_add_scaled(m.x.data(), m.branch.data(), hp_.residual_scale, int64_t(nb) * E);
-
-            // feed-forward
-            for (int t = 0; t < nb; ++t)
-                rms_norm(m.xn.data() + size_t(t) * E, m.x.data() + size_t(t) * E, m.ffn_norm[size_t(il)].data(), E, hp_.rms_eps);
-            if (m.capture) {
-                auto& cx = m.cap_x[size_t(il)];
-                auto& cg = m.cap_gate[size_t(il)];
-                cx.insert(cx.end(), m.x.begin(), m.x.begin() + std::ptrdiff_t(size_t(nb) * E));
-                const size_t off = cg.size();
-                cg.resize(off + size_t(nb) * size_t(hp_.n_ff));
-                matmul(pool, *L.ffn_gate, m.xn.data(), nb, cg.data() + off, m.act_buf);
-            }
-            ffn_forward(pool, hp_, L, m.ffn_opt, m.x.data(), m.xn.data(), nb, m.branch.data(), m.ffn,
-                        stats_.layers[size_t(il)]);
-            vec_add_scaled(m.x.data(), m.branch.data(), hp_.residual_scale, int64_t(nb) * E);
         }
+        for (int il = 0; il < hp_.n_layer; ++il) layer_forward(m, hp_, il, batch, stats_.layers[size_t(il)]);
         n_past_ += nb;
 
         // output head, only for the rows the caller wants
@@ -516,7 +469,7 @@ void Model::eval(const int32_t* tokens, int n, bool all_logits, float* logits) {
             for (int t = first; t < nb; ++t)
                 rms_norm(m.xn.data() + size_t(t - first) * E, m.x.data() + size_t(t) * E, m.output_norm.data(), E, hp_.rms_eps);
             float* dst = logits + (all_logits ? size_t(b0) * V : 0);
-            matmul(pool, *m.output, m.xn.data(), n_out, dst, m.act_buf);
+            matmul(*m.pool, *m.output, m.xn.data(), n_out, dst, m.act_buf);
             if (hp_.logit_scale != 1.0f) vec_scale(dst, 1.0f / hp_.logit_scale, int64_t(n_out) * V);
         }
     }

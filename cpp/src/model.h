@@ -8,9 +8,8 @@
 #include <string>
 #include <vector>
 
-#include "arch.h"
 #include "gguf.h"
-#include "tensor.h"
+#include "hparams.h"
 #include "threadpool.h"
 #include "tokenizer.h"
 
@@ -24,35 +23,9 @@ struct ModelParams {
     float act_threshold = NAN;      // overrides prosparse.activation_threshold when not NaN
     float pred_threshold = NAN;     // overrides the file's predictor cut-off when not NaN
     bool diag_recall = false;       // predict: also compute the full gate to report recall
-};
-
-struct HParams {
-    Arch arch = Arch::LLAMA;
-    int n_vocab = 0, n_embd = 0, n_layer = 0, n_head = 0, n_head_kv = 0, n_ff = 0;
-    int head_dim = 0, n_rot = 0, n_ctx_train = 0;
-    float rms_eps = 1e-5f, rope_theta = 10000.0f, rope_freq_scale = 1.0f;
-    Activation act = Activation::SILU;
-    float act_threshold = 0.0f;
-    float embedding_scale = 1.0f, residual_scale = 1.0f, logit_scale = 1.0f;
-    std::vector<float> layer_thresholds;  // prosparse.layer_thresholds (SiLU models), may be empty
-};
-
-struct LayerWeights {
-    const Tensor *attn_norm = nullptr, *wq = nullptr, *wk = nullptr, *wv = nullptr, *wo = nullptr;
-    const Tensor *ffn_norm = nullptr, *ffn_gate = nullptr, *ffn_up = nullptr;
-    const Tensor *ffn_down = nullptr, *ffn_down_t = nullptr;  // one of the two
-    const Tensor *fc1 = nullptr, *fc2 = nullptr, *act_freq = nullptr;  // optional
-    float act_t = 0.0f;  // this layer's activation threshold (FATReLU t, or the SiLU layer threshold)
-};
-
-// Per-layer counters, summed over tokens (divide by `tokens` for fractions).
-struct FfnLayerStats {
-    int64_t tokens = 0;
-    double active = 0;        // neurons with a non-zero activation (where the strategy knows it)
-    int64_t active_known = 0; // tokens for which `active` was counted
-    double predicted = 0;     // neurons the predictor selected (predict only)
-    double recall_hit = 0, recall_total = 0;  // predicted ∩ active, active (diagnostic)
-    double bytes = 0;         // weight bytes read
+    // Tests of the hybrid's split: every layer's neurons [0, n) on a second CPU executor, the
+    // rest on the first (ffn.h). -1: no split.
+    int64_t test_split_hot = -1;
 };
 
 struct ModelStats {
@@ -65,6 +38,8 @@ struct ModelStats {
 
 class Model {
 public:
+    struct Impl;  // the weights, cache, scratch and executors (model.cpp)
+
     Model(const std::string& path, const ModelParams& params);
     ~Model();
 
@@ -102,7 +77,6 @@ private:
     void choose_strategy(const ModelParams& params);
     void interleave_weights();
 
-    struct Impl;
     std::unique_ptr<GGUFFile> file_;
     std::unique_ptr<Tokenizer> tok_;
     HParams hp_;

@@ -119,13 +119,31 @@ void axpy_rows(ThreadPool& pool, const Tensor& W, const int32_t* rows, int64_t n
         ? kColChunk
         : std::max<int64_t>(QK, ((k + pool.size() - 1) / pool.size() + QK - 1) / QK * QK);
     const int64_t n_col_chunks = (k + col_chunk - 1) / col_chunk;
+    if (n == 0) return;
     pool.parallel_for(n_col_chunks, [&](int64_t ch, int) {
         const int64_t j0 = ch * col_chunk, len = std::min(col_chunk, k - j0);
-        for (int64_t t = 0; t < n_tokens; ++t) std::memset(Y + t * k + j0, 0, size_t(len) * sizeof(float));
-        if (n > 0)
-            ks.axpy_rows(W.type, len, W.data + cpu::weight_bytes(W.type, j0), W.row_stride(), rows, n, C, n,
-                         n_tokens, Y + j0, k);
+        ks.axpy_rows(W.type, len, W.data + cpu::weight_bytes(W.type, j0), W.row_stride(), rows, n, C, n,
+                     n_tokens, Y + j0, k);
     });
+}
+
+Tensor row_range(const Tensor& W, int64_t begin, int64_t end) {
+    if (W.n_dims > 2 || begin < 0 || end < begin || end > W.ne[1])
+        fail(strfmt("rows [%lld, %lld) of '%s' are out of range", (long long)begin, (long long)end, W.name.c_str()));
+    Tensor v = W;
+    v.ne[1] = end - begin;
+    if (W.layout == RowLayout::INTERLEAVED8) {
+        if (begin % cpu::kGroupRows || (end % cpu::kGroupRows && end != W.ne[1]))
+            fail(strfmt("rows [%lld, %lld) of the interleaved '%s' split one of its 8-row groups", (long long)begin,
+                        (long long)end, W.name.c_str()));
+        const size_t gb = cpu::group_bytes(W.type, W.ne[0]);
+        v.data = W.data + size_t(begin / cpu::kGroupRows) * gb;
+        v.nbytes = size_t((end - begin) / cpu::kGroupRows) * gb;
+    } else {
+        v.data = W.data + size_t(begin) * W.row_stride();
+        v.nbytes = size_t(end - begin) * W.row_stride();
+    }
+    return v;
 }
 
 bool can_interleave(const Tensor& W) {

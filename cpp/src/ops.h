@@ -28,12 +28,16 @@ void matmul_rows(ThreadPool& pool, const Tensor& W, const int32_t* rows, int64_t
                  const float* X, int64_t n_tokens, float* Y, std::vector<uint8_t>& scratch);
 
 // Sparse down projection from the neuron-major ffn_down_t W ({n_embd, n_ff}: one row of n_embd
-// weights per neuron): Y[t * n_embd + j] = sum_i C[t * n + i] * W[rows[i]][j] (Y is
-// overwritten), summed in the kernels' fixed neuron groups (cpu/kernels.h, axpy_rows), so a
-// token's result depends only on its own coefficients, not on the batch or the thread count.
-// rows (ascending) == nullptr means rows 0..n-1 (the dense case).
+// weights per neuron): Y[t * n_embd + j] += sum_i C[t * n + i] * W[rows[i]][j], summed in the
+// kernels' fixed neuron groups after what Y holds (cpu/kernels.h, axpy_rows), so a token's result
+// depends only on its own coefficients, not on the batch or the thread count. rows (ascending)
+// == nullptr means rows 0..n-1 (the dense case; a row range of W starts at a group boundary).
 void axpy_rows(ThreadPool& pool, const Tensor& W, const int32_t* rows, int64_t n, const float* C,
                int64_t n_tokens, float* Y);
+
+// Rows [begin, end) of the 2-D weight W as a tensor of their own (a view of the same memory).
+// An interleaved W splits only at multiples of its 8-row groups.
+Tensor row_range(const Tensor& W, int64_t begin, int64_t end);
 
 // Interleaved copies (cpu/kernels.h, "Interleaved rows") of weights that matmul always reads
 // whole, made at load, all in one block of memory that this owns.
