@@ -1,4 +1,4 @@
-// The FFN strategies (DESIGN.md "The FFN strategies"). They share one interface and live
+// The FFN strategies (docs/design.md "The FFN strategies"). They share one interface and live
 // together so that a reader can compare them side by side; they differ only in which neurons
 // they skip and in summation order.
 //   dense:   every neuron.
