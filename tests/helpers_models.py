@@ -22,7 +22,7 @@ _TRAINING_TEXT_LINES = 4000
 
 
 def _training_text() -> str:
-    """English text that every Python install has (DESIGN.md: offline text)."""
+    """English text that every Python install has (docs/design.md "Correctness comes from outside references")."""
     from pydoc_data import topics
 
     text = "\n".join(topics.topics.values())
@@ -136,7 +136,7 @@ def make_llama_dir(model_dir: Path, *, seed: int = 0, **cfg_kw):
 def make_fatrelu_dir(model_dir: Path, threshold: float, *, seed: int = 0, **cfg_kw):
     """(reference model, directory): ProSparse's SparseLlama checkpoint (model_type sparsellama,
     hidden_act fatrelu, hidden_act_param t). The reference is the LlamaForCausalLM on the same
-    weights with each layer's act_fn replaced by x * (x >= t) (DESIGN.md)."""
+    weights with each layer's act_fn replaced by x * (x >= t) (docs/design.md "Correctness comes from outside references")."""
     model = random_llama(llama_config(hidden_act="relu", **cfg_kw), seed)
     save_llama(model_dir, model)
     edit_config(model_dir, architectures=["SparseLlamaForCausalLM"], model_type="sparsellama",
@@ -159,7 +159,7 @@ def _use_fatrelu(model, threshold: float) -> None:
 def make_minicpm_dir(model_dir: Path, *, scale_emb=12.0, scale_depth=1.4, dim_model_base=16,
                      seed: int = 0, hidden_act="silu", hidden_act_param=None, **cfg_kw):
     """(equivalent LlamaForCausalLM, directory): a MiniCPMForCausalLM checkpoint with tied embeddings
-    and llama tensor names, and the LlamaForCausalLM that computes the same function (DESIGN.md
+    and llama tensor names, and the LlamaForCausalLM that computes the same function (docs/design.md
     "Correctness comes from outside references"): embeddings x scale_emb, o_proj and down_proj x
     residual_scale, and an untied head = embeddings / logit_scale."""
     import torch
@@ -225,7 +225,7 @@ def gguf_tensors_f32(path) -> dict:
 
 def llama_from_gguf(path, config):
     """A LlamaForCausalLM (config as given) holding the weights a converted llama GGUF stores,
-    dequantized: the reference for quantized files (DESIGN.md: "compare against transformers on the
+    dequantized: the reference for quantized files (docs/design.md: "compare against transformers on the
     same dequantized weights")."""
     import torch
     from transformers import LlamaForCausalLM
@@ -271,7 +271,7 @@ def prompt_ids(n: int = 20, seed: int = 0):
 
 
 def rel_error(ours, ref) -> float:
-    """DESIGN.md's measure: max |ours - ref| / max |ref| over the whole logits array."""
+    """The error measure of docs/design.md: max |ours - ref| / max |ref| over the whole logits array."""
     import numpy as np
 
     return float(np.abs(np.asarray(ours) - np.asarray(ref)).max() / np.abs(np.asarray(ref)).max())

@@ -1,4 +1,4 @@
-"""The Python API's contract (DESIGN.md "Python API and command lines"), on the real SmolLM2 model."""
+"""The Python API's contract (docs/design.md "Python API and command lines"), on the real SmolLM2 model."""
 import threading
 
 import numpy as np

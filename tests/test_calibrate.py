@@ -1,6 +1,6 @@
 """prosparse-calibrate (issue 4): profiling, predictors, SiLU thresholds, the written file, bad input.
 
-References: transformers (LlamaForCausalLM with FATReLU, DESIGN.md) for which neurons fire; the gguf
+References: transformers (LlamaForCausalLM with FATReLU, docs/design.md) for which neurons fire; the gguf
 package's reader and dequantizer for what the file holds; held-out text the calibration never saw for
 recall, predicted sparsity and reached sparsity."""
 
@@ -258,7 +258,7 @@ def _dense_ppl(path, windows):
 
 
 def test_down_type_auto_compares_q8_0_with_f16_not_with_the_input(silu_outliers, texts, tmp_path):
-    """DESIGN.md: ffn_down_t is Q8_0 when perplexity moves < 0.5% against the unchanged model, which
+    """docs/design.md "The down projection": ffn_down_t is Q8_0 when perplexity moves < 0.5% against the unchanged model, which
     is the same file with F16 ffn_down_t (F16 of the dequantized Q8_0 weights), through the same
     kernel. On this file the input's quantized-activation path alone is > 0.5% away from the F16
     file, while Q8_0 and F16 ffn_down_t agree: measured against the input, Q8_0 would be refused."""

@@ -1,5 +1,5 @@
 """prosparse-convert: files read back with the gguf package's own GGUFReader and dequantizer, compared
-with the Hugging Face weights they came from (DESIGN.md "File format"; llama.cpp's key/tensor names
+with the Hugging Face weights they came from (docs/design.md "The GGUF contract"; llama.cpp's key/tensor names
 and its Q/K permutation)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The runtime's logits against Hugging Face transformers on the same weights (DESIGN.md "Correctness
+"""The runtime's logits against Hugging Face transformers on the same weights (docs/design.md "Correctness
 comes from outside references"): tiny random LLaMA checkpoints, converted by prosparse-convert, loaded
 by prosparse_rt.Model, 20-token prompt, error = max |ours - ref| / max |ref| over all logits."""
 
@@ -88,7 +88,7 @@ def test_quantization_really_changes_the_reference(tmp_path):
 
 
 def test_frequency_ordered_file_computes_the_same_model(tmp_path):
-    # DESIGN.md: permuting every per-neuron tensor together leaves outputs unchanged.
+    # docs/design.md "Neuron order": permuting every per-neuron tensor together leaves outputs unchanged.
     import torch
 
     ref_model, path = _case(tmp_path, "fatrelu")

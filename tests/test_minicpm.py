@@ -1,6 +1,6 @@
 """MiniCPM: a MiniCPMForCausalLM checkpoint (scale_emb, scale_depth, dim_model_base, tied
 embeddings, llama tensor names) converted and run, against transformers on the equivalent
-LlamaForCausalLM (DESIGN.md "Correctness comes from outside references": embeddings x scale_emb,
+LlamaForCausalLM (docs/design.md "Correctness comes from outside references": embeddings x scale_emb,
 o_proj and down_proj x residual_scale, an untied head = embeddings / logit_scale)."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The real SmolLM2-135M-Instruct against Hugging Face transformers (which reads the same GGUF and
 dequantizes it). At f32 (our converter dequantizes the Q4_1 file exactly, see test_convert) the
 whole pipeline -- llama.cpp's Q/K permutation, RoPE, GQA (9 heads, 3 KV heads), tied output, the
-byte-level BPE tokenizer -- must match to DESIGN.md's 1e-4."""
+byte-level BPE tokenizer -- must match to 1e-4 (docs/design.md "Correctness comes from outside references")."""
 import os
 
 import numpy as np

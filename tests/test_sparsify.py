@@ -1,7 +1,7 @@
 """prosparse-sparsify: the ProSparse recipe (arXiv 2402.13516) on tiny random checkpoints.
 
 References: the paper's λ schedule table and cosine ramp η = ½(1 − cos(π f)); transformers'
-LlamaForCausalLM (with FATReLU x·(x >= t) as DESIGN.md says) for the written checkpoint; DESIGN.md's
+LlamaForCausalLM (with FATReLU x·(x >= t) as docs/design.md says) for the written checkpoint; docs/design.md's
 folded LlamaForCausalLM for MiniCPM; prosparse-convert + prosparse_rt for the end to end check.
 """
 from __future__ import annotations

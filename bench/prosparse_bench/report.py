@@ -4,7 +4,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-DRAM_GBPS = 30.0  # measured read bandwidth of this 2-core machine (DESIGN.md)
+DRAM_GBPS = 30.0  # measured read bandwidth of this 2-core machine (docs/design.md "Physical limits")
 
 
 def weight_bytes_per_token(path) -> dict:

@@ -244,7 +244,7 @@ def sparse_plan_stats(shape: Shape, qtype: str, rank: int, pred_qtype: str) -> d
 def write_fatrelu(path: Path, shape: Shape = LLAMA2_7B, qtype: str = "q4_0", seed: int = 0,
                   sparsity: float = 0.89, threshold: float = 0.01, rank: int = 1024,
                   pred_qtype: str = "q4_0", predicted: float = 0.20, progress=None) -> Path:
-    """A LLaMA-2-7B-shaped FATReLU GGUF in prosparse-rt's sparse layout (DESIGN.md "File format"):
+    """A LLaMA-2-7B-shaped FATReLU GGUF in prosparse-rt's sparse layout (docs/design.md "The GGUF contract"):
     neurons in frequency order, `ffn_down_t` instead of `ffn_down`, `ffn_act_freq`, and a
     rank-`rank` predictor (`fc1`, `fc2`) stored as `pred_qtype`.
 

@@ -1,4 +1,4 @@
-"""prosparse-convert: Hugging Face checkpoints and GGUF files to prosparse-rt's GGUF (DESIGN.md)."""
+"""prosparse-convert: Hugging Face checkpoints and GGUF files to prosparse-rt's GGUF (docs/design.md)."""
 
 from .convert import Options, convert
 from .errors import ConvertError

@@ -3,7 +3,7 @@ to float32 so that it can be requantized, relaid out (ffn_down <-> ffn_down_t) o
 
 PowerInfer files start with the magic `PWRI` instead of `GGUF` and carry no prosparse keys: they are
 ReLU models (t = 0) whose `powerinfer.sparse_threshold`, if any, is the predictor cut-off
-(DESIGN.md "Compatibility"). A plain llama.cpp file without prosparse keys is SiLU, as in llama.cpp.
+(docs/design.md "Compatibility"). A plain llama.cpp file without prosparse keys is SiLU, as in llama.cpp.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ GENERAL_FILE_TYPE = "general.file_type"
 GENERAL_QUANTIZATION_VERSION = "general.quantization_version"
 CHAT_TEMPLATE = "tokenizer.chat_template"
 
-# Our namespace (DESIGN.md "File format").
+# Our namespace (docs/design.md "The GGUF contract").
 PS_ACTIVATION = "prosparse.activation"
 PS_ACTIVATION_THRESHOLD = "prosparse.activation_threshold"
 PS_LAYER_THRESHOLDS = "prosparse.layer_thresholds"

@@ -98,7 +98,7 @@ class Predictors:
 
 def read_activation_freq(d: Path, n_layer: int, n_ff: int) -> List[np.ndarray]:
     """Per layer, each neuron's count divided by the layer's largest count (PowerInfer's files do not
-    record the number of tokens, DESIGN.md "ffn_act_freq")."""
+    record the number of tokens, docs/design.md "Tensors")."""
     out = []
     for f in _numbered(Path(d), "activation", n_layer):
         obj = _load(f)

@@ -243,7 +243,7 @@ Model::Model(const std::string& path, const ModelParams& params)
 
 Model::~Model() = default;
 
-// DESIGN.md: auto = exact where the activation is sparse (ReLU/FATReLU with the neuron-major
+// docs/design.md "The FFN strategies": auto = exact where the activation is sparse (ReLU/FATReLU with the neuron-major
 // down projection), else dense; predict is approximate and only runs when asked for.
 void Model::choose_strategy(const ModelParams& params) {
     Impl& m = *impl_;

@@ -1,7 +1,7 @@
 // Whole-tensor operations built on the kernels and the thread pool.
 // Every one splits its work into pieces whose size depends only on the shapes, never on the
 // thread count, and fixes the order of every sum: results are bitwise the same for any number of
-// threads and on every run (DESIGN.md "The FFN strategies").
+// threads and on every run (docs/design.md "Determinism").
 #pragma once
 
 #include <cstdint>

@@ -101,7 +101,7 @@ def plan(inp: InputFile, add: Additions, n_layer: int, n_ff: int) -> List[_Out]:
         shape, qtype = _shape(t), T(int(t.tensor_type))
         perm = perms[i] if i is not None else None
         if kind == N.FFN_DOWN:
-            # llama.cpp's [n_embd, n_ff] becomes neuron-major ffn_down_t (DESIGN.md: F16 or Q8_0)
+            # llama.cpp's [n_embd, n_ff] becomes neuron-major ffn_down_t (docs/design.md "The down projection")
             t_shape = (shape[1], shape[0])
             want = quant.tensor_type(t_shape, quant.outtype(add.down_type))
 

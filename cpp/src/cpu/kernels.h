@@ -103,7 +103,7 @@ struct KernelSet {
     void (*gemm)(GgmlType w, int64_t k, const void* W, size_t w_stride, int64_t nr,
                  const void* X, size_t x_stride, int64_t nc, float* Y, int64_t ldy);
 
-    // Sparse gate/up (DESIGN.md "The FFN strategies"): gemm over listed rows only,
+    // Sparse gate/up (docs/design.md "The FFN strategies"): gemm over listed rows only,
     // Y[c * ldy + i] = dot(row rows[i] of W, activation row c), for i < n and c < nc.
     // The caller guarantees 0 <= rows[i] < rows of W.
     void (*gemm_rows)(GgmlType w, int64_t k, const void* W, size_t w_stride, const int32_t* rows,
