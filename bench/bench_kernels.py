@@ -9,6 +9,12 @@ weight per token). Several copies of each matrix are used in turn, so that the w
     python bench/bench_kernels.py                        # all types, ISAs, 1 and 2 threads
     python bench/bench_kernels.py --types q4_0 --ops up,down --json out.json
     python bench/bench_kernels.py --tokens 64            # prompt-processing (GEMM) shape
+    python bench/bench_kernels.py --builds before=/tmp/old,after= --rounds 3   # A/B in one run
+
+--builds compares kernel builds in the same run: NAME=DIR puts DIR (a folder holding another
+build's prosparse_rt package) first on the workers' PYTHONPATH, NAME= uses the installed one.
+--rounds runs every build that many times in turn and reports each measurement's median over
+the rounds, so that a VM whose bandwidth drifts over minutes affects every build alike.
 
 Operations: attn (4096x4096 matvec), up (11008 rows of 4096: gate/up), down (4096 rows of 11008),
 sparse_up (gate/up over 11% of the rows), sparse_down (axpy over 11% of ffn_down_t's rows).
@@ -98,7 +104,10 @@ def main():
     ap.add_argument("--stat", choices=["median", "min"], default="median",
                     help="per-call time reported: median, or min (the best call: on a shared machine "
                          "the one least disturbed by other processes)")
+    ap.add_argument("--builds", default="=", help="NAME=DIR,... builds to compare (DIR empty: the installed one)")
+    ap.add_argument("--rounds", type=int, default=1, help="runs of every build, in turn")
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--plot", default=None, help="write a bar chart of GB/s here (PNG)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.types = [t.strip().lower() for t in args.types.split(",") if t.strip()]
@@ -113,38 +122,113 @@ def main():
 
     from prosparse_rt import _core
 
+    builds = []
+    for item in args.builds.split(","):
+        name, _, path = item.partition("=")
+        builds.append((name.strip(), path.strip()))
+    if args.rounds < 1:
+        ap.error("--rounds must be >= 1")
     isas = args.isas.split(",") if args.isas else _core._testing.isas()
-    results = []
-    for isa in isas:
-        cmd = [sys.executable, __file__, "--worker", "--types", ",".join(args.types), "--ops", ",".join(args.ops),
-               "--threads", ",".join(map(str, args.threads)), "--tokens", str(args.tokens),
-               "--seconds", str(args.seconds), "--working-set", str(args.working_set), "--stat", args.stat]
-        proc = subprocess.Popen(cmd, env=dict(os.environ, PROSPARSE_ISA=isa), stdout=subprocess.PIPE, text=True)
-        for line in proc.stdout:
-            r = json.loads(line)
-            results.append(r)
-            print(f"  {r['isa']:7s} {r['type']:5s} {r['op']:12s} t={r['threads']} {r['ms']:9.3f} ms "
-                  f"{r['GBps']:7.2f} GB/s {r['GFLOPs']:8.2f} GFLOP/s", file=sys.stderr, flush=True)
-        if proc.wait() != 0:
-            sys.exit(f"benchmark worker for {isa} failed")
+    raw = []
+    for rnd in range(args.rounds):
+        for bname, bpath in builds:
+            env = dict(os.environ)
+            if bpath:
+                env["PYTHONPATH"] = os.pathsep.join(p for p in (bpath, env.get("PYTHONPATH", "")) if p)
+            for isa in isas:
+                raw.extend(run_worker(args, isa, env, bname, rnd))
+    results = pool_rounds(raw)
+    print_table(args, builds, isas, results)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"cpu": cpu_name(), "args": vars(args), "results": results, "runs": raw}, f, indent=1)
+    if args.plot:
+        plot(args, builds, isas, results)
 
-    # The table: one row per (type, op), one column pair per (isa, threads).
-    cols = [(isa, t) for isa in isas for t in args.threads]
-    head = "| type | op | " + " | ".join(f"{i} {t}t GB/s | GFLOP/s" for i, t in cols) + " |"
-    print(f"\n7B-shaped kernels, {args.tokens} token(s) per call, working set >= {args.working_set:.0f} MB, "
-          f"{args.stat} call time\n")
-    print(head)
-    print("|" + "---|" * (2 + 2 * len(cols)))
+
+def run_worker(args, isa, env, build, rnd):
+    cmd = [sys.executable, __file__, "--worker", "--types", ",".join(args.types), "--ops", ",".join(args.ops),
+           "--threads", ",".join(map(str, args.threads)), "--tokens", str(args.tokens),
+           "--seconds", str(args.seconds), "--working-set", str(args.working_set), "--stat", args.stat]
+    proc = subprocess.Popen(cmd, env=dict(env, PROSPARSE_ISA=isa), stdout=subprocess.PIPE, text=True)
+    out = []
+    for line in proc.stdout:
+        r = dict(json.loads(line), build=build, round=rnd)
+        out.append(r)
+        print(f"  {build:8s} r{rnd} {r['isa']:7s} {r['type']:5s} {r['op']:12s} t={r['threads']} {r['ms']:9.3f} ms "
+              f"{r['GBps']:7.2f} GB/s {r['GFLOPs']:8.2f} GFLOP/s", file=sys.stderr, flush=True)
+    if proc.wait() != 0:
+        sys.exit(f"benchmark worker for {isa} ({build or 'installed'}) failed")
+    return out
+
+
+def _key(r):
+    return (r["build"], r["isa"], r["threads"], r["type"], r["op"])
+
+
+def pool_rounds(raw):
+    """One result per measurement: the median over the rounds of its time."""
+    groups = {}
+    for r in raw:
+        groups.setdefault(_key(r), []).append(r)
+    out = []
+    for rs in groups.values():
+        rs = sorted(rs, key=lambda r: r["ms"])
+        out.append(dict(rs[len(rs) // 2], rounds=len(rs)))
+    return out
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def print_table(args, builds, isas, results):
+    """One row per (type, op), one column per (build, isa, threads): GB/s of weight bytes read."""
+    cols = [(b, isa, t) for isa in isas for t in args.threads for b, _ in builds]
+    label = lambda b, i, t: f"{b + ' ' if b else ''}{i} {t}t"
+    print(f"\n7B-shaped kernels on {cpu_name()}, {args.tokens} token(s) per call, working set >= "
+          f"{args.working_set:.0f} MB, {args.stat} call time, median of {args.rounds} round(s); GB/s of weights "
+          f"read (GFLOP/s)\n")
+    print("| type | op | " + " | ".join(label(*c) for c in cols) + " |")
+    print("|" + "---|" * (2 + len(cols)))
+    index = {_key(r): r for r in results}
     for tname in args.types:
         for o in args.ops:
             cells = []
-            for isa, t in cols:
-                r = next((r for r in results if (r["isa"], r["threads"], r["type"], r["op"]) == (isa, t, tname, o)), None)
-                cells.append(f"{r['GBps']:.1f} | {r['GFLOPs']:.1f}" if r else "- | -")
+            for b, isa, t in cols:
+                r = index.get((b, isa, t, tname, o))
+                cells.append(f"{r['GBps']:.1f} ({r['GFLOPs']:.1f})" if r else "-")
             print(f"| {tname} | {o} | " + " | ".join(cells) + " |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+
+
+def plot(args, builds, isas, results):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    index = {_key(r): r for r in results}
+    rows = [(t, o) for t in args.types for o in args.ops]
+    cols = [(b, isa, th) for isa in isas for th in args.threads for b, _ in builds]
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(rows) * len(cols) / 2), 4))
+    width = 0.8 / len(cols)
+    for j, (b, isa, th) in enumerate(cols):
+        vals = [index[(b, isa, th, t, o)]["GBps"] if (b, isa, th, t, o) in index else 0 for t, o in rows]
+        ax.bar([i + j * width for i in range(len(rows))], vals, width, label=f"{b + ' ' if b else ''}{isa} {th}t")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))])
+    ax.set_xticklabels([f"{t}\n{o}" for t, o in rows], fontsize=7)
+    ax.set_ylabel("GB/s of weights read")
+    ax.set_title(f"{cpu_name()}: {args.tokens} token(s) per call", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=120)
 
 
 if __name__ == "__main__":
