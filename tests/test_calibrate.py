@@ -1,4 +1,4 @@
-"""prosparse-calibrate (issue 4): profiling, predictors, SiLU thresholds, the written file, bad input.
+"""prosparse-calibrate: profiling, predictors, SiLU thresholds, the written file, bad input.
 
 References: transformers (LlamaForCausalLM with FATReLU, DESIGN.md) for which neurons fire; the gguf
 package's reader and dequantizer for what the file holds; held-out text the calibration never saw for

@@ -378,7 +378,7 @@ def test_cli_converts(hf_dir, tmp_path):
     assert f["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_Q8_0)
 
 
-# ---------------------------------------------------------------- issue 3: sparse extras
+# ---------------------------------------------------------------- sparse extras: predictors, neuron statistics
 
 def _powerinfer_dirs(d: Path, n_layer=2, n_embd=64, n_ff=128, ranks=(32, 48), seed=5):
     """PowerInfer's layout: model_{i}.pt {fc1.weight [R, n_embd], fc2.weight [n_ff, R]} and

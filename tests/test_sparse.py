@@ -1,4 +1,4 @@
-"""The sparse FFN strategies (DESIGN.md "The FFN strategies", issue 3): `exact` computes the same
+"""The sparse FFN strategies (DESIGN.md "The FFN strategies"): `exact` computes the same
 model as `dense`; `predict` with a predictor that is exact by construction equals `exact`; a bad
 predictor changes the output and the recall diagnostic says so. References: the dense strategy on
 the same file, and transformers (via test_logits.py) for dense itself."""

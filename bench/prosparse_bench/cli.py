@@ -4,7 +4,7 @@ llama.cpp (llama-cpp-python) on the same GGUF with the same threads, llama-bench
     prosparse-bench                       # SmolLM2-135M Q4_1 and the 7B shape (if generated)
     prosparse-bench -m 7b --gen           # generate the random LLaMA-2-7B-shaped Q4_0 file first
     prosparse-bench -m smollm2 -p 512 -n 128 -r 5 -t 2 -o json
-    prosparse-bench -m 7b-fatrelu --gen   # issue 3: ours dense/exact/predict vs llama.cpp dense
+    prosparse-bench -m 7b-fatrelu --gen   # ours dense/exact/predict vs llama.cpp dense
 
 llama-cpp-python builds are found as ~/.cache/prosparse-bench/peer-*/ (bench/setup_peer.sh makes
 them); each model is run with every build and ours is compared with the faster one.
@@ -47,9 +47,9 @@ def resolve_model(spec: str, args):
         return "SmolLM2-135M Q4_1", path, path
     fat = re.fullmatch(r"7b-fatrelu(?:-r(\d+))?", spec)
     if fat:
-        # issue 3: ours on the sparse FATReLU file, llama.cpp on a dense SiLU file of the same
-        # shapes and weight type (llama.cpp refuses files with our extra tensors); -rN: a rank-N
-        # predictor instead of rank 1024 (issue 4)
+        # ours on the sparse FATReLU file, llama.cpp on a dense SiLU file of the same shapes and
+        # weight type (llama.cpp refuses files with our extra tensors); -rN: a rank-N predictor
+        # instead of rank 1024, to compare what predictor rank costs in bytes and speed
         rank = int(fat.group(1) or 1024)
         try:
             path = synth.fatrelu_7b(args.qtype, generate=args.gen, progress=_progress, rank=rank)

@@ -216,7 +216,7 @@ def _cached(path: Path, generate: bool, write) -> Path:
     return write()
 
 
-# --- issue 3: a FATReLU model whose activations are sparse by construction -----------------------
+# --- a FATReLU model whose activations are sparse by construction --------------------------------
 
 def firing_probabilities(rng: np.random.Generator, n_ff: int, mean: float = 0.11) -> np.ndarray:
     """Per-neuron firing probabilities, hottest first, skewed as in real ReLU LLMs (a few neurons
@@ -360,8 +360,8 @@ def write_fatrelu(path: Path, shape: Shape = LLAMA2_7B, qtype: str = "q4_0", see
 
 def fatrelu_7b(qtype: str = "q4_0", generate: bool = True, seed: int = 0, progress=None,
                rank: int = 1024) -> Path:
-    """The cached FATReLU LLaMA-2-7B-shaped model (issue 3's benchmark; issue 4's predictor-rank
-    comparison with `rank`), generated on request."""
+    """The cached FATReLU LLaMA-2-7B-shaped model with a rank-`rank` predictor (the sparse
+    strategies' benchmark; other ranks compare what predictor size costs), generated on request."""
     if rank < 1 or rank % 32:
         raise ValueError(f"predictor rank must be a positive multiple of 32, got {rank}")
     suffix = "" if rank == 1024 else f"-r{rank}"
