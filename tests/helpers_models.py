@@ -283,15 +283,14 @@ def powerinfer_file(ours: Path, dest: Path, sparse_threshold: float) -> Path:
     import gguf
     import numpy as np
 
+    from prosparse_convert.gguf_file import copy_field
+
     r = gguf.GGUFReader(str(ours))
     w = gguf.GGUFWriter(str(dest), "llama")
     for k, f in r.fields.items():
         if k.startswith(("GGUF.", "general.architecture", "prosparse.")):
             continue
-        if f.types[0] == gguf.GGUFValueType.ARRAY:
-            w.add_key_value(k, f.contents(), f.types[0], sub_type=f.types[-1])
-        else:
-            w.add_key_value(k, f.contents(), f.types[0])
+        copy_field(w, f)
     w.add_float32("powerinfer.sparse_threshold", sparse_threshold)
     for t in r.tensors:
         w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)

@@ -541,16 +541,35 @@ def test_powerinfer_gguf_loads_as_relu_with_its_predictor_threshold(hf_dir, tmp_
     _all_tensors_equal(tmp_path / "o.gguf", ours)
 
 
-@pytest.mark.parametrize("damage,message", [
-    (lambda b: b[: len(b) // 2], "cannot read GGUF file"),
-    (lambda b: b[:-100], "cannot read GGUF file"),
-    (lambda b: b"GGUF" + b"\xff" * 20, "cannot read GGUF file"),
-])
-def test_damaged_gguf_input_is_a_clear_error(relu_gqa, tmp_path, damage, message):
+def test_damaged_gguf_header_is_a_clear_error(relu_gqa, tmp_path):
     bad = tmp_path / "bad.gguf"
-    bad.write_bytes(damage(relu_gqa[2].read_bytes()))
-    with pytest.raises(ConvertError, match=message):
+    bad.write_bytes(b"GGUF" + b"\xff" * 20)
+    with pytest.raises(ConvertError, match="cannot read GGUF file .*bad.gguf"):
         conv(bad, tmp_path / "o.gguf")
+
+
+@pytest.mark.parametrize("keep", [lambda n: n - 100, lambda n: n // 2])
+def test_truncated_gguf_input_names_the_file_the_tensor_and_the_sizes(relu_gqa, tmp_path, keep):
+    data = relu_gqa[2].read_bytes()
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(data[:keep(len(data))])
+    # the first tensor cut off, with the bytes it needs, read from the intact file by the gguf package
+    cut = next(t for t in gguf.GGUFReader(str(relu_gqa[2])).tensors if t.data_offset + t.n_bytes > bad.stat().st_size)
+    message = (f"{bad} is truncated: tensor {cut.name} needs {cut.n_bytes} bytes up to byte "
+               f"{cut.data_offset + cut.n_bytes}, the file has {bad.stat().st_size}")
+    with pytest.raises(ConvertError) as e:
+        conv(bad, tmp_path / "o.gguf")
+    assert str(e.value) == message
+    assert not list(tmp_path.glob("o.gguf*"))
+
+
+def test_cli_names_a_truncated_gguf_input_in_one_line(relu_gqa, tmp_path, capsys):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(relu_gqa[2].read_bytes()[:-100])
+    assert cli_main([str(bad), str(tmp_path / "o.gguf"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"prosparse-convert: error: {bad} is truncated: tensor output.weight needs ")
+    assert err.count("\n") == 1
 
 
 @pytest.mark.slow  # ~25 s on 2 cores: dequantizes and rewrites 135M weights as f32

@@ -10,6 +10,7 @@ import torch
 
 import helpers_models as H
 from prosparse_convert import convert
+from prosparse_convert.gguf_file import copy_field
 from prosparse_rt import Model
 
 TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0"]
@@ -184,10 +185,7 @@ def _with_key(src, dest, key, value, vtype):
     for k, f in r.fields.items():
         if k.startswith("GGUF.") or k == "general.architecture":
             continue
-        if f.types[0] == gguf.GGUFValueType.ARRAY:
-            w.add_key_value(k, f.contents(), f.types[0], sub_type=f.types[-1])
-        else:
-            w.add_key_value(k, f.contents(), f.types[0])
+        copy_field(w, f)
     w.add_key_value(key, value, vtype, sub_type=gguf.GGUFValueType.FLOAT32 if vtype == gguf.GGUFValueType.ARRAY else None)
     for t in r.tensors:
         w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)

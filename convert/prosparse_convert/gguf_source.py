@@ -12,39 +12,21 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
-import gguf
-from gguf import GGUFValueType as V
 from gguf.quants import dequantize
 
 from . import names as N
 from .errors import ConvertError
+from .gguf_file import copy_field, open_gguf_file
 from .params import ModelParams
 from .source import Source
-
-_PWRI = int.from_bytes(b"PWRI", "little")
-
-
-class _Reader(gguf.GGUFReader):
-    """GGUFReader that also accepts PowerInfer's magic (the layout after it is GGUF's)."""
-
-    def _get(self, offset, dtype, count=1, override_order=None):
-        r = super()._get(offset, dtype, count, override_order)
-        if offset == 0 and count == 1 and np.dtype(dtype) == np.uint32 and int(r[0]) == _PWRI:
-            return np.array([gguf.GGUF_MAGIC], dtype=np.uint32)
-        return r
-
 
 def _per_layer(template: str, i: int) -> str:
     return N.blk(template, i)
 
 
 def open_gguf(path: Path) -> Source:
-    try:
-        with open(path, "rb") as f:
-            powerinfer = f.read(4) == b"PWRI"
-        r = _Reader(str(path))
-    except (ValueError, OSError, IndexError, KeyError, UnicodeDecodeError) as e:
-        raise ConvertError(f"cannot read GGUF file {path}: {e}") from e
+    r = open_gguf_file(path)
+    powerinfer = r.powerinfer
     fields = r.fields
 
     def get(key, default=None):
@@ -179,11 +161,8 @@ def open_gguf(path: Path) -> Source:
     tok_fields = [(key, f) for key, f in fields.items() if key.startswith("tokenizer.")]
 
     def add_tokenizer(w) -> None:
-        for key, f in tok_fields:
-            if f.types[0] == V.ARRAY:
-                w.add_key_value(key, f.contents(), V.ARRAY, sub_type=f.types[-1])
-            else:
-                w.add_key_value(key, f.contents(), f.types[0])
+        for _, f in tok_fields:
+            copy_field(w, f)
 
     return Source(params=p, tensors=canonical, add_tokenizer=add_tokenizer, act_freq=act_freq,
                   predictors=predictors, neuron_order=order, extra_kv=extra_kv)

@@ -11,14 +11,14 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
-from gguf import GGMLQuantizationType as T, GGUFValueType as V
+from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
 
 from .. import names as N
 from .. import quant
 from ..convert import _Out, write_gguf
 from ..errors import ConvertError
-from ..gguf_source import _Reader
+from ..gguf_file import copy_field, open_gguf_file
 
 # Keys the writer sets itself, or that describe the input file's own layout.
 _SKIP_KEYS = (N.GENERAL_ARCHITECTURE, "general.alignment")
@@ -44,12 +44,8 @@ class InputFile:
     """The input GGUF's fields and tensors (raw bytes as stored), via the converter's reader."""
 
     def __init__(self, path: Path) -> None:
-        try:
-            self.reader = _Reader(str(path))
-        except (ValueError, OSError, IndexError, KeyError, UnicodeDecodeError) as e:
-            raise ConvertError(f"cannot read GGUF file {path}: {e}") from e
-        with open(path, "rb") as f:
-            self.powerinfer = f.read(4) == b"PWRI"
+        self.reader = open_gguf_file(path)
+        self.powerinfer = self.reader.powerinfer
         self.path = Path(path)
         self.fields = self.reader.fields
         self.tensors = {t.name: t for t in self.reader.tensors}
@@ -170,12 +166,7 @@ class _Copy:
         for key, f in self._inp.fields.items():
             if key.startswith("GGUF.") or key in _SKIP_KEYS or key in self._over:
                 continue
-            if f.types[0] == V.ARRAY:
-                if len(f.types) > 2:
-                    raise ConvertError(f"key {key}: nested arrays are not supported")
-                w.add_key_value(key, f.contents(), V.ARRAY, sub_type=f.types[-1])
-            else:
-                w.add_key_value(key, f.contents(), f.types[0])
+            copy_field(w, f)
 
 
 def write(inp: InputFile, out: Path, add: Additions, n_layer: int, n_ff: int, progress: bool = True) -> Path:
