@@ -366,6 +366,72 @@ def test_interrupt_while_writing_removes_the_temp_file(hf_dir, tmp_path, monkeyp
     assert os.listdir(tmp_path) == ["hf"]
 
 
+# A prosparse-convert process that writes slowly (every tensor's encoding waits 0.3 s), so that it can
+# be signalled while OUT.tmp-<pid> is half-written.
+_SLOW_CONVERT = """
+import sys, time
+from prosparse_convert import cli, quant
+encode = quant.encode
+quant.encode = lambda a, q: (time.sleep(0.3), encode(a, q))[1]
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def _signal_while_writing(hf_dir, out, signum):
+    """(exit code, stderr) of a conversion to `out` signalled once its temporary file exists."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    p = subprocess.Popen([sys.executable, "-c", _SLOW_CONVERT, str(hf_dir), str(out), "--no-progress"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tmp = out.with_name(f"{out.name}.tmp-{p.pid}")
+    deadline = time.monotonic() + 60
+    while not tmp.exists() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert tmp.exists(), "the conversion never started writing"
+    p.send_signal(signum)
+    _, err = p.communicate(timeout=60)
+    return p.returncode, err
+
+
+@pytest.mark.parametrize("signame,code,line", [("SIGTERM", 143, "prosparse-convert: terminated"),
+                                               ("SIGINT", 130, "prosparse-convert: interrupted")])
+def test_a_signalled_conversion_removes_its_temp_file_and_says_so_in_one_line(hf_dir, tmp_path, signame,
+                                                                              code, line):
+    import signal
+
+    out = tmp_path / "o.gguf"
+    rc, err = _signal_while_writing(hf_dir, out, getattr(signal, signame))
+    assert rc == code
+    assert err.strip() == line  # no traceback
+    assert sorted(os.listdir(tmp_path)) == ["hf"]
+
+
+def test_next_run_removes_temp_files_of_dead_writers_and_keeps_live_ones(hf_dir, tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # reaped: its pid names no process now
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        out = tmp_path / "o.gguf"
+        stale, busy = (out.with_name(f"o.gguf.tmp-{p.pid}") for p in (dead, live))
+        other = tmp_path / "other.gguf.tmp-1234567"  # another output's: not ours to touch
+        for f in (stale, busy, other):
+            f.write_bytes(b"half-written")
+        assert cli_main([str(hf_dir), str(out), "--no-progress"]) == 0
+        assert not stale.exists()
+        assert busy.read_bytes() == b"half-written"
+        assert other.exists()
+        assert out.is_file()
+    finally:
+        live.kill()
+        live.wait()
+
+
 def test_cli_prints_the_error_and_exits_1(hf_dir, tmp_path, capsys):
     H.edit_config(hf_dir, hidden_act="gelu")
     assert cli_main([str(hf_dir), str(tmp_path / "o.gguf"), "--no-progress"]) == 1

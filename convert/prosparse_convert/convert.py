@@ -1,9 +1,11 @@
 """From a Source to a GGUF file: choose the output layout (neuron-major `ffn_down_t` for sparse
 activations, llama.cpp's `ffn_down` otherwise), move per-neuron tensors together, quantize, and write
-atomically (OUT.tmp-<pid>, renamed only when complete)."""
+atomically (OUT.tmp-<pid>, renamed only when complete; removed when writing fails or is interrupted,
+and by the next writer of OUT when a killed process left it)."""
 
 from __future__ import annotations
 
+import glob
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,13 +202,45 @@ def _add_kv(w: GGUFWriter, kv: dict) -> None:
             raise AssertionError(kind)
 
 
+def _temporary(out: Path, pid: int) -> Path:
+    """Where the process `pid` writes `out` until it is complete."""
+    return out.with_name(f"{out.name}.tmp-{pid}")
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists (POSIX)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def remove_stale_temporaries(out: Path) -> List[Path]:
+    """Remove the temporaries of `out` (OUT.tmp-<pid>) that writers left when they were killed
+    (SIGKILL runs no cleanup): only those whose process is gone, since a live one may still be
+    writing. Returns the files removed."""
+    if os.name != "posix":  # os.kill(pid, 0) would terminate the process on Windows
+        return []
+    prefix = f"{out.name}.tmp-"
+    removed = []
+    for p in out.parent.glob(glob.escape(prefix) + "*"):
+        pid = p.name[len(prefix):]
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_exists(int(pid)) and p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
 def write_gguf(out: Path, src: Source, outs: List[_Out], kv: dict, progress: bool) -> None:
     out = Path(out)
     if out.is_dir():
         raise ConvertError(f"output {out} is a directory")
     if not out.parent.is_dir():
         raise ConvertError(f"output directory {out.parent} does not exist")
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    remove_stale_temporaries(out)
+    tmp = _temporary(out, os.getpid())
     w = GGUFWriter(tmp, src.params.arch)
     try:
         _add_kv(w, kv)
