@@ -311,6 +311,14 @@ def test_missing_config_json(hf_dir, tmp_path):
         conv(hf_dir, tmp_path / "o.gguf")
 
 
+@pytest.mark.parametrize("name", ["config.json", "tokenizer_config.json"])
+def test_unreadable_json_is_refused_by_name(hf_dir, tmp_path, name):
+    (hf_dir / name).write_text("{not json")
+    with pytest.raises(ConvertError, match=f"cannot read .*{name}: Expecting property name"):
+        conv(hf_dir, tmp_path / "o.gguf")
+    assert not list(tmp_path.glob("o.gguf*"))
+
+
 def test_missing_weights(hf_dir, tmp_path):
     (hf_dir / "model.safetensors").unlink()
     with pytest.raises(ConvertError, match="no \\*.safetensors or pytorch_model"):
