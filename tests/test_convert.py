@@ -615,6 +615,52 @@ def test_powerinfer_gguf_loads_as_relu_with_its_predictor_threshold(hf_dir, tmp_
     _all_tensors_equal(tmp_path / "o.gguf", ours)
 
 
+def _edited_gguf(src, dest, keys=None, drop=(), extra_tensor=None):
+    """A copy of the GGUF src with metadata keys replaced or added (key -> (value, GGUFValueType);
+    None deletes), the tensors in `drop` left out and `extra_tensor` (name, array) added."""
+    from prosparse_convert.gguf_file import copy_field
+
+    keys = keys or {}
+    r = gguf.GGUFReader(str(src))
+    arch = keys.get("general.architecture", (r.fields["general.architecture"].contents(),))[0]
+    w = gguf.GGUFWriter(str(dest), arch)
+    for k, f in r.fields.items():
+        if not k.startswith("GGUF.") and k != "general.architecture" and k not in keys:
+            copy_field(w, f)
+    for k, v in keys.items():
+        if v is not None and k != "general.architecture":
+            w.add_key_value(k, v[0], v[1])
+    for t in r.tensors:
+        if t.name not in drop:
+            w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    if extra_tensor:
+        w.add_tensor(*extra_tensor)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dest
+
+
+V = gguf.GGUFValueType
+
+
+@pytest.mark.parametrize("edit,message", [
+    (dict(keys={"general.architecture": ("gpt2", V.STRING)}), "unsupported architecture in bad.gguf: .*'gpt2'"),
+    (dict(keys={"llama.block_count": None}), "bad.gguf: missing key llama.block_count"),
+    (dict(keys={"prosparse.activation": ("gelu", V.STRING)}), "bad.gguf: unsupported activation 'gelu'"),
+    (dict(keys={"prosparse.neuron_order": ("random", V.STRING)}), "unknown prosparse.neuron_order 'random'"),
+    (dict(keys={"llama.rope.dimension_count": (8, V.UINT32)}), r"partial RoPE \(8 of 16 dimensions\)"),
+    (dict(drop=("blk.1.ffn_up.weight",)), "bad.gguf: missing tensor blk.1.ffn_up.weight"),
+    (dict(extra_tensor=("blk.2.attn_norm.weight", np.ones(64, np.float32))),
+     "unexpected tensor 'blk.2.attn_norm.weight' .not part of a 2-layer llama model"),
+])
+def test_inconsistent_gguf_input_is_refused_by_name(relu_gqa, tmp_path, edit, message):
+    bad = _edited_gguf(relu_gqa[2], tmp_path / "bad.gguf", **edit)
+    with pytest.raises(ConvertError, match=message):
+        conv(bad, tmp_path / "o.gguf")
+
+
 def test_damaged_gguf_header_is_a_clear_error(relu_gqa, tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\xff" * 20)
