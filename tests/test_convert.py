@@ -615,33 +615,6 @@ def test_powerinfer_gguf_loads_as_relu_with_its_predictor_threshold(hf_dir, tmp_
     _all_tensors_equal(tmp_path / "o.gguf", ours)
 
 
-def _edited_gguf(src, dest, keys=None, drop=(), extra_tensor=None):
-    """A copy of the GGUF src with metadata keys replaced or added (key -> (value, GGUFValueType);
-    None deletes), the tensors in `drop` left out and `extra_tensor` (name, array) added."""
-    from prosparse_convert.gguf_file import copy_field
-
-    keys = keys or {}
-    r = gguf.GGUFReader(str(src))
-    arch = keys.get("general.architecture", (r.fields["general.architecture"].contents(),))[0]
-    w = gguf.GGUFWriter(str(dest), arch)
-    for k, f in r.fields.items():
-        if not k.startswith("GGUF.") and k != "general.architecture" and k not in keys:
-            copy_field(w, f)
-    for k, v in keys.items():
-        if v is not None and k != "general.architecture":
-            w.add_key_value(k, v[0], v[1])
-    for t in r.tensors:
-        if t.name not in drop:
-            w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
-    if extra_tensor:
-        w.add_tensor(*extra_tensor)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return dest
-
-
 V = gguf.GGUFValueType
 
 
@@ -656,7 +629,7 @@ V = gguf.GGUFValueType
      "unexpected tensor 'blk.2.attn_norm.weight' .not part of a 2-layer llama model"),
 ])
 def test_inconsistent_gguf_input_is_refused_by_name(relu_gqa, tmp_path, edit, message):
-    bad = _edited_gguf(relu_gqa[2], tmp_path / "bad.gguf", **edit)
+    bad = H.edited_gguf(relu_gqa[2], tmp_path / "bad.gguf", **edit)
     with pytest.raises(ConvertError, match=message):
         conv(bad, tmp_path / "o.gguf")
 

@@ -10,7 +10,6 @@ import torch
 
 import helpers_models as H
 from prosparse_convert import convert
-from prosparse_convert.gguf_file import copy_field
 from prosparse_rt import Model
 
 TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0"]
@@ -180,20 +179,8 @@ def _with_key(src, dest, key, value, vtype):
     """A copy of the GGUF src with one metadata key added (the runtime must validate it)."""
     import gguf
 
-    r = gguf.GGUFReader(str(src))
-    w = gguf.GGUFWriter(str(dest), r.fields["general.architecture"].contents())
-    for k, f in r.fields.items():
-        if k.startswith("GGUF.") or k == "general.architecture":
-            continue
-        copy_field(w, f)
-    w.add_key_value(key, value, vtype, sub_type=gguf.GGUFValueType.FLOAT32 if vtype == gguf.GGUFValueType.ARRAY else None)
-    for t in r.tensors:
-        w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return dest
+    sub = gguf.GGUFValueType.FLOAT32 if vtype == gguf.GGUFValueType.ARRAY else None
+    return H.edited_gguf(src, dest, keys={key: (value, vtype, sub)})
 
 
 @pytest.fixture(scope="module")
