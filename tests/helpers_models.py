@@ -277,28 +277,44 @@ def rel_error(ours, ref) -> float:
     return float(np.abs(np.asarray(ours) - np.asarray(ref)).max() / np.abs(np.asarray(ref)).max())
 
 
-def powerinfer_file(ours: Path, dest: Path, sparse_threshold: float) -> Path:
-    """PowerInfer's layout from one of our relu files: same tensors (ffn_down_t, fc1, fc2), no
-    prosparse keys, powerinfer.sparse_threshold, and the magic PWRI."""
+def edited_gguf(src, dest, keys=None, drop_keys=(), drop=(), extra_tensor=None):
+    """A copy of the GGUF src with metadata keys set (key -> (value, GGUFValueType[, element type]),
+    None deletes it; general.architecture included), the keys starting with a prefix in `drop_keys`
+    and the tensors named in `drop` left out, and `extra_tensor` (name, array) added."""
     import gguf
     import numpy as np
 
-    r = gguf.GGUFReader(str(ours))
-    w = gguf.GGUFWriter(str(dest), "llama")
+    from prosparse_convert.gguf_file import copy_field
+
+    keys = dict(keys or {})
+    r = gguf.GGUFReader(str(src))
+    arch = keys.pop("general.architecture", (r.fields["general.architecture"].contents(),))[0]
+    w = gguf.GGUFWriter(str(dest), arch)
     for k, f in r.fields.items():
-        if k.startswith(("GGUF.", "general.architecture", "prosparse.")):
-            continue
-        if f.types[0] == gguf.GGUFValueType.ARRAY:
-            w.add_key_value(k, f.contents(), f.types[0], sub_type=f.types[-1])
-        else:
-            w.add_key_value(k, f.contents(), f.types[0])
-    w.add_float32("powerinfer.sparse_threshold", sparse_threshold)
+        if not k.startswith(("GGUF.", "general.architecture") + tuple(drop_keys)) and k not in keys:
+            copy_field(w, f)
+    for k, v in keys.items():
+        if v is not None:
+            w.add_key_value(k, v[0], v[1], sub_type=v[2] if len(v) > 2 else None)
     for t in r.tensors:
-        w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+        if t.name not in drop:
+            w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    if extra_tensor:
+        w.add_tensor(*extra_tensor)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    return Path(dest)
+
+
+def powerinfer_file(ours: Path, dest: Path, sparse_threshold: float) -> Path:
+    """PowerInfer's layout from one of our relu files: same tensors (ffn_down_t, fc1, fc2), no
+    prosparse keys, powerinfer.sparse_threshold, and the magic PWRI."""
+    import gguf
+
+    edited_gguf(ours, dest, keys={"powerinfer.sparse_threshold": (sparse_threshold, gguf.GGUFValueType.FLOAT32)},
+                drop_keys=("prosparse.",))
     data = bytearray(dest.read_bytes())
     data[:4] = b"PWRI"
     dest.write_bytes(bytes(data))

@@ -160,3 +160,17 @@ def test_peer_configs_cover_every_build_buffer_and_policy():
     assert len(got) == 8 and len({g[0] for g in got}) == 8
     assert ("b2+extra-bufts omp-active", "p2", True, "active") in got
     assert [g[0] for g in cli.peer_configs([("b", "p")], [False], ["active"])] == ["b"]
+
+
+def test_every_model_gets_each_peer_configuration_and_our_strategies():
+    from prosparse_bench import cli
+
+    args = cli.parse_args(["--peer-extra-bufts", "on", "--peer-omp-wait", "default,active"])
+    target = cli.Target("7b-fatrelu", "m", Path("sparse.gguf"), Path("dense.gguf"))
+    jobs = [j for make in cli.JOB_MAKERS for j in make(target, args, [("b", "py")])]
+    assert [j.label for j in jobs] == ["llama.cpp b+extra-bufts omp-default", "llama.cpp b+extra-bufts omp-active",
+                                       "ours dense", "ours exact", "ours predict"]
+    assert {j.model for j in jobs if j.runtime == "llama.cpp"} == {Path("dense.gguf")}
+    assert {j.model for j in jobs if j.runtime == "ours"} == {Path("sparse.gguf")}
+    args = cli.parse_args(["--no-ours", "--sparsity", "exact"])
+    assert [j.runtime for make in cli.JOB_MAKERS for j in make(target, args, [])] == []

@@ -1,4 +1,4 @@
-"""prosparse-calibrate (issue 4): profiling, predictors, SiLU thresholds, the written file, bad input.
+"""prosparse-calibrate: profiling, predictors, SiLU thresholds, the written file, bad input.
 
 References: transformers (LlamaForCausalLM with FATReLU, docs/design.md) for which neurons fire; the gguf
 package's reader and dequantizer for what the file holds; held-out text the calibration never saw for
@@ -328,6 +328,19 @@ def test_silu_model_without_target_and_relu_with_target_are_refused(silu, fatrel
         calibrate(silu, tmp_path / "o.gguf", Options(text=[texts[0]], progress=False))
     with pytest.raises(ConvertError, match="already sparse"):
         calibrate(fatrelu[1], tmp_path / "o.gguf", Options(text=[texts[0]], target_sparsity=0.5, progress=False))
+
+
+def test_truncated_input_is_refused_in_one_cli_line(silu, texts, tmp_path, capsys):
+    from prosparse_convert.calibrate.cli import main
+
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(silu.read_bytes()[:-1000])
+    rc = main([str(bad), str(tmp_path / "o.gguf"), "--text", str(texts[0]), "--target-sparsity", "0.5",
+               "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1
+    assert err.startswith(f"prosparse-calibrate: error: {bad} is truncated: tensor output.weight needs ")
+    assert not list(tmp_path.glob("o.gguf*"))
 
 
 def test_bad_options_are_refused(silu, tmp_path):

@@ -311,6 +311,14 @@ def test_missing_config_json(hf_dir, tmp_path):
         conv(hf_dir, tmp_path / "o.gguf")
 
 
+@pytest.mark.parametrize("name", ["config.json", "tokenizer_config.json"])
+def test_unreadable_json_is_refused_by_name(hf_dir, tmp_path, name):
+    (hf_dir / name).write_text("{not json")
+    with pytest.raises(ConvertError, match=f"cannot read .*{name}: Expecting property name"):
+        conv(hf_dir, tmp_path / "o.gguf")
+    assert not list(tmp_path.glob("o.gguf*"))
+
+
 def test_missing_weights(hf_dir, tmp_path):
     (hf_dir / "model.safetensors").unlink()
     with pytest.raises(ConvertError, match="no \\*.safetensors or pytorch_model"):
@@ -366,6 +374,72 @@ def test_interrupt_while_writing_removes_the_temp_file(hf_dir, tmp_path, monkeyp
     assert os.listdir(tmp_path) == ["hf"]
 
 
+# A prosparse-convert process that writes slowly (every tensor's encoding waits 0.3 s), so that it can
+# be signalled while OUT.tmp-<pid> is half-written.
+_SLOW_CONVERT = """
+import sys, time
+from prosparse_convert import cli, quant
+encode = quant.encode
+quant.encode = lambda a, q: (time.sleep(0.3), encode(a, q))[1]
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def _signal_while_writing(hf_dir, out, signum):
+    """(exit code, stderr) of a conversion to `out` signalled once its temporary file exists."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    p = subprocess.Popen([sys.executable, "-c", _SLOW_CONVERT, str(hf_dir), str(out), "--no-progress"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tmp = out.with_name(f"{out.name}.tmp-{p.pid}")
+    deadline = time.monotonic() + 60
+    while not tmp.exists() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert tmp.exists(), "the conversion never started writing"
+    p.send_signal(signum)
+    _, err = p.communicate(timeout=60)
+    return p.returncode, err
+
+
+@pytest.mark.parametrize("signame,code,line", [("SIGTERM", 143, "prosparse-convert: terminated"),
+                                               ("SIGINT", 130, "prosparse-convert: interrupted")])
+def test_a_signalled_conversion_removes_its_temp_file_and_says_so_in_one_line(hf_dir, tmp_path, signame,
+                                                                              code, line):
+    import signal
+
+    out = tmp_path / "o.gguf"
+    rc, err = _signal_while_writing(hf_dir, out, getattr(signal, signame))
+    assert rc == code
+    assert err.strip() == line  # no traceback
+    assert sorted(os.listdir(tmp_path)) == ["hf"]
+
+
+def test_next_run_removes_temp_files_of_dead_writers_and_keeps_live_ones(hf_dir, tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # reaped: its pid names no process now
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        out = tmp_path / "o.gguf"
+        stale, busy = (out.with_name(f"o.gguf.tmp-{p.pid}") for p in (dead, live))
+        other = tmp_path / "other.gguf.tmp-1234567"  # another output's: not ours to touch
+        for f in (stale, busy, other):
+            f.write_bytes(b"half-written")
+        assert cli_main([str(hf_dir), str(out), "--no-progress"]) == 0
+        assert not stale.exists()
+        assert busy.read_bytes() == b"half-written"
+        assert other.exists()
+        assert out.is_file()
+    finally:
+        live.kill()
+        live.wait()
+
+
 def test_cli_prints_the_error_and_exits_1(hf_dir, tmp_path, capsys):
     H.edit_config(hf_dir, hidden_act="gelu")
     assert cli_main([str(hf_dir), str(tmp_path / "o.gguf"), "--no-progress"]) == 1
@@ -378,7 +452,7 @@ def test_cli_converts(hf_dir, tmp_path):
     assert f["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_Q8_0)
 
 
-# ---------------------------------------------------------------- issue 3: sparse extras
+# ---------------------------------------------------------------- sparse extras: predictors, neuron statistics
 
 def _powerinfer_dirs(d: Path, n_layer=2, n_embd=64, n_ff=128, ranks=(32, 48), seed=5):
     """PowerInfer's layout: model_{i}.pt {fc1.weight [R, n_embd], fc2.weight [n_ff, R]} and
@@ -541,16 +615,54 @@ def test_powerinfer_gguf_loads_as_relu_with_its_predictor_threshold(hf_dir, tmp_
     _all_tensors_equal(tmp_path / "o.gguf", ours)
 
 
-@pytest.mark.parametrize("damage,message", [
-    (lambda b: b[: len(b) // 2], "cannot read GGUF file"),
-    (lambda b: b[:-100], "cannot read GGUF file"),
-    (lambda b: b"GGUF" + b"\xff" * 20, "cannot read GGUF file"),
+V = gguf.GGUFValueType
+
+
+@pytest.mark.parametrize("edit,message", [
+    (dict(keys={"general.architecture": ("gpt2", V.STRING)}), "unsupported architecture in bad.gguf: .*'gpt2'"),
+    (dict(keys={"llama.block_count": None}), "bad.gguf: missing key llama.block_count"),
+    (dict(keys={"prosparse.activation": ("gelu", V.STRING)}), "bad.gguf: unsupported activation 'gelu'"),
+    (dict(keys={"prosparse.neuron_order": ("random", V.STRING)}), "unknown prosparse.neuron_order 'random'"),
+    (dict(keys={"llama.rope.dimension_count": (8, V.UINT32)}), r"partial RoPE \(8 of 16 dimensions\)"),
+    (dict(drop=("blk.1.ffn_up.weight",)), "bad.gguf: missing tensor blk.1.ffn_up.weight"),
+    (dict(extra_tensor=("blk.2.attn_norm.weight", np.ones(64, np.float32))),
+     "unexpected tensor 'blk.2.attn_norm.weight' .not part of a 2-layer llama model"),
 ])
-def test_damaged_gguf_input_is_a_clear_error(relu_gqa, tmp_path, damage, message):
-    bad = tmp_path / "bad.gguf"
-    bad.write_bytes(damage(relu_gqa[2].read_bytes()))
+def test_inconsistent_gguf_input_is_refused_by_name(relu_gqa, tmp_path, edit, message):
+    bad = H.edited_gguf(relu_gqa[2], tmp_path / "bad.gguf", **edit)
     with pytest.raises(ConvertError, match=message):
         conv(bad, tmp_path / "o.gguf")
+
+
+def test_damaged_gguf_header_is_a_clear_error(relu_gqa, tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\xff" * 20)
+    with pytest.raises(ConvertError, match="cannot read GGUF file .*bad.gguf"):
+        conv(bad, tmp_path / "o.gguf")
+
+
+@pytest.mark.parametrize("keep", [lambda n: n - 100, lambda n: n // 2])
+def test_truncated_gguf_input_names_the_file_the_tensor_and_the_sizes(relu_gqa, tmp_path, keep):
+    data = relu_gqa[2].read_bytes()
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(data[:keep(len(data))])
+    # the first tensor cut off, with the bytes it needs, read from the intact file by the gguf package
+    cut = next(t for t in gguf.GGUFReader(str(relu_gqa[2])).tensors if t.data_offset + t.n_bytes > bad.stat().st_size)
+    message = (f"{bad} is truncated: tensor {cut.name} needs {cut.n_bytes} bytes up to byte "
+               f"{cut.data_offset + cut.n_bytes}, the file has {bad.stat().st_size}")
+    with pytest.raises(ConvertError) as e:
+        conv(bad, tmp_path / "o.gguf")
+    assert str(e.value) == message
+    assert not list(tmp_path.glob("o.gguf*"))
+
+
+def test_cli_names_a_truncated_gguf_input_in_one_line(relu_gqa, tmp_path, capsys):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(relu_gqa[2].read_bytes()[:-100])
+    assert cli_main([str(bad), str(tmp_path / "o.gguf"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"prosparse-convert: error: {bad} is truncated: tensor output.weight needs ")
+    assert err.count("\n") == 1
 
 
 @pytest.mark.slow  # ~25 s on 2 cores: dequantizes and rewrites 135M weights as f32

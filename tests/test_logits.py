@@ -27,7 +27,7 @@ QUANT_TOL = 0.06
 
 
 def _case(tmp_path, kind):
-    """(reference model, converted-from directory) for one of the architectures the issue lists."""
+    """(reference model, converted-from directory) for each architecture and activation the converter supports."""
     d = tmp_path / "hf"
     if kind == "silu":
         return H.make_llama_dir(d, hidden_act="silu", seed=10)

@@ -1,4 +1,4 @@
-"""The sparse FFN strategies (docs/design.md "The FFN strategies", issue 3): `exact` computes the same
+"""The sparse FFN strategies (docs/design.md "The FFN strategies"): `exact` computes the same
 model as `dense`; `predict` with a predictor that is exact by construction equals `exact`; a bad
 predictor changes the output and the recall diagnostic says so. References: the dense strategy on
 the same file, and transformers (via test_logits.py) for dense itself."""
@@ -179,23 +179,8 @@ def _with_key(src, dest, key, value, vtype):
     """A copy of the GGUF src with one metadata key added (the runtime must validate it)."""
     import gguf
 
-    r = gguf.GGUFReader(str(src))
-    w = gguf.GGUFWriter(str(dest), r.fields["general.architecture"].contents())
-    for k, f in r.fields.items():
-        if k.startswith("GGUF.") or k == "general.architecture":
-            continue
-        if f.types[0] == gguf.GGUFValueType.ARRAY:
-            w.add_key_value(k, f.contents(), f.types[0], sub_type=f.types[-1])
-        else:
-            w.add_key_value(k, f.contents(), f.types[0])
-    w.add_key_value(key, value, vtype, sub_type=gguf.GGUFValueType.FLOAT32 if vtype == gguf.GGUFValueType.ARRAY else None)
-    for t in r.tensors:
-        w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return dest
+    sub = gguf.GGUFValueType.FLOAT32 if vtype == gguf.GGUFValueType.ARRAY else None
+    return H.edited_gguf(src, dest, keys={key: (value, vtype, sub)})
 
 
 @pytest.fixture(scope="module")

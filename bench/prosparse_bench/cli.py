@@ -4,7 +4,7 @@ llama.cpp (llama-cpp-python) on the same GGUF with the same threads, llama-bench
     prosparse-bench                       # SmolLM2-135M Q4_1 and the 7B shape (if generated)
     prosparse-bench -m 7b --gen           # generate the random LLaMA-2-7B-shaped Q4_0 file first
     prosparse-bench -m smollm2 -p 512 -n 128 -r 5 -t 2 -o json
-    prosparse-bench -m 7b-fatrelu --gen   # issue 3: ours dense/exact/predict vs llama.cpp dense
+    prosparse-bench -m 7b-fatrelu --gen   # ours dense/exact/predict vs llama.cpp dense
 
 llama-cpp-python builds are found as ~/.cache/prosparse-bench/peer-*/ (bench/setup_peer.sh makes
 them); each model is run with every build and ours is compared with the faster one.
@@ -18,7 +18,9 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, List, Optional
 
 from . import report, synth
 
@@ -47,9 +49,9 @@ def resolve_model(spec: str, args):
         return "SmolLM2-135M Q4_1", path, path
     fat = re.fullmatch(r"7b-fatrelu(?:-r(\d+))?", spec)
     if fat:
-        # issue 3: ours on the sparse FATReLU file, llama.cpp on a dense SiLU file of the same
-        # shapes and weight type (llama.cpp refuses files with our extra tensors); -rN: a rank-N
-        # predictor instead of rank 1024 (issue 4)
+        # ours on the sparse FATReLU file, llama.cpp on a dense SiLU file of the same shapes and
+        # weight type (llama.cpp refuses files with our extra tensors); -rN: a rank-N predictor
+        # instead of rank 1024, to compare what predictor rank costs in bytes and speed
         rank = int(fat.group(1) or 1024)
         try:
             path = synth.fatrelu_7b(args.qtype, generate=args.gen, progress=_progress, rank=rank)
@@ -136,7 +138,7 @@ def _pool_rounds(a: dict, b: dict) -> dict:
     return a
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="prosparse-bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-m", "--model", action="append",
@@ -175,81 +177,173 @@ def main(argv=None):
     ap.add_argument("--results", default=str(BENCH_DIR / "results"),
                     help="folder for the JSON and the PNG plot")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per runtime and model")
+    return ap
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = build_parser()
     args = ap.parse_args(argv)
     try:
-        waits = parse_omp_waits(args.peer_omp_wait)
+        args.omp_waits = parse_omp_waits(args.peer_omp_wait)
     except ValueError as e:
         ap.error(str(e))
     if args.rounds < 1 or args.reps < 1:
         ap.error("--rounds and --reps must be >= 1")
+    return args
 
-    specs = args.model or ["smollm2", "7b"]
+
+@dataclass
+class Target:
+    """A model to measure: ours runs `path`, llama.cpp `peer_path` (the same file, or a dense one
+    of the same shapes where ours has tensors llama.cpp refuses)."""
+    spec: str
+    name: str
+    path: Path
+    peer_path: Path
+
+
+@dataclass
+class Job:
+    """One configuration to measure: a runtime (its worker run by `python`) on one file."""
+    runtime: str                     # "llama.cpp" or "ours"
+    python: str
+    model: Path
+    build: Optional[str] = None      # llama.cpp: build, buffer and OpenMP settings, as a label
+    sparsity: Optional[str] = None   # ours: the FFN strategy
+    extra_bufts: bool = False
+    omp_wait: Optional[str] = None
+
+    @property
+    def label(self) -> str:
+        return " ".join(x for x in (self.runtime, self.build, self.sparsity) if x)
+
+    def run(self, args) -> dict:
+        return run_worker(self.python, self.runtime, self.model, args, self.sparsity, self.extra_bufts,
+                          self.omp_wait)
+
+
+def peer_jobs(target: Target, args, peers) -> List[Job]:
+    """llama.cpp: every build with each extra-buffer setting under each OpenMP wait policy."""
+    xb = {"off": [False], "on": [True], "both": [False, True]}[args.peer_extra_bufts]
+    return [Job("llama.cpp", exe, target.peer_path, build=label, extra_bufts=x, omp_wait=w)
+            for label, exe, x, w in peer_configs(peers, xb, args.omp_waits)]
+
+
+def our_jobs(target: Target, args, peers) -> List[Job]:
+    """prosparse-rt: each FFN strategy asked for (all three on the sparse 7B files)."""
+    if args.no_ours:
+        return []
+    strategies = args.sparsity or ("dense,exact,predict" if target.spec.startswith("7b-fatrelu") else "dense")
+    return [Job("ours", sys.executable, target.path, sparsity=s) for s in strategies.split(",")]
+
+
+# What runs on every model, in this order. A new mode (another peer, another device) is a
+# function (target, args, peers) -> [Job] added here.
+JOB_MAKERS: List[Callable[[Target, argparse.Namespace, list], List[Job]]] = [peer_jobs, our_jobs]
+
+
+def run_rounds(jobs: List[Job], args, name: str) -> List[dict]:
+    """Every job once per round, in turn; each job's repetitions pooled over the rounds."""
+    pooled: List[Optional[dict]] = [None] * len(jobs)
+    for rnd in range(args.rounds):
+        for j, job in enumerate(jobs):
+            of = f" (round {rnd + 1}/{args.rounds})" if args.rounds > 1 else ""
+            print(f"prosparse-bench: {name}: {job.label}{of} ...", file=sys.stderr, flush=True)
+            r = job.run(args)
+            if "error" not in r:
+                print("  " + ", ".join(f"{t}: {report.summarize(r[t]['seconds'], r[t]['n_tokens'])[0]:.2f} tok/s"
+                                       for t in ("pp", "tg") if t in r), file=sys.stderr, flush=True)
+            pooled[j] = r if pooled[j] is None else _pool_rounds(pooled[j], r)
+    return pooled
+
+
+def _summarize_run(job: Job, r: dict, args, bytes_per_token: float, name: str) -> dict:
+    """The worker's result with runtime, settings, weight bytes per token and tok/s statistics."""
+    r.setdefault("runtime", "llama.cpp" if job.runtime == "llama.cpp" else "prosparse-rt")
+    r.setdefault("threads", args.threads)
+    if job.build:
+        r["build"] = job.build
+    r["bytes_per_token"] = bytes_per_token
+    if job.sparsity and "error" not in r:
+        r["strategy"] = r.get("strategy") or job.sparsity
+        st = r.get("stats_after_tg", {})
+        # a sparse strategy reads fewer bytes: take the runtime's own count
+        if job.sparsity != "dense" and st.get("weight_bytes_per_token"):
+            r["bytes_per_token"] = st["weight_bytes_per_token"]
+    for test in ("pp", "tg"):
+        if test in r:
+            mean, sd, rates = report.summarize(r[test]["seconds"], r[test]["n_tokens"])
+            r[test].update(mean=mean, sd=sd, rates=rates)
+    what = f"{job.runtime} {job.build or job.sparsity or ''}"
+    if "error" in r:
+        print(f"prosparse-bench: {name}: {what} failed: {r['error']}", file=sys.stderr)
+    elif not r.get("logits_finite", True):
+        print(f"prosparse-bench: {name}: {what}: non-finite logits", file=sys.stderr)
+    return r
+
+
+def _greedy_tokens_agree(runs: List[dict]) -> Optional[dict]:
+    """A cross-check that both runtimes compute the same model: per llama.cpp build, whether the
+    greedy tokens of its first tg repetition (same start token) equal ours with the dense strategy."""
+    peer_toks = {r.get("build"): r["tg"].get("tokens_first_rep") for r in runs
+                 if r.get("runtime") == "llama.cpp" and "tg" in r}
+    ours = next((r["tg"].get("tokens_first_rep") for r in runs if r.get("runtime") ==
+                 "prosparse-rt" and r.get("strategy") == "dense" and "tg" in r), None)
+    if not ours or not peer_toks:
+        return None
+    return {b: t == ours for b, t in peer_toks.items()}
+
+
+def bench_model(spec: str, args, peers) -> Optional[dict]:
+    """Every job on one model, as the results' model entry; None (and a line) if it is not there."""
+    try:
+        target = Target(spec, *resolve_model(spec, args))
+    except FileNotFoundError as e:
+        print(f"prosparse-bench: skipping {spec}: {e}", file=sys.stderr)
+        return None
+    bpt = report.weight_bytes_per_token(target.path)
+    peer_bpt = report.weight_bytes_per_token(target.peer_path)["bytes_per_token"]
+    m = {"name": target.name, "path": str(target.path), "peer_path": str(target.peer_path), "pp": args.pp,
+         "tg": args.tg, **bpt, "runs": []}
+    jobs = [job for make in JOB_MAKERS for job in make(target, args, peers)]
+    for job, r in zip(jobs, run_rounds(jobs, args, target.name)):
+        per_token = peer_bpt if job.runtime == "llama.cpp" else bpt["bytes_per_token"]
+        m["runs"].append(_summarize_run(job, r, args, per_token, target.name))
+    agree = _greedy_tokens_agree(m["runs"]) if target.path == target.peer_path else None
+    if agree:
+        m["greedy_tokens_agree"] = agree
+    return m
+
+
+def print_results(results: dict, args) -> None:
+    if args.output == "json":
+        print(json.dumps(results, indent=1))
+        return
+    reps = f"{args.reps} repetitions" + (f" x {args.rounds} rounds" if args.rounds > 1 else "")
+    print(f"\n{args.threads} threads, pp{args.pp} / tg{args.tg}, {reps}, "
+          f"{results['cpu']}; GB/s = weight bytes read per token x tok/s "
+          f"(DRAM ~{report.DRAM_GBPS:.0f} GB/s)\n")
+    print(report.markdown_table(results))
+    for m in results["models"]:
+        if "greedy_tokens_agree" in m:
+            agree = m["greedy_tokens_agree"]
+            print(f"\n{m['name']}: first 16 greedy tokens identical to llama.cpp: "
+                  + ", ".join(f"{b}: {'yes' if a else 'NO'}" for b, a in agree.items()))
+
+
+def main(argv=None):
+    args = parse_args(argv)
     peers = find_peers(args.peer)
     if not peers and args.peer != "none":
         print("prosparse-bench: no llama-cpp-python build found (run bench/setup_peer.sh); "
               "measuring prosparse-rt alone", file=sys.stderr)
     results = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "threads": args.threads,
                "pp": args.pp, "tg": args.tg, "reps": args.reps, "rounds": args.rounds,
-               "dram_gbps": report.DRAM_GBPS,
-               "cpu": _cpu_name(), "models": []}
-    for spec in specs:
-        try:
-            name, path, peer_path = resolve_model(spec, args)
-        except FileNotFoundError as e:
-            print(f"prosparse-bench: skipping {spec}: {e}", file=sys.stderr)
-            continue
-        bpt = report.weight_bytes_per_token(path)
-        peer_bpt = report.weight_bytes_per_token(peer_path)["bytes_per_token"]
-        m = {"name": name, "path": str(path), "peer_path": str(peer_path), "pp": args.pp,
-             "tg": args.tg, **bpt, "runs": []}
-        xb = {"off": [False], "on": [True], "both": [False, True]}[args.peer_extra_bufts]
-        jobs = [("llama.cpp", label, exe, None, peer_path, x, w) for label, exe, x, w in peer_configs(peers, xb, waits)]
-        strategies = args.sparsity or ("dense,exact,predict" if spec.startswith("7b-fatrelu") else "dense")
-        if not args.no_ours:
-            jobs += [("ours", None, sys.executable, s, path, False, None) for s in strategies.split(",")]
-        pooled = [None] * len(jobs)
-        for rnd in range(args.rounds):
-            for j, (runtime, build, exe, sparsity, mpath, xbufts, wait) in enumerate(jobs):
-                label = f"{runtime}{' ' + build if build else ''}{' ' + sparsity if sparsity else ''}"
-                of = f" (round {rnd + 1}/{args.rounds})" if args.rounds > 1 else ""
-                print(f"prosparse-bench: {name}: {label}{of} ...", file=sys.stderr, flush=True)
-                r = run_worker(exe, runtime, mpath, args, sparsity, xbufts, wait)
-                if "error" not in r:
-                    print("  " + ", ".join(f"{t}: {report.summarize(r[t]['seconds'], r[t]['n_tokens'])[0]:.2f} tok/s"
-                                           for t in ("pp", "tg") if t in r), file=sys.stderr, flush=True)
-                pooled[j] = r if pooled[j] is None else _pool_rounds(pooled[j], r)
-        for (runtime, build, exe, sparsity, mpath, xbufts, wait), r in zip(jobs, pooled):
-            r.setdefault("runtime", "llama.cpp" if runtime == "llama.cpp" else "prosparse-rt")
-            r.setdefault("threads", args.threads)
-            if build:
-                r["build"] = build
-            r["bytes_per_token"] = peer_bpt if runtime == "llama.cpp" else bpt["bytes_per_token"]
-            if sparsity and "error" not in r:
-                r["strategy"] = r.get("strategy") or sparsity
-                st = r.get("stats_after_tg", {})
-                # a sparse strategy reads fewer bytes: take the runtime's own count
-                if sparsity != "dense" and st.get("weight_bytes_per_token"):
-                    r["bytes_per_token"] = st["weight_bytes_per_token"]
-            for test in ("pp", "tg"):
-                if test in r:
-                    mean, sd, rates = report.summarize(r[test]["seconds"], r[test]["n_tokens"])
-                    r[test].update(mean=mean, sd=sd, rates=rates)
-            if "error" in r:
-                print(f"prosparse-bench: {name}: {runtime} {build or sparsity or ''} failed: {r['error']}",
-                      file=sys.stderr)
-            elif not r.get("logits_finite", True):
-                print(f"prosparse-bench: {name}: {runtime} {build or sparsity or ''}: non-finite logits",
-                      file=sys.stderr)
-            m["runs"].append(r)
-        # a cross-check that both runtimes compute the same model: the greedy tokens of the first
-        # tg repetition (same start token), ours dense vs each llama.cpp run
-        peer_toks = {r.get("build"): r["tg"].get("tokens_first_rep") for r in m["runs"]
-                     if r.get("runtime") == "llama.cpp" and "tg" in r}
-        ours = next((r["tg"].get("tokens_first_rep") for r in m["runs"] if r.get("runtime") ==
-                     "prosparse-rt" and r.get("strategy") == "dense" and "tg" in r), None)
-        if ours and peer_toks and path == peer_path:
-            m["greedy_tokens_agree"] = {b: t == ours for b, t in peer_toks.items()}
-        results["models"].append(m)
+               "dram_gbps": report.DRAM_GBPS, "cpu": _cpu_name(), "models": []}
+    for spec in args.model or ["smollm2", "7b"]:
+        m = bench_model(spec, args, peers)
+        if m is not None:
+            results["models"].append(m)
 
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
@@ -257,19 +351,7 @@ def main(argv=None):
     jpath = out / f"bench-{stamp}.json"
     jpath.write_text(json.dumps(results, indent=1))
     ppath = report.plot(results, out / f"bench-{stamp}.png") if results["models"] else None
-    if args.output == "json":
-        print(json.dumps(results, indent=1))
-    else:
-        reps = f"{args.reps} repetitions" + (f" x {args.rounds} rounds" if args.rounds > 1 else "")
-        print(f"\n{args.threads} threads, pp{args.pp} / tg{args.tg}, {reps}, "
-              f"{results['cpu']}; GB/s = weight bytes read per token x tok/s "
-              f"(DRAM ~{report.DRAM_GBPS:.0f} GB/s)\n")
-        print(report.markdown_table(results))
-        for m in results["models"]:
-            if "greedy_tokens_agree" in m:
-                agree = m["greedy_tokens_agree"]
-                print(f"\n{m['name']}: first 16 greedy tokens identical to llama.cpp: "
-                      + ", ".join(f"{b}: {'yes' if a else 'NO'}" for b, a in agree.items()))
+    print_results(results, args)
     print(f"\nwrote {jpath}" + (f" and {ppath}" if ppath else ""), file=sys.stderr)
     return 0
 

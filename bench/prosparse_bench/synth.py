@@ -90,6 +90,35 @@ def _vocab(n_vocab: int):
     return tokens[:n_vocab], scores, types[:n_vocab]
 
 
+def _add_model_keys(w, name: str, shape: Shape, qtype: str) -> None:
+    """general.* and llama.* hyper-parameters of a random `shape` model stored as `qtype`."""
+    w.add_name(name)
+    w.add_context_length(shape.n_ctx)
+    w.add_embedding_length(shape.n_embd)
+    w.add_block_count(shape.n_layer)
+    w.add_feed_forward_length(shape.n_ff)
+    w.add_rope_dimension_count(shape.n_embd // shape.n_head)
+    w.add_head_count(shape.n_head)
+    w.add_head_count_kv(shape.n_head_kv)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_file_type(_FILE_TYPE[qtype])
+    w.add_uint32("prosparse_bench.generator_version", GENERATOR_VERSION)
+
+
+def _add_vocab(w, n_vocab: int) -> None:
+    """tokenizer.ggml.* of the minimal SentencePiece-style vocabulary (`_vocab`)."""
+    tokens, scores, types = _vocab(n_vocab)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+
+
 def tensor_plan(shape: Shape):
     """(name, numpy shape [rows, cols], kind) for every tensor, llama.cpp's names and order."""
     E, F, V = shape.n_embd, shape.n_ff, shape.n_vocab
@@ -156,27 +185,8 @@ def write_dense(path: Path, shape: Shape = LLAMA2_7B, qtype: str = "q4_0", seed:
     bsize = _QTYPES[qtype][0]
     with _atomic_file(path) as tmp:
         w = gguf.GGUFWriter(tmp, "llama")
-        w.add_name(f"random llama-2-7b shape {qtype} seed {seed}")
-        w.add_context_length(shape.n_ctx)
-        w.add_embedding_length(shape.n_embd)
-        w.add_block_count(shape.n_layer)
-        w.add_feed_forward_length(shape.n_ff)
-        w.add_rope_dimension_count(shape.n_embd // shape.n_head)
-        w.add_head_count(shape.n_head)
-        w.add_head_count_kv(shape.n_head_kv)
-        w.add_layer_norm_rms_eps(1e-5)
-        w.add_file_type(_FILE_TYPE[qtype])
-        w.add_uint32("prosparse_bench.generator_version", GENERATOR_VERSION)
-        tokens, scores, types = _vocab(shape.n_vocab)
-        w.add_tokenizer_model("llama")
-        w.add_token_list(tokens)
-        w.add_token_scores(scores)
-        w.add_token_types(types)
-        w.add_unk_token_id(0)
-        w.add_bos_token_id(1)
-        w.add_eos_token_id(2)
-        w.add_add_bos_token(True)
-        w.add_add_eos_token(False)
+        _add_model_keys(w, f"random llama-2-7b shape {qtype} seed {seed}", shape, qtype)
+        _add_vocab(w, shape.n_vocab)
         plan = tensor_plan(shape)
         for name, s, kind in plan:
             if kind == "norm":
@@ -216,7 +226,7 @@ def _cached(path: Path, generate: bool, write) -> Path:
     return write()
 
 
-# --- issue 3: a FATReLU model whose activations are sparse by construction -----------------------
+# --- a FATReLU model whose activations are sparse by construction --------------------------------
 
 def firing_probabilities(rng: np.random.Generator, n_ff: int, mean: float = 0.11) -> np.ndarray:
     """Per-neuron firing probabilities, hottest first, skewed as in real ReLU LLMs (a few neurons
@@ -281,31 +291,12 @@ def write_fatrelu(path: Path, shape: Shape = LLAMA2_7B, qtype: str = "q4_0", see
 
     with _atomic_file(path) as tmp:
         w = gguf.GGUFWriter(tmp, "llama")
-        w.add_name(f"random llama-2-7b shape fatrelu {qtype} seed {seed}")
-        w.add_context_length(shape.n_ctx)
-        w.add_embedding_length(E)
-        w.add_block_count(shape.n_layer)
-        w.add_feed_forward_length(F)
-        w.add_rope_dimension_count(E // shape.n_head)
-        w.add_head_count(shape.n_head)
-        w.add_head_count_kv(shape.n_head_kv)
-        w.add_layer_norm_rms_eps(1e-5)
-        w.add_file_type(_FILE_TYPE[qtype])
-        w.add_uint32("prosparse_bench.generator_version", GENERATOR_VERSION)
+        _add_model_keys(w, f"random llama-2-7b shape fatrelu {qtype} seed {seed}", shape, qtype)
         w.add_string("prosparse.activation", "fatrelu")
         w.add_float32("prosparse.activation_threshold", threshold)
         w.add_string("prosparse.neuron_order", "frequency")
         w.add_float32("prosparse.predictor.threshold", 0.0)
-        tokens, scores, types = _vocab(shape.n_vocab)
-        w.add_tokenizer_model("llama")
-        w.add_token_list(tokens)
-        w.add_token_scores(scores)
-        w.add_token_types(types)
-        w.add_unk_token_id(0)
-        w.add_bos_token_id(1)
-        w.add_eos_token_id(2)
-        w.add_add_bos_token(True)
-        w.add_add_eos_token(False)
+        _add_vocab(w, shape.n_vocab)
 
         plan = []  # (name, numpy shape, make())
         for name, s, kind in tensor_plan(shape):
@@ -360,8 +351,8 @@ def write_fatrelu(path: Path, shape: Shape = LLAMA2_7B, qtype: str = "q4_0", see
 
 def fatrelu_7b(qtype: str = "q4_0", generate: bool = True, seed: int = 0, progress=None,
                rank: int = 1024) -> Path:
-    """The cached FATReLU LLaMA-2-7B-shaped model (issue 3's benchmark; issue 4's predictor-rank
-    comparison with `rank`), generated on request."""
+    """The cached FATReLU LLaMA-2-7B-shaped model with a rank-`rank` predictor (the sparse
+    strategies' benchmark; other ranks compare what predictor size costs), generated on request."""
     if rank < 1 or rank % 32:
         raise ValueError(f"predictor rank must be a positive multiple of 32, got {rank}")
     suffix = "" if rank == 1024 else f"-r{rank}"

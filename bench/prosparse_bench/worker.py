@@ -85,8 +85,8 @@ class LlamaCpp:
 
     def eval(self, tokens):
         self.llm.eval(list(tokens))
-        # Llama.eval no longer copies logits unless logits_all; read the last token's row (the
-        # only one requested) from the context, as our eval returns it
+        # llama-cpp-python's Llama.eval copies logits only with logits_all; read the last token's
+        # row (the only one requested) from the context, as our eval returns it
         return np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.n_vocab,)).copy()
 
     def n_past(self):

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
+from .cli_run import run_cli
 from .convert import FORMATS, NEURON_ORDERS, Options, convert
-from .errors import ConvertError
 from .quant import OUTTYPES
 
 
@@ -41,18 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="prosparse-convert: %(message)s")
     o = Options(outtype=args.outtype, format=args.format, predictor=args.predictor,
                 predictor_type=args.predictor_type, predictor_threshold=args.predictor_threshold,
                 activation=args.activation, neuron_order=args.neuron_order, name=args.name,
                 progress=not args.no_progress)
-    try:
-        out = convert(args.model, args.out, o)
-    except ConvertError as e:
-        print(f"prosparse-convert: error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {out}")
-    return 0
+
+    def body() -> int:
+        print(f"wrote {convert(args.model, args.out, o)}")
+        return 0
+    return run_cli("prosparse-convert", body)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """From a Source to a GGUF file: choose the output layout (neuron-major `ffn_down_t` for sparse
 activations, llama.cpp's `ffn_down` otherwise), move per-neuron tensors together, quantize, and write
-atomically (OUT.tmp-<pid>, renamed only when complete)."""
+atomically (OUT.tmp-<pid>, renamed only when complete; removed when writing fails or is interrupted,
+and by the next writer of OUT when a killed process left it)."""
 
 from __future__ import annotations
 
+import glob
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +64,39 @@ def _check_options(o: Options) -> None:
             raise ConvertError(f"--format llama.cpp writes a plain dense file; it cannot take {extras[0]}")
 
 
+# --- moving a layer's neurons together (DESIGN.md: gate/up rows, ffn_down_t rows, fc2 rows and
+# ffn_act_freq alike); prosparse-calibrate's writer uses the same functions
+
+def hottest_first(freq: List[np.ndarray]) -> List[np.ndarray]:
+    """Per layer, the new position -> old neuron index map that puts the most often firing neurons
+    first. Stable: equally hot neurons keep their relative order, so the result is reproducible."""
+    return [np.argsort(-np.asarray(f), kind="stable") for f in freq]
+
+
+def in_neuron_order(load: Callable[[], np.ndarray], perm: Optional[np.ndarray]) -> Callable[[], np.ndarray]:
+    """`load` with its rows (one per neuron) taken in the order `perm` (None: unchanged)."""
+    return load if perm is None else (lambda: load()[perm])
+
+
+def layer_extras(i: int, predictors, freq: Optional[List[np.ndarray]], perm: Optional[np.ndarray],
+                 n_embd: int, n_ff: int, pred_want: T) -> List[_Out]:
+    """What layer i stores after its down projection: the predictor (fc1, and fc2 whose rows are
+    neurons) when `predictors` (.ranks, .layer(i) -> (fc1, fc2)) is given, and the neurons' firing
+    frequencies (ffn_act_freq) when `freq` is; both in the order `perm`."""
+    outs = []
+    if predictors is not None:
+        r = predictors.ranks[i]
+        fc1_shape, fc2_shape = (r, n_embd), (n_ff, r)
+        outs.append(_Out(N.blk(N.FC1, i), fc1_shape, quant.tensor_type(fc1_shape, pred_want),
+                         lambda: predictors.layer(i)[0]))
+        outs.append(_Out(N.blk(N.FC2, i), fc2_shape, quant.tensor_type(fc2_shape, pred_want),
+                         in_neuron_order(lambda: predictors.layer(i)[1], perm)))
+    if freq is not None:
+        outs.append(_Out(N.blk(N.FFN_ACT_FREQ, i), (n_ff,), T.F32,
+                         in_neuron_order(lambda: np.asarray(freq[i], np.float32), perm)))
+    return outs
+
+
 def _layer_perms(src: Source, freq: Optional[List[np.ndarray]], order: str):
     """Per layer, the new position -> old neuron index map (hottest first), or None for no change."""
     n = src.params.n_layer
@@ -69,8 +104,7 @@ def _layer_perms(src: Source, freq: Optional[List[np.ndarray]], order: str):
         return [None] * n  # nothing asked, or the input is already hottest first
     if freq is None:
         raise ConvertError("--neuron-order frequency needs neuron statistics (--activation DIR)")
-    # Stable sort: equally hot neurons keep their relative order, so the result is reproducible.
-    return [np.argsort(-f, kind="stable") for f in freq]
+    return hottest_first(freq)
 
 
 def plan_outputs(src: Source, o: Options) -> Tuple[List[_Out], dict]:
@@ -97,25 +131,22 @@ def plan_outputs(src: Source, o: Options) -> Tuple[List[_Out], dict]:
     want = quant.outtype(o.outtype)
     pred_want = quant.outtype(o.predictor_type)
 
-    def rows(load, perm):
-        return (lambda: load()[perm]) if perm is not None else load
-
     outs: List[_Out] = []
     for name, (shape, load) in src.tensors.items():
         layer = _layer_of(name)
         perm = perms[layer] if layer is not None else None
         if layer is not None and name in (N.blk(N.FFN_GATE, layer), N.blk(N.FFN_UP, layer)):
-            outs.append(_Out(name, shape, quant.tensor_type(shape, want), rows(load, perm)))
+            outs.append(_Out(name, shape, quant.tensor_type(shape, want), in_neuron_order(load, perm)))
         elif layer is not None and name == N.blk(N.FFN_DOWN, layer):
             if sparse and o.format == "prosparse":
                 # Neuron-major: one contiguous row per neuron, so skipping a neuron skips whole blocks.
                 t_shape = (shape[1], shape[0])
                 outs.append(_Out(N.blk(N.FFN_DOWN_T, layer), t_shape, quant.tensor_type(t_shape, want),
-                                 rows(lambda load=load: load().T, perm)))
+                                 in_neuron_order(lambda load=load: load().T, perm)))
             else:
                 f = (lambda load=load, perm=perm: load()[:, perm]) if perm is not None else load
                 outs.append(_Out(name, shape, quant.tensor_type(shape, want), f))
-            outs += _layer_extras(layer, p, predictors, freq, perm, pred_want)
+            outs += layer_extras(layer, predictors, freq, perm, p.n_embd, p.n_ff, pred_want)
         else:
             outs.append(_Out(name, shape, quant.tensor_type(shape, want), load))
 
@@ -128,22 +159,6 @@ def _layer_of(name: str) -> Optional[int]:
     if not name.startswith("blk."):
         return None
     return int(name.split(".")[1])
-
-
-def _layer_extras(i, p, predictors, freq, perm, pred_want) -> List[_Out]:
-    outs = []
-    if predictors is not None:
-        r = predictors.ranks[i]
-        fc1_shape, fc2_shape = (r, p.n_embd), (p.n_ff, r)
-        outs.append(_Out(N.blk(N.FC1, i), fc1_shape, quant.tensor_type(fc1_shape, pred_want),
-                         lambda i=i: predictors.layer(i)[0]))
-        outs.append(_Out(N.blk(N.FC2, i), fc2_shape, quant.tensor_type(fc2_shape, pred_want),
-                         (lambda i=i: predictors.layer(i)[1][perm]) if perm is not None
-                         else (lambda i=i: predictors.layer(i)[1])))
-    if freq is not None:
-        f = freq[i] if perm is None else freq[i][perm]
-        outs.append(_Out(N.blk(N.FFN_ACT_FREQ, i), (p.n_ff,), T.F32, lambda f=f: f))
-    return outs
 
 
 def _metadata(src: Source, o: Options, has_predictors: bool, has_freq: bool, order: str) -> dict:
@@ -200,13 +215,45 @@ def _add_kv(w: GGUFWriter, kv: dict) -> None:
             raise AssertionError(kind)
 
 
+def _temporary(out: Path, pid: int) -> Path:
+    """Where the process `pid` writes `out` until it is complete."""
+    return out.with_name(f"{out.name}.tmp-{pid}")
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists (POSIX)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def remove_stale_temporaries(out: Path) -> List[Path]:
+    """Remove the temporaries of `out` (OUT.tmp-<pid>) that writers left when they were killed
+    (SIGKILL runs no cleanup): only those whose process is gone, since a live one may still be
+    writing. Returns the files removed."""
+    if os.name != "posix":  # os.kill(pid, 0) would terminate the process on Windows
+        return []
+    prefix = f"{out.name}.tmp-"
+    removed = []
+    for p in out.parent.glob(glob.escape(prefix) + "*"):
+        pid = p.name[len(prefix):]
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_exists(int(pid)) and p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
 def write_gguf(out: Path, src: Source, outs: List[_Out], kv: dict, progress: bool) -> None:
     out = Path(out)
     if out.is_dir():
         raise ConvertError(f"output {out} is a directory")
     if not out.parent.is_dir():
         raise ConvertError(f"output directory {out.parent} does not exist")
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    remove_stale_temporaries(out)
+    tmp = _temporary(out, os.getpid())
     w = GGUFWriter(tmp, src.params.arch)
     try:
         _add_kv(w, kv)

@@ -9,184 +9,189 @@ ReLU models (t = 0) whose `powerinfer.sparse_threshold`, if any, is the predicto
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Set
 
 import numpy as np
-import gguf
-from gguf import GGUFValueType as V
 from gguf.quants import dequantize
 
 from . import names as N
 from .errors import ConvertError
+from .gguf_file import copy_field, open_gguf_file
 from .params import ModelParams
 from .source import Source
 
-_PWRI = int.from_bytes(b"PWRI", "little")
-
-
-class _Reader(gguf.GGUFReader):
-    """GGUFReader that also accepts PowerInfer's magic (the layout after it is GGUF's)."""
-
-    def _get(self, offset, dtype, count=1, override_order=None):
-        r = super()._get(offset, dtype, count, override_order)
-        if offset == 0 and count == 1 and np.dtype(dtype) == np.uint32 and int(r[0]) == _PWRI:
-            return np.array([gguf.GGUF_MAGIC], dtype=np.uint32)
-        return r
-
-
-def _per_layer(template: str, i: int) -> str:
-    return N.blk(template, i)
-
 
 def open_gguf(path: Path) -> Source:
-    try:
-        with open(path, "rb") as f:
-            powerinfer = f.read(4) == b"PWRI"
-        r = _Reader(str(path))
-    except (ValueError, OSError, IndexError, KeyError, UnicodeDecodeError) as e:
-        raise ConvertError(f"cannot read GGUF file {path}: {e}") from e
-    fields = r.fields
+    """The GGUF file as a Source: hyper-parameters, the model's tensors in the canonical layout,
+    any predictors and neuron statistics, the keys to keep; every tensor accounted for."""
+    f = _File(Path(path))
+    p = _params(f)
+    tensors = _model_tensors(f, p)
+    predictors = _FilePredictors.find(f, p)
+    act_freq = _act_freq(f, p)
+    unknown = sorted(set(f.tensors) - f.used)
+    if unknown:
+        raise ConvertError(f"{f.name}: unexpected tensor {unknown[0]!r} "
+                           f"(not part of a {p.n_layer}-layer {p.arch} model)")
+    order = f.get(N.PS_NEURON_ORDER, "original")
+    if order not in ("original", "frequency"):
+        raise ConvertError(f"{f.name}: unknown prosparse.neuron_order {order!r}")
+    return Source(params=p, tensors=tensors, add_tokenizer=_tokenizer_copier(f), act_freq=act_freq,
+                  predictors=predictors, neuron_order=order, extra_kv=_extra_kv(f, predictors is not None))
 
-    def get(key, default=None):
-        f = fields.get(key)
+
+class _File:
+    """The input file's keys and tensors, and which tensors the model has claimed so far (any left
+    over at the end are refused rather than dropped)."""
+
+    def __init__(self, path: Path) -> None:
+        r = open_gguf_file(path)
+        self.name, self.powerinfer, self.fields = path.name, r.powerinfer, r.fields
+        self.tensors = {t.name: t for t in r.tensors}
+        self.used: Set[str] = set()
+        self.arch = self.get(N.GENERAL_ARCHITECTURE)
+        if self.arch not in ("llama", "minicpm"):
+            raise ConvertError(f"unsupported architecture in {self.name}: general.architecture {self.arch!r} "
+                               f"(supported: llama, minicpm)")
+
+    def get(self, key: str, default=None):
+        f = self.fields.get(key)
         return default if f is None else f.contents()
 
-    arch = get(N.GENERAL_ARCHITECTURE)
-    if arch not in ("llama", "minicpm"):
-        raise ConvertError(f"unsupported architecture in {path.name}: general.architecture {arch!r} "
-                           f"(supported: llama, minicpm)")
-    tensors = {t.name: t for t in r.tensors}
-    if N.TOKEN_EMBD not in tensors:
-        raise ConvertError(f"{path.name}: missing tensor {N.TOKEN_EMBD}")
+    def arch_key(self, template: str, default=None):
+        """An architecture key (llama.*, minicpm.*) by its template."""
+        return self.get(N.key(template, self.arch), default)
 
-    def k(template):
-        return N.key(template, arch)
-
-    def need(template):
-        v = get(k(template))
+    def need(self, template: str):
+        v = self.arch_key(template)
         if v is None:
-            raise ConvertError(f"{path.name}: missing key {k(template)}")
+            raise ConvertError(f"{self.name}: missing key {N.key(template, self.arch)}")
         return v
 
-    n_embd, n_head = int(need(N.EMBEDDING_LENGTH)), int(need(N.HEAD_COUNT))
-    n_vocab = int(tensors[N.TOKEN_EMBD].shape[1])
-    activation = get(N.PS_ACTIVATION, "relu" if powerinfer else "silu")
-    if activation not in N.ACTIVATIONS:
-        raise ConvertError(f"{path.name}: unsupported activation {activation!r}")
-    scaling = get(k(N.ROPE_SCALING_TYPE), "none")
-    if scaling not in ("none", "linear"):
-        raise ConvertError(f"{path.name}: unsupported rope scaling type {scaling!r} (supported: none, linear)")
-    factor = float(get(k(N.ROPE_SCALING_FACTOR), 1.0)) if scaling == "linear" else None
-    p = ModelParams(
-        arch=arch, name=str(get(N.GENERAL_NAME, path.stem)),
-        n_vocab=n_vocab, n_ctx=int(get(k(N.CONTEXT_LENGTH), 2048)), n_embd=n_embd,
-        n_layer=int(need(N.BLOCK_COUNT)), n_ff=int(need(N.FEED_FORWARD_LENGTH)),
-        n_head=n_head, n_head_kv=int(get(k(N.HEAD_COUNT_KV), n_head)),
-        rms_eps=float(get(k(N.RMS_EPS), 1e-5)), rope_theta=float(get(k(N.ROPE_FREQ_BASE), 10000.0)),
-        rope_linear_factor=None if factor in (None, 1.0) else factor,
-        activation=activation,
-        act_threshold=float(get(N.PS_ACTIVATION_THRESHOLD, 0.0)) if activation == "fatrelu" else 0.0,
-        tied=N.OUTPUT not in tensors,
-    )
-    if n_embd % n_head or n_head % p.n_head_kv:
-        raise ConvertError(f"{path.name}: head counts {n_head}/{p.n_head_kv} do not divide {n_embd}")
-    rope_dims = get(k(N.ROPE_DIMENSION_COUNT), p.head_dim)
-    if rope_dims != p.head_dim:
-        raise ConvertError(f"{path.name}: partial RoPE ({rope_dims} of {p.head_dim} dimensions) is unsupported")
-    if arch == "minicpm":
-        p.embedding_scale = float(need(N.EMBEDDING_SCALE))
-        p.residual_scale = float(need(N.RESIDUAL_SCALE))
-        p.logit_scale = float(need(N.LOGIT_SCALE))
+    def shape(self, name: str) -> tuple:
+        """A tensor's numpy shape (GGUF lists dimensions fastest first)."""
+        return tuple(int(d) for d in reversed(self.tensors[name].shape))
 
-    def shape_of(t) -> tuple:
-        return tuple(int(d) for d in reversed(t.shape))
+    def loader(self, name: str) -> Callable[[], np.ndarray]:
+        """Reads the tensor as float32 in its numpy shape, when called."""
+        t = self.tensors[name]
 
-    def loader(t):
         def load():
             try:
                 a = dequantize(t.data, t.tensor_type)
             except NotImplementedError as e:
-                raise ConvertError(f"{path.name}: tensor {t.name} has type {t.tensor_type.name}, which "
+                raise ConvertError(f"{self.name}: tensor {t.name} has type {t.tensor_type.name}, which "
                                    f"the gguf package cannot dequantize") from e
-            return np.asarray(a, dtype=np.float32).reshape(shape_of(t))
+            return np.asarray(a, dtype=np.float32).reshape(self.shape(name))
         return load
 
-    hd, kv = p.head_dim, p.n_head_kv * p.head_dim
-    expected = {N.TOKEN_EMBD: (p.n_vocab, n_embd), N.OUTPUT_NORM: (n_embd,)}
-    if not p.tied:
-        expected[N.OUTPUT] = (p.n_vocab, n_embd)
-    used = set()
+
+def _params(f: _File) -> ModelParams:
+    """The hyper-parameters, from llama.cpp's keys and ours. PowerInfer files carry no prosparse
+    keys and are ReLU; a llama.cpp file without them is SiLU."""
+    if N.TOKEN_EMBD not in f.tensors:
+        raise ConvertError(f"{f.name}: missing tensor {N.TOKEN_EMBD}")
+    n_embd, n_head = int(f.need(N.EMBEDDING_LENGTH)), int(f.need(N.HEAD_COUNT))
+    activation = f.get(N.PS_ACTIVATION, "relu" if f.powerinfer else "silu")
+    if activation not in N.ACTIVATIONS:
+        raise ConvertError(f"{f.name}: unsupported activation {activation!r}")
+    scaling = f.arch_key(N.ROPE_SCALING_TYPE, "none")
+    if scaling not in ("none", "linear"):
+        raise ConvertError(f"{f.name}: unsupported rope scaling type {scaling!r} (supported: none, linear)")
+    factor = float(f.arch_key(N.ROPE_SCALING_FACTOR, 1.0)) if scaling == "linear" else None
+    p = ModelParams(
+        arch=f.arch, name=str(f.get(N.GENERAL_NAME, Path(f.name).stem)),
+        n_vocab=f.shape(N.TOKEN_EMBD)[0], n_ctx=int(f.arch_key(N.CONTEXT_LENGTH, 2048)), n_embd=n_embd,
+        n_layer=int(f.need(N.BLOCK_COUNT)), n_ff=int(f.need(N.FEED_FORWARD_LENGTH)),
+        n_head=n_head, n_head_kv=int(f.arch_key(N.HEAD_COUNT_KV, n_head)),
+        rms_eps=float(f.arch_key(N.RMS_EPS, 1e-5)), rope_theta=float(f.arch_key(N.ROPE_FREQ_BASE, 10000.0)),
+        rope_linear_factor=None if factor in (None, 1.0) else factor,
+        activation=activation,
+        act_threshold=float(f.get(N.PS_ACTIVATION_THRESHOLD, 0.0)) if activation == "fatrelu" else 0.0,
+        tied=N.OUTPUT not in f.tensors,
+    )
+    if n_embd % n_head or n_head % p.n_head_kv:
+        raise ConvertError(f"{f.name}: head counts {n_head}/{p.n_head_kv} do not divide {n_embd}")
+    rope_dims = f.arch_key(N.ROPE_DIMENSION_COUNT, p.head_dim)
+    if rope_dims != p.head_dim:
+        raise ConvertError(f"{f.name}: partial RoPE ({rope_dims} of {p.head_dim} dimensions) is unsupported")
+    if f.arch == "minicpm":
+        p.embedding_scale = float(f.need(N.EMBEDDING_SCALE))
+        p.residual_scale = float(f.need(N.RESIDUAL_SCALE))
+        p.logit_scale = float(f.need(N.LOGIT_SCALE))
+    return p
+
+
+def _model_tensors(f: _File, p: ModelParams) -> Dict[str, tuple]:
+    """The model's tensors in the canonical layout (Source.tensors), shapes checked: llama.cpp's
+    ffn_down [n_embd, n_ff], transposed back from our neuron-major ffn_down_t where that is stored."""
     canonical: Dict[str, tuple] = {}
 
-    def take(name, shape, transposed_from=None):
-        src_name = transposed_from or name
-        if src_name not in tensors:
-            raise ConvertError(f"{path.name}: missing tensor {src_name}")
-        t = tensors[src_name]
-        got = shape_of(t)
-        want = shape if transposed_from is None else shape[::-1]
-        if got != tuple(want):
-            raise ConvertError(f"{path.name}: tensor {src_name} has shape {list(got)}, expected {list(want)}")
-        used.add(src_name)
-        load = loader(t)
-        canonical[name] = (shape, (lambda load=load: np.ascontiguousarray(load().T)) if transposed_from else load)
+    def take(name, shape, stored_as=None):
+        src = stored_as or name
+        if src not in f.tensors:
+            raise ConvertError(f"{f.name}: missing tensor {src}")
+        want = shape if stored_as is None else shape[::-1]
+        if f.shape(src) != tuple(want):
+            raise ConvertError(f"{f.name}: tensor {src} has shape {list(f.shape(src))}, expected {list(want)}")
+        f.used.add(src)
+        load = f.loader(src)
+        canonical[name] = (shape, (lambda: np.ascontiguousarray(load().T)) if stored_as else load)
 
-    take(N.TOKEN_EMBD, expected[N.TOKEN_EMBD])
+    E, hd, kv = p.n_embd, p.head_dim, p.n_head_kv * p.head_dim
+    take(N.TOKEN_EMBD, (p.n_vocab, E))
     for i in range(p.n_layer):
-        b = lambda tpl: _per_layer(tpl, i)  # noqa: E731
-        take(b(N.ATTN_NORM), (n_embd,))
-        take(b(N.ATTN_Q), (n_head * hd, n_embd))
-        take(b(N.ATTN_K), (kv, n_embd))
-        take(b(N.ATTN_V), (kv, n_embd))
-        take(b(N.ATTN_OUT), (n_embd, n_head * hd))
-        take(b(N.FFN_NORM), (n_embd,))
-        take(b(N.FFN_GATE), (p.n_ff, n_embd))
-        take(b(N.FFN_UP), (p.n_ff, n_embd))
-        if b(N.FFN_DOWN) in tensors:
-            take(b(N.FFN_DOWN), (n_embd, p.n_ff))
-        else:
-            take(b(N.FFN_DOWN), (n_embd, p.n_ff), transposed_from=b(N.FFN_DOWN_T))
-    take(N.OUTPUT_NORM, (n_embd,))
+        b = lambda tpl: N.blk(tpl, i)  # noqa: E731
+        take(b(N.ATTN_NORM), (E,))
+        take(b(N.ATTN_Q), (p.n_head * hd, E))
+        take(b(N.ATTN_K), (kv, E))
+        take(b(N.ATTN_V), (kv, E))
+        take(b(N.ATTN_OUT), (E, p.n_head * hd))
+        take(b(N.FFN_NORM), (E,))
+        take(b(N.FFN_GATE), (p.n_ff, E))
+        take(b(N.FFN_UP), (p.n_ff, E))
+        take(b(N.FFN_DOWN), (E, p.n_ff), None if b(N.FFN_DOWN) in f.tensors else b(N.FFN_DOWN_T))
+    take(N.OUTPUT_NORM, (E,))
     if not p.tied:
-        take(N.OUTPUT, (p.n_vocab, n_embd))
+        take(N.OUTPUT, (p.n_vocab, E))
+    return canonical
 
-    predictors = _FilePredictors.find(tensors, p, path.name, used, shape_of, loader)
-    act_freq = None
-    if _per_layer(N.FFN_ACT_FREQ, 0) in tensors:
-        act_freq = []
-        for i in range(p.n_layer):
-            name = _per_layer(N.FFN_ACT_FREQ, i)
-            if name not in tensors or shape_of(tensors[name]) != (p.n_ff,):
-                raise ConvertError(f"{path.name}: {name} missing or not [{p.n_ff}]")
-            used.add(name)
-            act_freq.append(loader(tensors[name])())
-    unknown = sorted(set(tensors) - used)
-    if unknown:
-        raise ConvertError(f"{path.name}: unexpected tensor {unknown[0]!r} "
-                           f"(not part of a {p.n_layer}-layer {arch} model)")
 
-    extra_kv = {}
-    lt = get(N.PS_LAYER_THRESHOLDS)
+def _act_freq(f: _File, p: ModelParams) -> Optional[List[np.ndarray]]:
+    """Per layer, the neurons' firing frequencies (ffn_act_freq), if the file has them."""
+    if N.blk(N.FFN_ACT_FREQ, 0) not in f.tensors:
+        return None
+    freq = []
+    for i in range(p.n_layer):
+        name = N.blk(N.FFN_ACT_FREQ, i)
+        if name not in f.tensors or f.shape(name) != (p.n_ff,):
+            raise ConvertError(f"{f.name}: {name} missing or not [{p.n_ff}]")
+        f.used.add(name)
+        freq.append(f.loader(name)())
+    return freq
+
+
+def _extra_kv(f: _File, has_predictors: bool) -> dict:
+    """Our keys that the output keeps: SiLU layer thresholds, and the predictor cut-off (ours, or
+    PowerInfer's sparse_threshold) when there are predictors."""
+    extra = {}
+    lt = f.get(N.PS_LAYER_THRESHOLDS)
     if lt is not None:
-        extra_kv[N.PS_LAYER_THRESHOLDS] = (lt, "f32[]")
-    pthr = get(N.PS_PREDICTOR_THRESHOLD, get(N.PWI_SPARSE_THRESHOLD))
-    if pthr is not None and predictors is not None:
-        extra_kv[N.PS_PREDICTOR_THRESHOLD] = (float(pthr), "f32")
-    order = get(N.PS_NEURON_ORDER, "original")
-    if order not in ("original", "frequency"):
-        raise ConvertError(f"{path.name}: unknown prosparse.neuron_order {order!r}")
+        extra[N.PS_LAYER_THRESHOLDS] = (lt, "f32[]")
+    pthr = f.get(N.PS_PREDICTOR_THRESHOLD, f.get(N.PWI_SPARSE_THRESHOLD))
+    if pthr is not None and has_predictors:
+        extra[N.PS_PREDICTOR_THRESHOLD] = (float(pthr), "f32")
+    return extra
 
-    tok_fields = [(key, f) for key, f in fields.items() if key.startswith("tokenizer.")]
+
+def _tokenizer_copier(f: _File) -> Callable[[object], None]:
+    """Writes the input's tokenizer.* keys unchanged, each with its own GGUF type."""
+    tok_fields = [field for key, field in f.fields.items() if key.startswith("tokenizer.")]
 
     def add_tokenizer(w) -> None:
-        for key, f in tok_fields:
-            if f.types[0] == V.ARRAY:
-                w.add_key_value(key, f.contents(), V.ARRAY, sub_type=f.types[-1])
-            else:
-                w.add_key_value(key, f.contents(), f.types[0])
-
-    return Source(params=p, tensors=canonical, add_tokenizer=add_tokenizer, act_freq=act_freq,
-                  predictors=predictors, neuron_order=order, extra_kv=extra_kv)
+        for field in tok_fields:
+            copy_field(w, field)
+    return add_tokenizer
 
 
 class _FilePredictors:
@@ -199,21 +204,19 @@ class _FilePredictors:
         return self._loads[i][0](), self._loads[i][1]()
 
     @classmethod
-    def find(cls, tensors, p: ModelParams, fname: str, used: set, shape_of, loader) -> Optional["_FilePredictors"]:
-        if _per_layer(N.FC1, 0) not in tensors:
+    def find(cls, f: _File, p: ModelParams) -> Optional["_FilePredictors"]:
+        if N.blk(N.FC1, 0) not in f.tensors:
             return None
         ranks, loads = [], []
         for i in range(p.n_layer):
-            f1, f2 = _per_layer(N.FC1, i), _per_layer(N.FC2, i)
-            if f1 not in tensors or f2 not in tensors:
-                raise ConvertError(f"{fname}: predictor tensors {f1}/{f2} missing (layer {i})")
-            s1, s2 = shape_of(tensors[f1]), shape_of(tensors[f2])
+            f1, f2 = N.blk(N.FC1, i), N.blk(N.FC2, i)
+            if f1 not in f.tensors or f2 not in f.tensors:
+                raise ConvertError(f"{f.name}: predictor tensors {f1}/{f2} missing (layer {i})")
+            s1, s2 = f.shape(f1), f.shape(f2)
             if len(s1) != 2 or s1[1] != p.n_embd or s2 != (p.n_ff, s1[0]):
-                raise ConvertError(f"{fname}: predictor shapes {list(s1)} / {list(s2)} in layer {i} do not "
+                raise ConvertError(f"{f.name}: predictor shapes {list(s1)} / {list(s2)} in layer {i} do not "
                                    f"match n_embd {p.n_embd}, n_ff {p.n_ff}")
-            used.update((f1, f2))
+            f.used.update((f1, f2))
             ranks.append(s1[0])
-            loads.append((loader(tensors[f1]), loader(tensors[f2])))
+            loads.append((f.loader(f1), f.loader(f2)))
         return cls(ranks, loads)
-
-

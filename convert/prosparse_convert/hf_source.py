@@ -49,12 +49,9 @@ def resolve_model(model: str) -> Path:
 
 def read_config(model_dir: Path) -> dict:
     path = model_dir / "config.json"
-    if not path.is_file():
+    cfg = read_json_optional(path)
+    if cfg is None:
         raise ConvertError(f"missing file: {path} (a Hugging Face checkpoint needs config.json)")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConvertError(f"cannot read {path}: {e}") from e
     if not isinstance(cfg, dict):
         raise ConvertError(f"{path} is not a JSON object")
     return cfg
@@ -195,6 +192,7 @@ def open_tensors(model_dir: Path) -> TensorStore:
 
 
 def read_json_optional(path: Path):
+    """The JSON file at `path`, None if there is none; ConvertError naming it if it cannot be read."""
     if not path.is_file():
         return None
     try:

@@ -4,8 +4,6 @@ Hugging Face, float32 on demand), a way to write its tokenizer, and any per-neur
 
 from __future__ import annotations
 
-import importlib.util
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -17,8 +15,6 @@ from . import names as N
 from .archs import params_from_config
 from .errors import ConvertError
 from .params import ModelParams
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,13 +30,8 @@ class Source:
 
 
 def _vocab_writer(model_dir: Path) -> Callable[[object], None]:
-    # vocab.py (tokenizer.model / tokenizer.json -> tokenizer.ggml.*) is written by a teammate; until
-    # it exists the converter writes no vocabulary and says so. Once it exists, its errors propagate.
-    if importlib.util.find_spec(__package__ + ".vocab") is None:
-        def add(writer) -> None:
-            log.warning("prosparse_convert.vocab is missing: no tokenizer written")
-        return add
-
+    """Writes tokenizer.ggml.* and the chat template from the checkpoint's tokenizer files
+    (vocab.py), when the output file is written: a bad tokenizer fails the conversion."""
     def add(writer) -> None:
         from .vocab import add_vocab
         add_vocab(writer, model_dir)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from .errors import ConvertError
+from .hf_source import read_json_optional
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class VocabError(ConvertError):
 def add_vocab(writer, model_dir: Path) -> None:
     """Writes the tokenizer of the Hugging Face directory MODEL_DIR into WRITER (a gguf.GGUFWriter)."""
     model_dir = Path(model_dir)
-    cfg = _read_json(model_dir / "tokenizer_config.json") or {}
+    cfg = read_json_optional(model_dir / "tokenizer_config.json") or {}
     if (model_dir / "tokenizer.model").is_file():
         v = _sentencepiece_vocab(model_dir, cfg)
     elif (model_dir / "tokenizer.json").is_file():
@@ -133,7 +134,7 @@ def _sentencepiece_vocab(model_dir: Path, cfg: dict) -> _Vocab:
     # Tokens added on top of the SentencePiece model (added_tokens.json, or tokenizer_config's
     # added_tokens_decoder): appended past its pieces, or re-using an unused piece, as llama.cpp.
     added: Dict[int, Tuple[str, bool]] = {}
-    for tok, i in (_read_json(model_dir / "added_tokens.json") or {}).items():
+    for tok, i in (read_json_optional(model_dir / "added_tokens.json") or {}).items():
         added[int(i)] = (tok, False)
     for i, d in (cfg.get("added_tokens_decoder") or {}).items():
         if isinstance(d, dict) and "content" in d:
@@ -215,7 +216,7 @@ def _varint(buf: bytes, i: int) -> Tuple[int, int]:
 
 def _tokenizer_json_vocab(model_dir: Path, cfg: dict) -> _Vocab:
     path = model_dir / "tokenizer.json"
-    tj = _read_json(path)
+    tj = read_json_optional(path)
     model = tj.get("model") or {}
     if model.get("type") != "BPE":
         raise VocabError(f"{path}: unsupported tokenizer model {model.get('type')!r} (supported: byte-level BPE; "
@@ -319,7 +320,7 @@ def _ids_from_config(v: _Vocab, cfg: dict) -> None:
 def _pad_to_model_vocab(v: _Vocab, model_dir: Path) -> None:
     """The embedding may have more rows than the tokenizer has tokens; llama.cpp pads the vocabulary
     with unused "[PAD{i}]" tokens so that token ids and rows agree."""
-    n = (_read_json(model_dir / "config.json") or {}).get("vocab_size")
+    n = (read_json_optional(model_dir / "config.json") or {}).get("vocab_size")
     if not isinstance(n, int):
         return
     if n < len(v.tokens):
@@ -356,17 +357,8 @@ def _chat_template(model_dir: Path, cfg: dict):
     if tmpl is None and (model_dir / "chat_template.jinja").is_file():
         tmpl = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
     if tmpl is None:
-        tmpl = (_read_json(model_dir / "chat_template.json") or {}).get("chat_template")
+        tmpl = (read_json_optional(model_dir / "chat_template.json") or {}).get("chat_template")
     return tmpl
-
-
-def _read_json(path: Path):
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise VocabError(f"{path}: cannot read ({e})") from None
 
 
 def _nonneg(i: int) -> Optional[int]:

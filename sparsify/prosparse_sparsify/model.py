@@ -26,6 +26,8 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
+from prosparse_convert.activations import activation
+
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "SparseLlamaForCausalLM": "llama",
@@ -52,7 +54,7 @@ class FATReLU(nn.Module):
         self.count = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.where(x >= self.threshold, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        y = activation("fatrelu", x, self.threshold)
         if self.record:
             with torch.no_grad():
                 self.zeros += int((y == 0).sum())

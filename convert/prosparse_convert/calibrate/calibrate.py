@@ -209,7 +209,7 @@ def calibrate(model_path, out_path, options: Optional[Options] = None, **kw) -> 
 
 DOWN_Q8_0_MAX_CHANGE = 0.005  # docs/design.md "The down projection": Q8_0 only when perplexity moves < 0.5%
 # On SmolLM2 the change is 0.5-0.8%, with a spread of 0.6-0.9% between 256-token windows: one
-# window (what the check used to see) decides by chance; 16 give a standard error of ~0.2%.
+# window would decide by chance; 16 give a standard error of ~0.2%.
 DOWN_CHECK_TOKENS = 4096
 
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
-from ..errors import ConvertError
+from ..cli_run import run_cli
 from .calibrate import Options, calibrate
 
 
@@ -71,7 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="prosparse-calibrate: %(message)s")
     o = Options(text=args.text, tokens=args.tokens, ctx=args.ctx, target_sparsity=args.target_sparsity,
                 allocation=args.allocation, probe_tokens=args.probe_tokens, predictors=args.predictors,
                 rank=args.rank, epochs=args.epochs, pos_weight=args.pos_weight,
@@ -79,11 +77,11 @@ def main(argv=None) -> int:
                 max_samples=args.max_samples, max_memory=args.max_memory_mb << 20, eval_text=args.eval,
                 eval_tokens=args.eval_tokens, n_threads=args.threads, seed=args.seed,
                 progress=not args.no_progress)
-    try:
-        r = calibrate(args.model, args.out, o)
-    except ConvertError as e:
-        print(f"prosparse-calibrate: error: {e}", file=sys.stderr)
-        return 1
+    return run_cli("prosparse-calibrate", lambda: _report(calibrate(args.model, args.out, o), args))
+
+
+def _report(r, args) -> int:
+    """Prints what calibration did (and writes it as JSON with --json)."""
     print(f"calibrated on {r.n_calib_tokens} tokens ({r.n_held_out_tokens} held out), {r.activation} model")
     if r.allocation:
         kl = ", ".join(f"{k} {v:.4f}" for k, v in r.allocation_kl.items())

@@ -15,24 +15,8 @@ from typing import List, Optional
 
 import numpy as np
 
+from ..activations import active, silu
 from ..errors import ConvertError
-
-
-def activation(kind: str, gate: np.ndarray, t: float) -> np.ndarray:
-    """act(gate) as the runtime computes it (cpp/src/ffn.cpp ffn_activation), before thresholds."""
-    if kind == "relu":
-        return np.maximum(gate, 0.0)
-    if kind == "fatrelu":
-        return np.where(gate >= t, gate, 0.0).astype(np.float32)
-    return (gate / (1.0 + np.exp(-gate.astype(np.float64)))).astype(np.float32)  # silu
-
-
-def active_mask(kind: str, gate: np.ndarray, t: float) -> np.ndarray:
-    if kind == "relu":
-        return gate > 0.0
-    if kind == "fatrelu":
-        return gate >= t
-    raise ValueError(kind)
 
 
 class Reservoir:
@@ -116,13 +100,13 @@ def profile(model, windows, activation_kind: str, act_t: float, *, max_samples: 
                 if g.shape != (len(w), F) or x.shape != (len(w), E):
                     raise ConvertError(f"capture of layer {l} has shapes {x.shape}/{g.shape}")
                 if sparse:
-                    m = active_mask(activation_kind, g, act_t)
+                    m = active(activation_kind, g, act_t)
                     prof.counts[l] += m.sum(0)
                     if len(pos):
                         prof.x[l, slot] = x[pos].astype(np.float16)
                         prof.mask[l, slot] = np.packbits(m[pos], axis=1)
                 else:
-                    a = np.abs(activation("silu", g, 0.0))
+                    a = np.abs(silu(g))
                     if thresholds is not None:
                         prof.counts[l] += (a >= thresholds[l]).sum(0)
                     if len(pos):

@@ -11,14 +11,14 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
-from gguf import GGMLQuantizationType as T, GGUFValueType as V
+from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
 
 from .. import names as N
 from .. import quant
-from ..convert import _Out, write_gguf
+from ..convert import _Out, hottest_first, in_neuron_order, layer_extras, write_gguf
 from ..errors import ConvertError
-from ..gguf_source import _Reader
+from ..gguf_file import copy_field, open_gguf_file
 
 # Keys the writer sets itself, or that describe the input file's own layout.
 _SKIP_KEYS = (N.GENERAL_ARCHITECTURE, "general.alignment")
@@ -44,12 +44,8 @@ class InputFile:
     """The input GGUF's fields and tensors (raw bytes as stored), via the converter's reader."""
 
     def __init__(self, path: Path) -> None:
-        try:
-            self.reader = _Reader(str(path))
-        except (ValueError, OSError, IndexError, KeyError, UnicodeDecodeError) as e:
-            raise ConvertError(f"cannot read GGUF file {path}: {e}") from e
-        with open(path, "rb") as f:
-            self.powerinfer = f.read(4) == b"PWRI"
+        self.reader = open_gguf_file(path)
+        self.powerinfer = self.reader.powerinfer
         self.path = Path(path)
         self.fields = self.reader.fields
         self.tensors = {t.name: t for t in self.reader.tensors}
@@ -65,12 +61,21 @@ def _shape(t) -> tuple:
 
 
 def _raw(t, perm: Optional[np.ndarray]):
-    def produce():
+    """The tensor's stored bytes, rows (whole quant blocks) in the order `perm`."""
+    def rows():
         d = np.asarray(t.data)
-        if perm is None:
-            return d
-        return d.reshape(d.shape[0], -1)[perm]
-    return produce
+        return d.reshape(d.shape[0], -1)
+    return (lambda: np.asarray(t.data)) if perm is None else in_neuron_order(rows, perm)
+
+
+class _Trained:
+    """Trained predictors [(fc1, fc2)] per layer, as layer_extras takes them."""
+
+    def __init__(self, layers: List[tuple]) -> None:
+        self._layers, self.ranks = layers, [fc1.shape[0] for fc1, _ in layers]
+
+    def layer(self, i: int) -> tuple:
+        return self._layers[i]
 
 
 def _dequant(t) -> np.ndarray:
@@ -83,7 +88,7 @@ def plan(inp: InputFile, add: Additions, n_layer: int, n_ff: int) -> List[_Out]:
     if add.neuron_order == "frequency":
         if add.act_freq is None:
             raise ConvertError("--neuron-order frequency needs activation frequencies")
-        perms = [np.argsort(-f, kind="stable") for f in add.act_freq]  # stable: reproducible ties
+        perms = hottest_first(add.act_freq)
     replaced = set()
     if add.predictors is not None:
         replaced |= {N.blk(k, i) for i in range(n_layer) for k in (N.FC1, N.FC2)}
@@ -93,6 +98,7 @@ def plan(inp: InputFile, add: Additions, n_layer: int, n_ff: int) -> List[_Out]:
     templates = {N.blk(k, i): (k, i) for i in range(n_layer)
                  for k in (N.FFN_GATE, N.FFN_UP, N.FFN_DOWN, N.FFN_DOWN_T, N.FC1, N.FC2, N.FFN_ACT_FREQ)}
     pred_want = quant.outtype(add.predictor_type)
+    predictors = _Trained(add.predictors) if add.predictors is not None else None
     outs: List[_Out] = []
     for name, t in inp.tensors.items():
         if name in replaced:
@@ -105,32 +111,17 @@ def plan(inp: InputFile, add: Additions, n_layer: int, n_ff: int) -> List[_Out]:
             t_shape = (shape[1], shape[0])
             want = quant.tensor_type(t_shape, quant.outtype(add.down_type))
 
-            def produce(t=t, perm=perm):
-                a = np.ascontiguousarray(_dequant(t).T)
-                return a[perm] if perm is not None else a
-            outs.append(_Out(N.blk(N.FFN_DOWN_T, i), t_shape, want, produce))
+            outs.append(_Out(N.blk(N.FFN_DOWN_T, i), t_shape, want,
+                             in_neuron_order(lambda t=t: np.ascontiguousarray(_dequant(t).T), perm)))
         elif kind == N.FFN_ACT_FREQ:
-            outs.append(_Out(name, shape, qtype, (lambda t=t, perm=perm: _dequant(t)[perm]) if perm is not None
-                             else (lambda t=t: _dequant(t))))
+            outs.append(_Out(name, shape, qtype, in_neuron_order(lambda t=t: _dequant(t), perm)))
         elif kind in per_neuron_rows:
             outs.append(_Out(name, shape, qtype, _raw(t, perm), raw=True))
         else:
             outs.append(_Out(name, shape, qtype, _raw(t, None), raw=True))
         if kind in (N.FFN_DOWN, N.FFN_DOWN_T):
-            outs += _extras(add, i, perm, n_ff, pred_want)
-    return outs
-
-
-def _extras(add: Additions, i: int, perm, n_ff: int, pred_want) -> List[_Out]:
-    outs = []
-    if add.predictors is not None:
-        fc1, fc2 = add.predictors[i]
-        fc2 = fc2[perm] if perm is not None else fc2
-        outs.append(_Out(N.blk(N.FC1, i), fc1.shape, quant.tensor_type(fc1.shape, pred_want), lambda a=fc1: a))
-        outs.append(_Out(N.blk(N.FC2, i), fc2.shape, quant.tensor_type(fc2.shape, pred_want), lambda a=fc2: a))
-    if add.act_freq is not None:
-        f = add.act_freq[i] if perm is None else add.act_freq[i][perm]
-        outs.append(_Out(N.blk(N.FFN_ACT_FREQ, i), (n_ff,), T.F32, lambda f=f: np.asarray(f, np.float32)))
+            n_embd = shape[1] if kind == N.FFN_DOWN_T else shape[0]
+            outs += layer_extras(i, predictors, add.act_freq, perm, n_embd, n_ff, pred_want)
     return outs
 
 
@@ -170,12 +161,7 @@ class _Copy:
         for key, f in self._inp.fields.items():
             if key.startswith("GGUF.") or key in _SKIP_KEYS or key in self._over:
                 continue
-            if f.types[0] == V.ARRAY:
-                if len(f.types) > 2:
-                    raise ConvertError(f"key {key}: nested arrays are not supported")
-                w.add_key_value(key, f.contents(), V.ARRAY, sub_type=f.types[-1])
-            else:
-                w.add_key_value(key, f.contents(), f.types[0])
+            copy_field(w, f)
 
 
 def write(inp: InputFile, out: Path, add: Additions, n_layer: int, n_ff: int, progress: bool = True) -> Path:
