@@ -64,7 +64,7 @@ def _check_options(o: Options) -> None:
             raise ConvertError(f"--format llama.cpp writes a plain dense file; it cannot take {extras[0]}")
 
 
-# --- moving a layer's neurons together (DESIGN.md: gate/up rows, ffn_down_t rows, fc2 rows and
+# --- moving a layer's neurons together (docs/design.md, "Neuron order": gate/up rows, ffn_down_t rows, fc2 rows and
 # ffn_act_freq alike); prosparse-calibrate's writer uses the same functions
 
 def hottest_first(freq: List[np.ndarray]) -> List[np.ndarray]:
