@@ -34,7 +34,7 @@ def models(tmp_path_factory):
 
 
 def _runtime(path, kind):
-    m = _core.Model(str(path), n_ctx=64, n_threads=1, sparsity="dense")
+    m = _core.Model(str(path), n_ctx=64, n_threads=1, sparsity="dense", kv_type="f32")
     if kind == "silu":
         m.set_layer_thresholds(CASES[kind])
     return m

@@ -79,7 +79,7 @@ def test_profile_counts_match_transformers_activations(fatrelu, texts):
     """Firing counts per neuron = tokens where FATReLU(gate) != 0 in transformers' forward on the
     same (f32) weights and the same token windows."""
     ref, path = fatrelu
-    m = _core.Model(str(path), n_ctx=64, n_threads=1, sparsity="dense")
+    m = _core.Model(str(path), n_ctx=64, n_threads=1, sparsity="dense", kv_type="f32")
     win = _windows(m, texts[0], tokens=1500)
     prof = P.profile(m, win, "fatrelu", FATRELU_T, progress=False)
     fired = [np.zeros(128, np.int64) for _ in ref.model.layers]

@@ -45,7 +45,7 @@ def _case(tmp_path, kind):
 
 
 def _ours(path, ids):
-    with prosparse_rt.Model(str(path), n_ctx=64) as m:
+    with prosparse_rt.Model(str(path), n_ctx=64, kv_type="f32") as m:
         return m.logits(ids)
 
 
@@ -120,10 +120,10 @@ def test_interleaved_q4_0_weights_compute_the_same_model(tmp_path, kind, monkeyp
     ids = H.prompt_ids(20)
 
     def run():
-        with prosparse_rt.Model(str(out), n_ctx=64, sparsity="dense") as m:
+        with prosparse_rt.Model(str(out), n_ctx=64, sparsity="dense", kv_type="f32") as m:
             batch = m.logits(ids)
             n = m.stats["n_interleaved"]
-        with prosparse_rt.Model(str(out), n_ctx=64, n_batch=1, sparsity="dense") as m:
+        with prosparse_rt.Model(str(out), n_ctx=64, n_batch=1, sparsity="dense", kv_type="f32") as m:
             single = m.logits(ids)
         return batch, single, n
 

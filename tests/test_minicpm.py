@@ -52,7 +52,7 @@ def test_minicpm_logits_match_the_equivalent_llama(minicpm):
 
     ref, _, out = minicpm
     ids = H.prompt_ids(20)
-    with prosparse_rt.Model(str(out), n_ctx=64) as m:
+    with prosparse_rt.Model(str(out), n_ctx=64, kv_type="f32") as m:
         ours = m.logits(ids)
     assert H.rel_error(ours, H.hf_logits(ref, ids)) < 1e-4
 
@@ -65,7 +65,7 @@ def test_minicpm_s_fatrelu_logits_match_the_equivalent_llama(tmp_path):
     out = convert(path, tmp_path / "m.gguf", outtype="f32", progress=False)
     assert "blk.0.ffn_down_t.weight" in H.gguf_tensors_f32(out)
     ids = H.prompt_ids(20)
-    with prosparse_rt.Model(str(out), n_ctx=64) as m:
+    with prosparse_rt.Model(str(out), n_ctx=64, kv_type="f32") as m:
         ours = m.logits(ids)
     assert H.rel_error(ours, H.hf_logits(ref, ids)) < 1e-4
 

@@ -31,7 +31,7 @@ def reference(smollm2_path):
 def test_smollm2_f32_logits_match_transformers(smollm2_path, reference, tmp_path):
     ids, ref = reference
     out = convert(smollm2_path, tmp_path / "smol-f32.gguf", outtype="f32", progress=False)
-    with Model(out, n_ctx=64) as m:
+    with Model(out, n_ctx=64, kv_type="f32") as m:
         assert m.tokenize(TEXT, add_bos=False) == ids
         ours = m.logits(ids)
     assert np.abs(ours - ref).max() / np.abs(ref).max() < 1e-4
@@ -43,7 +43,7 @@ def test_smollm2_q4_1_agrees_with_transformers_on_the_next_tokens(smollm2_path, 
     features make this path a few percent off in logits (measured 4.8%), so check what a user
     sees: the same greedy next token at nearly every position, and a bounded error."""
     ids, ref = reference
-    with Model(smollm2_path, n_ctx=64) as m:
+    with Model(smollm2_path, n_ctx=64, kv_type="f32") as m:
         ours = m.logits(ids)
     assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.85
     assert np.abs(ours - ref).max() / np.abs(ref).max() < 0.1

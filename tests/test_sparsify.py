@@ -340,5 +340,5 @@ def test_sparsified_checkpoint_converts_and_runtime_matches_transformers(tmp_pat
         out, config=LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type", "hidden_act")}))
     _use_fatrelu(ref, t)
     ids = prompt_ids()
-    ours = rt.Model(str(gguf), n_threads=1).logits(ids)
+    ours = rt.Model(str(gguf), n_threads=1, kv_type="f32").logits(ids)
     assert rel_error(ours, hf_logits(ref.eval(), ids)) < 1e-4

@@ -16,11 +16,24 @@ namespace ps {
 void rope_table(float* cs, int n_rot, int pos, float theta, float freq_scale);
 void rope(float* x, int n_heads, int head_dim, int n_rot, const float* cs);
 
+// Positions per attention tile: keys are taken in fixed tiles of absolute positions
+// [j * kAttnTile, (j + 1) * kAttnTile), each tile's softmax partial (max, sum, weighted values)
+// merged into the running result in tile order, in a prompt and in decode alike.
+constexpr int kAttnTile = 128;
+
+// Scratch for attention, grown as needed and reused.
+struct AttnScratch {
+    std::vector<float> partials;  // decode: [head][tile][head_dim + 2]
+    std::vector<float> tiles;     // [thread][2][kAttnTile][head_dim]: a tile's keys and values as f32
+};
+
 // out[t] (n_head * head_dim) = softmax(q[t] k / sqrt(d)) v over positions 0..pos[t] of token t's
-// sequence in the cache, for every token of the batch and every head. Each (token, head) reads
-// only the cache, in position order, so its result does not depend on the batch or the thread
-// count (docs/design.md, "Determinism"). scores: scratch, grown as needed.
+// sequence in the cache, for every token of the batch and every head. A task reads one KV head's
+// tile once for all the query heads that share it (grouped-query attention); one token splits its
+// tiles over the threads, a batch its (token, KV head) pairs, each then running through its tiles
+// in order with scratch independent of the context length. Either way a (token, head) gets the
+// same bits (docs/design.md, "Determinism").
 void attention(ThreadPool& pool, const HParams& hp, const KvCache& kv, int layer, const TokenBatch& batch,
-               const float* q, float* out, std::vector<float>& scores);
+               const float* q, float* out, AttnScratch& scratch);
 
 }  // namespace ps

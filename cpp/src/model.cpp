@@ -46,7 +46,7 @@ struct Model::Impl {
     int n_batch = 0;
     std::vector<float> x, xn, q, k, v, attn, branch, logits_rows;
     std::vector<float> rope_cs;  // [n_batch][n_rot]: (cos, sin) pairs per position of the batch
-    std::vector<float> scores;   // attention scores, [thread][n_ctx]
+    AttnScratch attn_scratch;
     std::vector<int32_t> pos, seq;  // the batch's positions and sequences
     std::vector<uint8_t> act_buf;
     FfnScratch ffn;
@@ -150,6 +150,22 @@ HParams read_hparams(const GGUFFile& f) {
 
 }  // namespace
 
+namespace {
+
+// MemAvailable from /proc/meminfo in bytes, or -1 where there is none (not Linux).
+int64_t available_memory_bytes() {
+    std::FILE* f = std::fopen("/proc/meminfo", "r");
+    if (!f) return -1;
+    char line[256];
+    long long kb = -1;
+    while (std::fgets(line, sizeof line, f))
+        if (std::sscanf(line, "MemAvailable: %lld kB", &kb) == 1) break;
+    std::fclose(f);
+    return kb < 0 ? -1 : int64_t(kb) * 1024;
+}
+
+}  // namespace
+
 Model::Model(const std::string& path, const ModelParams& params)
     : file_(std::make_unique<GGUFFile>(path)), impl_(std::make_unique<Impl>()) {
     const GGUFFile& f = *file_;
@@ -216,8 +232,22 @@ Model::Model(const std::string& path, const ModelParams& params)
     m.n_batch = std::min(params.n_batch, n_ctx_);
     m.pool = std::make_unique<ThreadPool>(nt);
 
+    // The cache is allocated untouched, so the kernel's MemAvailable does not see it: check it
+    // against what is available first, and keep it out of what the interleaved copies may take.
+    KvType kv_type;
+    if (!kv_type_from_name(params.kv_type, &kv_type))
+        fail(strfmt("unknown KV cache type '%s' (f16, f32, q8_0)", params.kv_type.c_str()));
+    const size_t kv_bytes = kv_cache_bytes(kv_type, hp_.n_layer, hp_.n_head_kv, hp_.head_dim, n_ctx_, 1);
+    const int64_t avail = available_memory_bytes();
+    if (avail >= 0 && double(kv_bytes) > 0.9 * double(avail)) {
+        const size_t per_pos = kv_cache_bytes(kv_type, hp_.n_layer, hp_.n_head_kv, hp_.head_dim, 1, 1);
+        fail(strfmt("n_ctx = %d needs a %s KV cache of %zu MB, more than 90%% of the %lld MB available; the "
+                    "largest n_ctx that fits is %lld", n_ctx_, kv_type_name(kv_type), kv_bytes >> 20,
+                    (long long)(avail >> 20), (long long)(0.9 * double(avail) / double(per_pos))));
+    }
+
     choose_strategy(params);
-    interleave_weights();
+    interleave_weights(avail >= 0 ? avail - int64_t(kv_bytes) : -1);
     for (const LayerWeights& L : m.layers)
         for (const Tensor* t : {L.attn_norm, L.wq, L.wk, L.wv, L.wo, L.ffn_norm})
             m.fixed_bytes_per_token += double(t->nbytes);
@@ -225,7 +255,9 @@ Model::Model(const std::string& path, const ModelParams& params)
                                double(m.tok_embd->row_stride());
     stats_.layers.resize(size_t(hp_.n_layer));
 
-    m.kv = std::make_unique<KvCache>(hp_.n_layer, hp_.n_head_kv, hp_.head_dim, n_ctx_, 1, KvType::F32);
+    m.kv = std::make_unique<KvCache>(hp_.n_layer, hp_.n_head_kv, hp_.head_dim, n_ctx_, 1, kv_type);
+    stats_.kv_cache_bytes = double(m.kv->bytes());
+    stats_.kv_type = kv_type_name(kv_type);
     m.cpu_ffn = std::make_unique<CpuFfnExecutor>(*m.pool);
     m.n_hot.assign(size_t(hp_.n_layer), 0);
     if (params.test_split_hot >= 0) {
@@ -295,21 +327,6 @@ void Model::choose_strategy(const ModelParams& params) {
     strategy_ = strategy_name(s);
 }
 
-namespace {
-
-// MemAvailable from /proc/meminfo in bytes, or -1 where there is none (not Linux).
-int64_t available_memory_bytes() {
-    std::FILE* f = std::fopen("/proc/meminfo", "r");
-    if (!f) return -1;
-    char line[256];
-    long long kb = -1;
-    while (std::fgets(line, sizeof line, f))
-        if (std::sscanf(line, "MemAvailable: %lld kB", &kb) == 1) break;
-    std::fclose(f);
-    return kb < 0 ? -1 : int64_t(kb) * 1024;
-}
-
-}  // namespace
 
 // Weights that matmul always reads whole under the chosen strategy get an interleaved copy
 // (cpu/kernels.h, "Interleaved rows"): attention, output, predictor, and the FFN matrices the
@@ -321,7 +338,7 @@ int64_t available_memory_bytes() {
 // same bits gathered or not only in the same layout. Dense and exact then compute the same model
 // bit for bit, which their tests (and calibration, which measures with dense) rely on: a rounding
 // difference in up flips neurons that sit at a threshold.
-void Model::interleave_weights() {
+void Model::interleave_weights(int64_t avail) {
     Impl& m = *impl_;
     const char* env = std::getenv("PROSPARSE_INTERLEAVE");
     if (env && std::string(env) == "0") return;
@@ -346,7 +363,6 @@ void Model::interleave_weights() {
     // The copy is anonymous memory: if it would not fit in what the kernel reports available
     // (page cache included, so the file's own pages count), keep the mapped file's layout rather
     // than risk the OOM killer halfway through a generation.
-    const int64_t avail = available_memory_bytes();
     if (avail >= 0 && double(bytes) > 0.8 * double(avail)) return;
     m.interleaved = interleave(*m.pool, src);
     for (size_t i = 0; i < slots.size(); ++i) *slots[i] = &m.interleaved->tensors[i];
@@ -403,7 +419,7 @@ void layer_forward(Model::Impl& m, const HParams& hp, int il, const TokenBatch& 
         rope(m.k.data() + size_t(t) * KV, NKV, HD, hp.n_rot, cs);
         m.kv->store(il, batch.seq[t], batch.pos[t], m.k.data() + size_t(t) * KV, m.v.data() + size_t(t) * KV);
     }
-    attention(pool, hp, *m.kv, il, batch, m.q.data(), m.attn.data(), m.scores);
+    attention(pool, hp, *m.kv, il, batch, m.q.data(), m.attn.data(), m.attn_scratch);
     matmul(pool, *L.wo, m.attn.data(), nb, m.branch.data(), m.act_buf);
     vec_add_scaled(m.x.data(), m.branch.data(), hp.residual_scale, int64_t(nb) * E);
 
@@ -479,6 +495,7 @@ void Model::eval(const int32_t* tokens, int n, bool all_logits, float* logits) {
         double ffn_bytes = -ffn_bytes0;
         for (const auto& ls : stats_.layers) ffn_bytes += ls.bytes;
         stats_.weight_bytes_per_token = m.fixed_bytes_per_token + ffn_bytes;
+        stats_.kv_bytes_per_token = 2.0 * hp_.n_layer * hp_.n_head_kv * double(n_past_) * double(m.kv->row_bytes());
         stats_.n_decode_tokens += 1;
         stats_.decode_seconds += secs;
     } else {

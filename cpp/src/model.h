@@ -23,6 +23,7 @@ struct ModelParams {
     float act_threshold = NAN;      // overrides prosparse.activation_threshold when not NaN
     float pred_threshold = NAN;     // overrides the file's predictor cut-off when not NaN
     bool diag_recall = false;       // predict: also compute the full gate to report recall
+    std::string kv_type = "f16";    // the KV cache's type: f16, f32, q8_0 (kv_cache.h)
     // Tests of the hybrid's split: every layer's neurons [0, n) on a second CPU executor, the
     // rest on the first (ffn.h). -1: no split.
     int64_t test_split_hot = -1;
@@ -33,6 +34,9 @@ struct ModelStats {
     double prompt_seconds = 0.0, decode_seconds = 0.0;
     double weight_bytes_per_token = 0.0;  // bytes of weights the last decode step read
     int64_t n_interleaved = 0;            // weight matrices stored interleaved (cpu/kernels.h)
+    double kv_cache_bytes = 0.0;          // the KV cache's size
+    double kv_bytes_per_token = 0.0;      // bytes of the cache the last decode step read
+    std::string kv_type;                  // its type
     std::vector<FfnLayerStats> layers;    // FFN counters per layer since load
 };
 
@@ -75,7 +79,7 @@ public:
 
 private:
     void choose_strategy(const ModelParams& params);
-    void interleave_weights();
+    void interleave_weights(int64_t avail);  // avail: bytes the copies may take from, -1 unknown
 
     std::unique_ptr<GGUFFile> file_;
     std::unique_ptr<Tokenizer> tok_;

@@ -185,17 +185,19 @@ NB_MODULE(_core, m) {
     nb::class_<ps::Model>(m, "Model")
         .def("__init__", [](ps::Model* self, const std::string& path, int n_ctx, int n_threads,
                             int n_batch, const std::string& sparsity, float act_threshold,
-                            float pred_threshold, bool diag_recall, int64_t test_split_hot) {
+                            float pred_threshold, bool diag_recall, const std::string& kv_type,
+                            int64_t test_split_hot) {
             ps::ModelParams p;
             p.n_ctx = n_ctx; p.n_threads = n_threads; p.n_batch = n_batch;
             p.sparsity = sparsity; p.act_threshold = act_threshold;
             p.pred_threshold = pred_threshold; p.diag_recall = diag_recall;
+            p.kv_type = kv_type;
             p.test_split_hot = test_split_hot;
             nb::gil_scoped_release r;
             new (self) ps::Model(path, p);
         }, "path"_a, "n_ctx"_a = 0, "n_threads"_a = 0, "n_batch"_a = 256,
            "sparsity"_a = "auto", "act_threshold"_a = NAN, "pred_threshold"_a = NAN,
-           "diag_recall"_a = false, "test_split_hot"_a = -1)
+           "diag_recall"_a = false, "kv_type"_a = "f16", "test_split_hot"_a = -1)
         .def("eval", [](ps::Model& mdl, const std::vector<int32_t>& tokens, bool all_logits) {
             const int n_vocab = mdl.hparams().n_vocab;
             auto ids = checked_ids(tokens, n_vocab);
@@ -249,6 +251,9 @@ NB_MODULE(_core, m) {
             d["prompt_seconds"] = s.prompt_seconds; d["decode_seconds"] = s.decode_seconds;
             d["weight_bytes_per_token"] = s.weight_bytes_per_token;
             d["n_interleaved"] = s.n_interleaved;
+            d["kv_type"] = s.kv_type;
+            d["kv_cache_bytes"] = s.kv_cache_bytes;
+            d["kv_bytes_per_token"] = s.kv_bytes_per_token;
             // per layer, averaged over the tokens seen (NaN where the strategy cannot know)
             nb::list active, predicted, recall, ffn_bytes;
             for (const auto& l : s.layers) {

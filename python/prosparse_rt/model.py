@@ -20,6 +20,7 @@ from ._generation import TextAssembler, common_prefix_len
 logger = logging.getLogger("prosparse_rt")
 
 SPARSITY_CHOICES = ("auto", "dense", "exact", "predict")
+KV_TYPES = ("f16", "f32", "q8_0")  # the KV cache's type, as llama.cpp's -ctk/-ctv
 _GGUF_MAGICS = (b"GGUF", b"PWRI")
 
 
@@ -54,6 +55,7 @@ class Model:
         activation_threshold: Optional[float] = None,
         predictor_threshold: Optional[float] = None,
         diag_recall: bool = False,
+        kv_type: str = "f16",
     ):
         if not isinstance(n_ctx, int) or n_ctx < 0:
             raise ValueError(f"n_ctx must be an int >= 0 (0 = the model's own), got {n_ctx!r}")
@@ -63,6 +65,8 @@ class Model:
             raise ValueError(f"n_batch must be an int >= 1, got {n_batch!r}")
         if sparsity not in SPARSITY_CHOICES:
             raise ValueError(f"sparsity must be one of {SPARSITY_CHOICES}, got {sparsity!r}")
+        if kv_type not in KV_TYPES:
+            raise ValueError(f"kv_type must be one of {KV_TYPES}, got {kv_type!r}")
         for name, v in (("activation_threshold", activation_threshold), ("predictor_threshold", predictor_threshold)):
             if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v)):
                 raise ValueError(f"{name} must be a finite number, got {v!r}")
@@ -84,6 +88,7 @@ class Model:
             act_threshold=float("nan") if activation_threshold is None else float(activation_threshold),
             pred_threshold=float("nan") if predictor_threshold is None else float(predictor_threshold),
             diag_recall=bool(diag_recall),
+            kv_type=kv_type,
         )
         self._cache: List[int] = []  # token ids whose keys/values are in the native KV cache
         self.n_batch = n_batch

@@ -119,6 +119,10 @@ struct KernelSet {
     void (*axpy_rows)(GgmlType w, int64_t k, const void* W, size_t w_stride, const int32_t* rows,
                       int64_t n, const float* C, int64_t ldc, int64_t nc, float* Y, int64_t ldy);
 
+    // dst[0..n) = a row of n values of type w as floats, exactly as dequantize gives them (d * q;
+    // Q4_1 fma(q, d, m)); n a multiple of the block size for the quantized types.
+    void (*dequant_row)(GgmlType w, const void* src, float* dst, int64_t n);
+
     // gemm over interleaved rows (n_groups groups of 8, see above):
     // Y[c * ldy + 8g + i] = dot(row i of group g, activation row c). Per row, the same operations
     // in every instruction set (bitwise the same results).

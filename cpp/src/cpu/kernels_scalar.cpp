@@ -340,6 +340,10 @@ void gemm_interleaved(GgmlType w, int64_t k, const void* W, int64_t n_groups, co
     }
 }
 
+void dequant_row(GgmlType w, const void* src, float* dst, int64_t n) {
+    dequant(w, static_cast<const uint8_t*>(src), dst, n);
+}
+
 }  // namespace
 
 size_t act_row_bytes(GgmlType w, int64_t k) {
@@ -355,6 +359,6 @@ size_t act_row_bytes(GgmlType w, int64_t k) {
     }
 }
 
-const KernelSet kScalarKernels = {"scalar", quantize_act, gemm, gemm_rows, axpy_rows, gemm_interleaved};
+const KernelSet kScalarKernels = {"scalar", quantize_act, gemm, gemm_rows, axpy_rows, dequant_row, gemm_interleaved};
 
 }  // namespace ps::cpu
