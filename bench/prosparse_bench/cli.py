@@ -5,6 +5,7 @@ llama.cpp (llama-cpp-python) on the same GGUF with the same threads, llama-bench
     prosparse-bench -m 7b --gen           # generate the random LLaMA-2-7B-shaped Q4_0 file first
     prosparse-bench -m smollm2 -p 512 -n 128 -r 5 -t 2 -o json
     prosparse-bench -m 7b-fatrelu --gen   # ours dense/exact/predict vs llama.cpp dense
+    prosparse-bench -m smollm2 --depth 0,1024,4096   # pp and tg after that many tokens of context
 
 llama-cpp-python builds are found as ~/.cache/prosparse-bench/peer-*/ (bench/setup_peer.sh makes
 them); each model is run with every build and ours is compared with the faster one.
@@ -95,10 +96,14 @@ def peer_configs(peers, extra_bufts, waits):
                 yield build + ("+extra-bufts" if x else "") + (f" omp-{w}" if len(waits) > 1 else ""), exe, x, w
 
 
-def run_worker(python, runtime, model, args, sparsity=None, extra_bufts=False, omp_wait=None):
+def run_worker(python, runtime, model, args, sparsity=None, extra_bufts=False, omp_wait=None, depth=0,
+               flash_attn=False):
     cmd = [python, "-m", "prosparse_bench.worker", "--runtime", runtime, "--model", str(model),
            "--threads", str(args.threads), "--pp", str(args.pp), "--tg", str(args.tg),
-           "--reps", str(args.reps), "--batch", str(args.batch)]
+           "--reps", str(args.reps), "--batch", str(args.batch), "--depth", str(depth),
+           "--cache-type", args.cache_type]
+    if flash_attn:
+        cmd.append("--flash-attn")
     if sparsity:
         cmd += ["--sparsity", sparsity]
     if extra_bufts and runtime == "llama.cpp":
@@ -172,6 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="llama.cpp's OpenMP wait policies to run, comma-separated: default (libgomp's "
                          "spin-then-sleep), active (spin), passive (sleep at every barrier); each "
                          "build runs with each, and ours is compared with the fastest")
+    ap.add_argument("--peer-flash-attn", choices=["off", "on", "both"], default="both",
+                    help="llama.cpp's flash attention: 'both' (default) runs each configuration with "
+                         "and without it, and ours is compared with the faster")
+    ap.add_argument("--depth", default="0",
+                    help="tokens of context before each test, comma-separated (llama-bench's -d): "
+                         "every test runs at every depth")
+    ap.add_argument("--cache-type", default="f16", choices=["f16", "f32", "q8_0"],
+                    help="the KV cache's type, both runtimes (llama.cpp's -ctk/-ctv)")
     ap.add_argument("--no-ours", action="store_true", help="run only llama.cpp")
     ap.add_argument("-o", "--output", choices=["md", "json"], default="md", help="stdout format")
     ap.add_argument("--results", default=str(BENCH_DIR / "results"),
@@ -189,6 +202,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(str(e))
     if args.rounds < 1 or args.reps < 1:
         ap.error("--rounds and --reps must be >= 1")
+    try:
+        args.depths = [int(d) for d in args.depth.split(",")]
+    except ValueError:
+        ap.error(f"--depth: expected comma-separated token counts, got {args.depth!r}")
+    if any(d < 0 for d in args.depths):
+        ap.error("--depth: depths must be >= 0")
     return args
 
 
@@ -212,29 +231,38 @@ class Job:
     sparsity: Optional[str] = None   # ours: the FFN strategy
     extra_bufts: bool = False
     omp_wait: Optional[str] = None
+    depth: int = 0
+    flash_attn: bool = False
 
     @property
     def label(self) -> str:
-        return " ".join(x for x in (self.runtime, self.build, self.sparsity) if x)
+        return " ".join(x for x in (self.runtime, self.build, self.sparsity, f"d{self.depth}") if x)
 
     def run(self, args) -> dict:
         return run_worker(self.python, self.runtime, self.model, args, self.sparsity, self.extra_bufts,
-                          self.omp_wait)
+                          self.omp_wait, self.depth, self.flash_attn)
+
+
+_ON_OFF = {"off": [False], "on": [True], "both": [False, True]}
 
 
 def peer_jobs(target: Target, args, peers) -> List[Job]:
-    """llama.cpp: every build with each extra-buffer setting under each OpenMP wait policy."""
-    xb = {"off": [False], "on": [True], "both": [False, True]}[args.peer_extra_bufts]
-    return [Job("llama.cpp", exe, target.peer_path, build=label, extra_bufts=x, omp_wait=w)
-            for label, exe, x, w in peer_configs(peers, xb, args.omp_waits)]
+    """llama.cpp: every build with each extra-buffer setting under each OpenMP wait policy, with
+    flash attention on and off, at every depth."""
+    return [Job("llama.cpp", exe, target.peer_path, build=label + (" fa" if fa else ""), extra_bufts=x, omp_wait=w,
+                depth=d, flash_attn=fa)
+            for d in args.depths
+            for label, exe, x, w in peer_configs(peers, _ON_OFF[args.peer_extra_bufts], args.omp_waits)
+            for fa in _ON_OFF[args.peer_flash_attn]]
 
 
 def our_jobs(target: Target, args, peers) -> List[Job]:
-    """prosparse-rt: each FFN strategy asked for (all three on the sparse 7B files)."""
+    """prosparse-rt: each FFN strategy asked for (all three on the sparse 7B files), at every depth."""
     if args.no_ours:
         return []
     strategies = args.sparsity or ("dense,exact,predict" if target.spec.startswith("7b-fatrelu") else "dense")
-    return [Job("ours", sys.executable, target.path, sparsity=s) for s in strategies.split(",")]
+    return [Job("ours", sys.executable, target.path, sparsity=s, depth=d)
+            for d in args.depths for s in strategies.split(",")]
 
 
 # What runs on every model, in this order. A new mode (another peer, another device) is a
@@ -264,6 +292,7 @@ def _summarize_run(job: Job, r: dict, args, bytes_per_token: float, name: str) -
     if job.build:
         r["build"] = job.build
     r["bytes_per_token"] = bytes_per_token
+    r["depth"] = job.depth
     if job.sparsity and "error" not in r:
         r["strategy"] = r.get("strategy") or job.sparsity
         st = r.get("stats_after_tg", {})
@@ -285,6 +314,7 @@ def _summarize_run(job: Job, r: dict, args, bytes_per_token: float, name: str) -
 def _greedy_tokens_agree(runs: List[dict]) -> Optional[dict]:
     """A cross-check that both runtimes compute the same model: per llama.cpp build, whether the
     greedy tokens of its first tg repetition (same start token) equal ours with the dense strategy."""
+    runs = [r for r in runs if r.get("depth", 0) == min(x.get("depth", 0) for x in runs)]
     peer_toks = {r.get("build"): r["tg"].get("tokens_first_rep") for r in runs
                  if r.get("runtime") == "llama.cpp" and "tg" in r}
     ours = next((r["tg"].get("tokens_first_rep") for r in runs if r.get("runtime") ==
@@ -308,7 +338,10 @@ def bench_model(spec: str, args, peers) -> Optional[dict]:
     jobs = [job for make in JOB_MAKERS for job in make(target, args, peers)]
     for job, r in zip(jobs, run_rounds(jobs, args, target.name)):
         per_token = peer_bpt if job.runtime == "llama.cpp" else bpt["bytes_per_token"]
-        m["runs"].append(_summarize_run(job, r, args, per_token, target.name))
+        r = _summarize_run(job, r, args, per_token, target.name)
+        # the cache a decode step reads, on average over the tg steps: the same for both runtimes
+        r["kv_bytes_per_token"] = report.kv_bytes_per_token(target.path, job.depth + args.tg / 2, args.cache_type)
+        m["runs"].append(r)
     agree = _greedy_tokens_agree(m["runs"]) if target.path == target.peer_path else None
     if agree:
         m["greedy_tokens_agree"] = agree

@@ -32,6 +32,25 @@ def weight_bytes_per_token(path) -> dict:
     return {"bytes_per_token": per_token, "weights_bytes": file_bytes, "tied_output": tied}
 
 
+KV_BYTES_PER_VALUE = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32}
+
+
+def kv_bytes_per_token(path, positions, cache_type) -> float:
+    """Bytes of KV cache one decode step reads at `positions` cached positions: keys and values
+    of every layer and KV head (llama.cpp and ours store the same values in the same types)."""
+    import gguf
+    r = gguf.GGUFReader(str(path))
+
+    def key(suffix):
+        arch = bytes(r.fields["general.architecture"].parts[-1]).decode()
+        f = r.fields.get(f"{arch}.{suffix}")
+        return int(f.parts[-1][0]) if f else None
+
+    n_layer, n_embd, n_head = key("block_count"), key("embedding_length"), key("attention.head_count")
+    n_kv = key("attention.head_count_kv") or n_head
+    return 2.0 * n_layer * n_kv * (n_embd // n_head) * positions * KV_BYTES_PER_VALUE[cache_type]
+
+
 def summarize(seconds, n_tokens):
     """tokens/s per repetition -> mean, sd (sample sd, 0 for one repetition)."""
     rates = [n / s for n, s in zip(n_tokens, seconds) if s > 0]
@@ -44,12 +63,16 @@ def rows_of(results: dict):
     """Flatten a results dict into table rows (one per model × runtime × test)."""
     rows = []
     for m in results["models"]:
+        def test_name(test, n, r):
+            return f"{test}{n}" + (f" @ d{r['depth']}" if r.get("depth") else "")
+
         best = {}
         for r in m["runs"]:
             if r["runtime"] == "llama.cpp" and "error" not in r:
-                for test in ("pp", "tg"):
+                for test, n in (("pp", m["pp"]), ("tg", m["tg"])):
                     if test in r:
-                        best[test] = max(best.get(test, 0.0), r[test]["mean"])
+                        t = test_name(test, n, r)
+                        best[t] = max(best.get(t, 0.0), r[test]["mean"])
         for r in m["runs"]:
             label = r["runtime"] + (f" ({r['build']})" if r.get("build") else "")
             if r.get("strategy") and r["runtime"] != "llama.cpp":
@@ -61,27 +84,30 @@ def rows_of(results: dict):
                 if test not in r:
                     continue
                 x = r[test]
+                t = test_name(test, n, r)
                 row = dict(model=m["name"], size_gb=m["weights_bytes"] / 1e9, runtime=label,
-                           threads=r["threads"], test=f"{test}{n}", mean=x["mean"], sd=x["sd"],
-                           ratio=(x["mean"] / best[test]) if best.get(test) else None)
+                           threads=r["threads"], test=t, mean=x["mean"], sd=x["sd"],
+                           ratio=(x["mean"] / best[t]) if best.get(t) else None)
                 if test == "tg":
                     bpt = r.get("bytes_per_token", m["bytes_per_token"])
+                    kv = r.get("kv_bytes_per_token", 0.0)
                     row["gb_per_token"] = bpt / 1e9
-                    row["gbps"] = bpt * x["mean"] / 1e9
+                    row["kv_gb_per_token"] = kv / 1e9
+                    row["gbps"] = (bpt + kv) * x["mean"] / 1e9
                 rows.append(row)
     return rows
 
 
 def markdown_table(results: dict) -> str:
     head = ("| model | size | runtime | threads | test | t/s | vs best llama.cpp "
-            "| GB read/token | GB/s (of ~30) |\n|---|---:|---|---:|---|---:|---:|---:|---:|")
+            "| GB read/token (weights + cache) | GB/s (of ~30) |\n|---|---:|---|---:|---|---:|---:|---:|---:|")
     lines = [head]
     for r in rows_of(results):
         if "error" in r:
             lines.append(f"| {r['model']} | | {r['runtime']} | | | failed: {r['error'][:60]} | | | |")
             continue
         ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else ""
-        gbt = f"{r['gb_per_token']:.3f}" if "gb_per_token" in r else ""
+        gbt = f"{r['gb_per_token']:.3f} + {r['kv_gb_per_token']:.3f}" if "gb_per_token" in r else ""
         gbps = f"{r['gbps']:.1f} ({100 * r['gbps'] / DRAM_GBPS:.0f}%)" if "gbps" in r else ""
         lines.append(f"| {r['model']} | {r['size_gb']:.2f} GB | {r['runtime']} | {r['threads']} "
                      f"| {r['test']} | {r['mean']:.2f} ± {r['sd']:.2f} | {ratio} | {gbt} | {gbps} |")

@@ -4,12 +4,13 @@ Run as `python -m prosparse_bench.worker ...` by the CLI, with the peer venv's i
 llama-cpp-python, so that both runtimes are measured the same way and neither's threads, memory
 or page cache state leak into the other's figures. The last stdout line is a JSON object.
 
-Method (llama-bench's): one warm-up pass; then per repetition, with an empty KV cache,
+Method (llama-bench's): one warm-up pass; `depth` tokens of context evaluated once, untimed
+(llama-bench's -d); then per repetition, with the KV cache cut back to those `depth` tokens,
   pp: one eval of `pp` prompt tokens, timed;
   tg: `tg` one-token evals, each fed the argmax of the previous logits (greedy decoding with a
       fixed number of steps: EOS does not stop it), timed as a whole.
-The number of tokens counted is what the runtime reports as processed (its KV position), not
-what was asked for.
+The number of tokens counted is what the runtime reports as processed (its KV position less the
+depth), not what was asked for.
 """
 from __future__ import annotations
 
@@ -25,9 +26,9 @@ import numpy as np
 class Ours:
     name = "prosparse-rt"
 
-    def __init__(self, path, n_ctx, n_threads, n_batch, sparsity, extra_bufts):
+    def __init__(self, path, n_ctx, n_threads, n_batch, sparsity, extra_bufts, cache_type, flash_attn):
         from prosparse_rt import _core
-        kw = dict(n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch)
+        kw = dict(n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch, kv_type=cache_type)
         if sparsity:
             kw["sparsity"] = sparsity
         self.m = _core.Model(str(path), **kw)
@@ -39,8 +40,8 @@ class Ours:
             self.version = "in-tree"
         self.strategy = getattr(self.m, "strategy", None)
 
-    def reset(self):
-        self.m.rewind(0)
+    def reset(self, n=0):
+        self.m.rewind(n)
 
     def eval(self, tokens):
         return np.asarray(self.m.eval(list(tokens)))
@@ -55,10 +56,13 @@ class Ours:
             return {}
 
 
+GGML_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}  # ggml_type ids of the cache types, for type_k/type_v
+
+
 class LlamaCpp:
     name = "llama.cpp"
 
-    def __init__(self, path, n_ctx, n_threads, n_batch, sparsity, extra_bufts):
+    def __init__(self, path, n_ctx, n_threads, n_batch, sparsity, extra_bufts, cache_type, flash_attn):
         import llama_cpp
         import llama_cpp.llama_cpp as ll
         if not extra_bufts:
@@ -75,13 +79,15 @@ class LlamaCpp:
             ll.llama_model_default_params = patched
         self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_batch,
                                    n_ubatch=n_batch, n_threads=n_threads,
-                                   n_threads_batch=n_threads, verbose=False, seed=0)
+                                   n_threads_batch=n_threads, verbose=False, seed=0,
+                                   type_k=GGML_TYPES[cache_type], type_v=GGML_TYPES[cache_type],
+                                   flash_attn=flash_attn)
         self.n_vocab = self.llm.n_vocab()
         self.version = llama_cpp.__version__
         self.strategy = "dense"
 
-    def reset(self):
-        self.llm.reset()  # n_tokens = 0; eval() then drops the KV cells from 0 on
+    def reset(self, n=0):
+        self.llm.n_tokens = n  # eval() then drops the KV cells from n on
 
     def eval(self, tokens):
         self.llm.eval(list(tokens))
@@ -96,25 +102,26 @@ class LlamaCpp:
         return {}
 
 
-def run(rt, pp, tg, reps, seed=0):
+def run(rt, pp, tg, reps, depth=0, batch=512, seed=0):
     rng = np.random.default_rng(seed)
     lo = 3 if rt.n_vocab > 300 else 0  # skip <unk> <s> </s>
     # two tokens at least: the tg warm-up evals two single tokens (an empty eval is refused)
     prompt = [int(t) for t in rng.integers(lo, rt.n_vocab, size=max(pp, 2))]
+    context = [int(t) for t in rng.integers(lo, rt.n_vocab, size=depth)]
     finite = True
 
     def one_pp():
         nonlocal finite
-        rt.reset()
+        rt.reset(depth)
         t0 = time.perf_counter()
         logits = rt.eval(prompt[:pp])
         dt = time.perf_counter() - t0
         finite = finite and bool(np.isfinite(logits).all())
-        return dt, rt.n_past()
+        return dt, rt.n_past() - depth
 
     def one_tg():
         nonlocal finite
-        rt.reset()
+        rt.reset(depth)
         tok = prompt[0]
         generated = []
         t0 = time.perf_counter()
@@ -124,14 +131,17 @@ def run(rt, pp, tg, reps, seed=0):
             generated.append(tok)
         dt = time.perf_counter() - t0
         finite = finite and bool(np.isfinite(logits).all())
-        return dt, rt.n_past(), generated
+        return dt, rt.n_past() - depth, generated
 
     # warm-up: page the weights in, let the thread pools and allocators settle
     if pp:
         rt.reset(); rt.eval(prompt[:min(pp, 32)])
     if tg:
         rt.reset(); rt.eval(prompt[:1]); rt.eval(prompt[1:2])
-    out = {}
+    rt.reset()
+    for i in range(0, depth, batch):
+        rt.eval(context[i:i + batch])
+    out = {"depth": depth}
     if pp:
         res = [one_pp() for _ in range(reps)]
         out["pp"] = {"n_tokens": [n for _, n in res], "seconds": [s for s, _ in res]}
@@ -156,14 +166,19 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--sparsity", default=None)
     ap.add_argument("--extra-bufts", action="store_true")
+    ap.add_argument("--depth", type=int, default=0)
+    ap.add_argument("--cache-type", default="f16", choices=sorted(GGML_TYPES))
+    ap.add_argument("--flash-attn", action="store_true")
     a = ap.parse_args(argv)
     cls = Ours if a.runtime == "ours" else LlamaCpp
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
-    rt = cls(a.model, a.pp + a.tg + 16, a.threads, a.batch, a.sparsity, a.extra_bufts)
+    rt = cls(a.model, a.depth + a.pp + a.tg + 16, a.threads, a.batch, a.sparsity, a.extra_bufts, a.cache_type,
+             a.flash_attn)
     load_s = time.perf_counter() - t0
-    res = run(rt, a.pp, a.tg, a.reps)
+    res = run(rt, a.pp, a.tg, a.reps, a.depth, a.batch)
     res.update(runtime=rt.name, version=rt.version, strategy=rt.strategy, threads=a.threads,
+               cache_type=a.cache_type, flash_attn=a.flash_attn,
                load_seconds=load_s, loadavg_before=load, python=sys.executable)
     print(json.dumps(res))
 
