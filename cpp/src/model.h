@@ -24,6 +24,9 @@ struct ModelParams {
     float act_threshold = NAN;      // overrides prosparse.activation_threshold when not NaN
     float pred_threshold = NAN;     // overrides the file's predictor cut-off when not NaN
     bool diag_recall = false;       // predict: also compute the full gate to report recall
+    // Per-layer |SiLU(gate)| thresholds that replace the file's prosparse.layer_thresholds (SiLU
+    // models; empty: keep the file's). A file without ffn_down_t then gets one built at load.
+    std::vector<float> layer_thresholds;
 };
 
 struct HParams {
@@ -60,6 +63,7 @@ struct ModelStats {
     double prompt_seconds = 0.0, decode_seconds = 0.0;
     double weight_bytes_per_token = 0.0;  // bytes of weights the last decode step read
     int64_t n_interleaved = 0;            // weight matrices stored interleaved (cpu/kernels.h)
+    int64_t n_down_t_built = 0;           // layers whose ffn_down_t was built at load from ffn_down
     std::vector<FfnLayerStats> layers;    // FFN counters per layer since load
 };
 
@@ -100,6 +104,7 @@ public:
 
 private:
     void choose_strategy(const ModelParams& params);
+    void build_down_t();
     void interleave_weights();
 
     struct Impl;
