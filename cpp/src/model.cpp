@@ -346,9 +346,9 @@ void Model::build_down_t() {
     const size_t bytes = per_layer * todo.size() * sizeof(uint16_t);
     const int64_t avail = available_memory_bytes();
     if (avail >= 0 && double(bytes) > 0.8 * double(avail))
-        fail(strfmt("%s: the %s strategy needs ffn_down_t, which the file lacks; building it in memory takes "
-                    "%zu MB, more than the %lld MB available", file_->path().c_str(), strategy_.c_str(),
-                    bytes >> 20, (long long)(avail >> 20)));
+        fail(strfmt("%s: building the ffn_down_t that the %s strategy needs (the file has only ffn_down) takes "
+                    "%zu MB, more than the %lld MB available", file_->path().c_str(),
+                    silu_thresholds ? "thresholded" : strategy_.c_str(), bytes >> 20, (long long)(avail >> 20)));
     m.down_t_data.reset(new uint16_t[per_layer * todo.size()]);
     m.down_t.resize(todo.size());
     // One task per row of ffn_down (an output dimension across all neurons), scattered into column
