@@ -271,3 +271,21 @@ def test_assembler_holds_back_possible_stop_prefix():
     assert a.feed(b"OX") == "STOX"
     assert a.feed(b" ST") == " "
     assert a.feed(b"OP tail") == "" and a.stopped
+
+
+def test_the_runtime_imports_no_tool_package():
+    """Layers point down: the converter, calibration, benchmarks and training import the runtime,
+    never the reverse (DESIGN.md; a runtime install must not need the tools)."""
+    import ast
+    from pathlib import Path
+
+    import prosparse_rt
+
+    tools = {"prosparse_convert", "prosparse_bench", "prosparse_sparsify"}
+    found = []
+    for f in Path(prosparse_rt.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            found += [f"{f.name}: {n}" for n in names if n.split(".")[0] in tools]
+    assert not found, found
