@@ -128,8 +128,8 @@ class Model:
         n_ctx: the context in tokens, prompt and generated text together; 0 = the model's own
             training context. The KV cache for it is allocated at load.
         n_threads: threads for the forward pass (None = every core this process may use). More than
-            the cores warns (threads then wait for each other); more than
-            ``MAX_THREADS_PER_CORE`` times the cores is refused.
+            the cores warns (threads then wait for each other); more than 4x the cores
+            (``MAX_THREADS_PER_CORE``) is refused.
         sparsity: the FFN strategy. ``"auto"`` runs ``"exact"`` where the activation is sparse
             (ReLU/FATReLU files with the neuron-major ``ffn_down_t``, and SiLU models with layer
             thresholds), else ``"dense"``. ``"exact"`` skips the neurons whose activation is zero
