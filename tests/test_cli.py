@@ -40,6 +40,7 @@ def test_bad_input_is_a_clear_error_and_exit_1(smollm2_path, capsys, args, messa
     (["--repeat-penalty", "0"], "--repeat-penalty (repeat_penalty)"),
     (["-s", str(2**70)], "-s (seed) must be None or an int in [0, 2**64)"),
     (["-t", "0"], "-t must be >= 1"),
+    (["-t", "1000000"], "-t 1000000 is more than 4x the"),
     (["-c", "-5"], "-c must be >= 0"),
     (["-b", "0"], "-b must be >= 1"),
     (["--target-sparsity", "1.5"], "--target-sparsity must be in (0, 1)"),

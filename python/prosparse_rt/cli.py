@@ -56,7 +56,7 @@ _FLAGS = {"max_tokens": "-n", "temperature": "--temp", "top_k": "--top-k", "top_
 def _check_args(args) -> None:
     """Every argument that can be checked without the model, before anything is printed or
     fetched; errors name the flag."""
-    from .model import option_problem
+    from .model import MAX_THREADS_PER_CORE, option_problem, usable_cores
 
     values = {"max_tokens": args.n_predict, "temperature": args.temp, "top_k": args.top_k, "top_p": args.top_p,
               "min_p": args.min_p, "repeat_penalty": args.repeat_penalty, "seed": args.seed}
@@ -66,6 +66,9 @@ def _check_args(args) -> None:
             raise ValueError(f"{_FLAGS[name]} ({name}) {problem}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"-t must be >= 1, got {args.threads}")
+    if args.threads is not None and args.threads > MAX_THREADS_PER_CORE * usable_cores():
+        raise ValueError(f"-t {args.threads} is more than {MAX_THREADS_PER_CORE}x the {usable_cores()} cores "
+                         f"this process may use")
     if args.ctx_size < 0:
         raise ValueError(f"-c must be >= 0 (0 = the model's own context), got {args.ctx_size}")
     if args.batch_size < 1:
