@@ -49,7 +49,7 @@ def offline_texts(out_dir: Path):
 
 def _worker_args(args):
     return SimpleNamespace(threads=args.threads, pp=0, tg=args.decode_tokens, reps=args.reps, batch=512,
-                           timeout=args.timeout)
+                           timeout=args.timeout, cache_type="f16")
 
 
 def _tg(r: dict) -> dict:
@@ -95,7 +95,8 @@ def llama_cpp_speed(path, args) -> dict:
 
 
 def _write_preset(model: Path, out: Path, preset: dict):
-    """The file default_sparse_model() writes: the shipped thresholds, no calibration."""
+    """The model `prosparse-run --sparsity exact` runs, written to a file: the shipped thresholds and
+    ffn_down_t at the preset's type (F16 for the shipped ones, as the runtime builds it), no calibration."""
     from prosparse_convert.calibrate import Report, write_preset
 
     write_preset(model, out, preset)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from prosparse_rt import Model
+from prosparse_rt.model import usable_cores
 from prosparse_rt._generation import TextAssembler
 
 
@@ -154,10 +155,33 @@ def test_stats_report_speed_and_strategy(model):
     (dict(min_p=2.0), "min_p"),
     (dict(repeat_penalty=0.0), "repeat_penalty"),
     (dict(seed=-3), "seed"),
+    (dict(seed=2**70), r"seed must be None or an int in \[0, 2\*\*64\)"),
+    (dict(top_k=2**40), r"top_k must be an int in \[0, 2147483647\]"),
+    (dict(temperature=float("nan")), "temperature"),
 ])
 def test_bad_sampling_parameters_raise(model, kwargs, match):
     with pytest.raises(ValueError, match=match):
         model.generate(PROMPT, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        model.create_completion(PROMPT, **kwargs)
+    with pytest.raises(ValueError, match=match):  # when called, not when the stream is first read
+        model.generate(PROMPT, stream=True, **kwargs)
+
+
+def test_generate_and_create_completion_take_the_same_sampling_options(model):
+    opts = dict(max_tokens=8, temperature=0.7, top_k=20, top_p=0.9, min_p=0.1, repeat_penalty=1.1, seed=5,
+                stop=["\n\n"])
+    assert model.create_completion(PROMPT, **opts)["choices"][0]["text"] == model.generate(PROMPT, **opts)
+    for call in (model.generate, model.create_completion):
+        with pytest.raises(TypeError, match="temp"):
+            call(PROMPT, temp=0.5)  # llama.cpp's flag name, not the option's
+
+
+def test_tokenize_refuses_text_that_is_not_valid_unicode(model):
+    with pytest.raises(ValueError, match=r"text is not valid Unicode: surrogates not allowed '\\ud800' at position 2"):
+        model.tokenize("ab\ud800")
+    with pytest.raises(ValueError, match="not valid Unicode"):
+        model.generate("\udc80")
 
 
 def test_empty_prompt_raises(model):
@@ -187,10 +211,31 @@ def test_bad_token_ids_raise(model):
     (dict(n_threads=0), "n_threads"),
     (dict(sparsity="fast"), "sparsity"),
     (dict(n_batch=0), "n_batch"),
+    (dict(n_ctx=10**12), r"n_ctx must be an int in \[0, 2147483647\]"),
+    (dict(n_batch=2**40), "n_batch"),
+    (dict(n_threads=4 * usable_cores() + 1), f"n_threads={4 * usable_cores() + 1} is more than 4x the"),
+    (dict(layer_thresholds=[0.1] * 3), "layer_thresholds has 3 entries for 30 layers"),
+    (dict(layer_thresholds="0.1"), "layer_thresholds must be a list"),
 ])
 def test_bad_model_parameters_raise(smollm2_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         Model(smollm2_path, **kwargs)
+
+
+def test_threads_beyond_the_cores_warn_and_still_generate(smollm2_path):
+    n = usable_cores() + 1
+    with pytest.warns(RuntimeWarning, match=f"n_threads={n} is more than the {usable_cores()} cores"):
+        m = Model(smollm2_path, n_ctx=64, n_threads=n)
+    with m:
+        assert m.generate(PROMPT, max_tokens=4, temperature=0.0)
+
+
+def test_the_constructor_documents_every_parameter():
+    import inspect
+
+    doc = Model.__doc__
+    for name in list(inspect.signature(Model.__init__).parameters)[1:]:
+        assert f"\n        {name}: " in doc, name
 
 
 def test_missing_and_non_gguf_files_raise(tmp_path):
@@ -226,3 +271,21 @@ def test_assembler_holds_back_possible_stop_prefix():
     assert a.feed(b"OX") == "STOX"
     assert a.feed(b" ST") == " "
     assert a.feed(b"OP tail") == "" and a.stopped
+
+
+def test_the_runtime_imports_no_tool_package():
+    """Layers point down: the converter, calibration, benchmarks and training import the runtime,
+    never the reverse (DESIGN.md; a runtime install must not need the tools)."""
+    import ast
+    from pathlib import Path
+
+    import prosparse_rt
+
+    tools = {"prosparse_convert", "prosparse_bench", "prosparse_sparsify"}
+    found = []
+    for f in Path(prosparse_rt.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            found += [f"{f.name}: {n}" for n in names if n.split(".")[0] in tools]
+    assert not found, found

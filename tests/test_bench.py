@@ -54,10 +54,14 @@ def test_dense_bytes_per_token_match_the_runtimes_count(dense_q4):
     assert report.weight_bytes_per_token(dense_q4)["bytes_per_token"] == m.stats()["weight_bytes_per_token"]
 
 
-def test_worker_counts_processed_tokens_and_logits_are_finite(dense_q4):
-    rt = worker.Ours(dense_q4, n_ctx=64, n_threads=1, n_batch=32, sparsity="dense", extra_bufts=False)
-    out = worker.run(rt, pp=24, tg=5, reps=2)
+@pytest.mark.parametrize("depth", [0, 40])
+def test_worker_counts_processed_tokens_and_logits_are_finite(dense_q4, depth):
+    rt = worker.Ours(dense_q4, n_ctx=96, n_threads=1, n_batch=32, sparsity="dense", extra_bufts=False,
+                     cache_type="f16", flash_attn=False)
+    out = worker.run(rt, pp=24, tg=5, reps=2, depth=depth, batch=32)
+    # the tokens counted are those after the depth's context, which every repetition keeps
     assert out["pp"]["n_tokens"] == [24, 24] and out["tg"]["n_tokens"] == [5, 5]
+    assert out["depth"] == depth and rt.n_past() == depth + 5
     assert out["logits_finite"]
     mean, sd, rates = report.summarize(out["tg"]["seconds"], out["tg"]["n_tokens"])
     assert len(rates) == 2 and mean > 0 and sd >= 0
@@ -165,11 +169,18 @@ def test_peer_configs_cover_every_build_buffer_and_policy():
 def test_every_model_gets_each_peer_configuration_and_our_strategies():
     from prosparse_bench import cli
 
-    args = cli.parse_args(["--peer-extra-bufts", "on", "--peer-omp-wait", "default,active"])
+    args = cli.parse_args(["--peer-extra-bufts", "on", "--peer-omp-wait", "default,active", "--peer-flash-attn", "off"])
     target = cli.Target("7b-fatrelu", "m", Path("sparse.gguf"), Path("dense.gguf"))
     jobs = [j for make in cli.JOB_MAKERS for j in make(target, args, [("b", "py")])]
     assert [j.label for j in jobs] == ["llama.cpp b+extra-bufts omp-default", "llama.cpp b+extra-bufts omp-active",
                                        "ours dense", "ours exact", "ours predict"]
+    # every configuration at every depth, llama.cpp with flash attention on and off
+    args = cli.parse_args(["--peer-omp-wait", "active", "--peer-extra-bufts", "off", "--depth", "0,512",
+                           "--sparsity", "exact"])
+    jobs = [j for make in cli.JOB_MAKERS for j in make(target, args, [("b", "py")])]
+    assert [j.label for j in jobs] == ["llama.cpp b", "llama.cpp b fa", "llama.cpp b d512", "llama.cpp b fa d512",
+                                       "ours exact", "ours exact d512"]
+    assert [j.flash_attn for j in jobs[:4]] == [False, True, False, True]
     assert {j.model for j in jobs if j.runtime == "llama.cpp"} == {Path("dense.gguf")}
     assert {j.model for j in jobs if j.runtime == "ours"} == {Path("sparse.gguf")}
     args = cli.parse_args(["--no-ours", "--sparsity", "exact"])

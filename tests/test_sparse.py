@@ -10,7 +10,7 @@ import torch
 
 import helpers_models as H
 from prosparse_convert import convert
-from prosparse_rt import Model
+from prosparse_rt import Model, SamplingParams
 
 TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0"]
 # exact and dense read the same weights with the same kernels and convert activations the same
@@ -23,7 +23,9 @@ def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("sparse")
     relu_model, relu_dir = H.make_llama_dir(root / "relu", hidden_act="relu", n_head=4, n_head_kv=2, seed=21)
     fat_model, fat_dir = H.make_fatrelu_dir(root / "fat", 0.3, seed=22)
-    return {"relu": (relu_model, relu_dir), "fatrelu": (fat_model, fat_dir), "root": root}
+    silu_model, silu_dir = H.make_llama_dir(root / "silu-hf", hidden_act="silu", n_head=4, n_head_kv=2, seed=23)
+    return {"relu": (relu_model, relu_dir), "fatrelu": (fat_model, fat_dir), "silu": (silu_model, silu_dir),
+            "root": root}
 
 
 def _gguf(checkpoints, kind, outtype, **kw):
@@ -37,6 +39,7 @@ def _gguf(checkpoints, kind, outtype, **kw):
 
 
 def _logits(path, sparsity, n_threads=2, **kw):
+    kw.setdefault("kv_type", "f32")  # some of these are compared with transformers at 1e-5
     with Model(path, n_ctx=128, n_threads=n_threads, sparsity=sparsity, **kw) as m:
         return m.logits(H.prompt_ids(20)), m.stats
 
@@ -59,7 +62,7 @@ def test_exact_and_dense_generate_the_same_64_greedy_tokens(checkpoints, outtype
     outs = []
     for sparsity in ("dense", "exact"):
         with Model(path, n_ctx=128, sparsity=sparsity) as m:
-            it = m._generate(H.prompt_ids(8), 64, 0.0, 40, 0.95, 0.05, 1.0, 0, None)
+            it = m._generate(H.prompt_ids(8), 64, SamplingParams(temperature=0.0, seed=0))
             for _ in it:
                 pass
             outs.append(list(m._cache))
@@ -189,18 +192,94 @@ def silu_gguf(checkpoints):
     return convert(d, checkpoints["root"] / "silu.gguf", outtype="f32", progress=False)
 
 
-def test_layer_thresholds_without_ffn_down_t_stay_dense_and_exact_says_why(silu_gguf, checkpoints):
-    """Thresholds alone do not make a plain file sparse-capable: the sparse strategies read the
-    neuron-major ffn_down_t (prosparse-calibrate writes it; see test_calibrate.py for exact there)."""
+def test_layer_thresholds_in_a_plain_file_get_ffn_down_t_built_and_run_exact(silu_gguf, checkpoints):
+    """Thresholds make a SiLU model sparse; a plain file (llama.cpp's ffn_down only) gets the
+    neuron-major copy built at load, so auto runs exact, and dense computes the same model."""
     import gguf
 
     path = _with_key(silu_gguf, checkpoints["root"] / "silu-thr.gguf", "prosparse.layer_thresholds",
                      [0.05, 0.05], gguf.GGUFValueType.ARRAY)
     with Model(path, n_ctx=64) as m:
-        assert m.strategy == "dense"
-        assert m.hparams["activation"] == "silu"
-    with pytest.raises(ValueError, match="ffn_down_t"):
-        Model(path, sparsity="exact")
+        assert m.strategy == "exact" and m.hparams["activation"] == "silu"
+        assert m.stats["n_down_t_built"] == 2
+    exact, stats = _logits(path, "exact")
+    dense, _ = _logits(path, "dense")
+    assert H.rel_error(exact, dense) < EXACT_TOL
+    assert 0.05 < np.mean(stats["active_fraction"]) < 0.95
+
+
+# Thresholds given at load (Model(layer_thresholds=...)): the runtime's way to run shipped thresholds
+# without writing a calibrated copy. The reference is that copy, as prosparse-calibrate writes it.
+LOAD_THRESHOLDS = [0.05, 0.08]
+
+
+@pytest.mark.parametrize("outtype", ["f32", "q8_0", "q4_0"])
+def test_thresholds_at_load_exact_equals_dense_with_the_same_thresholds(checkpoints, outtype):
+    path = _gguf(checkpoints, "silu", outtype)
+    exact, stats = _logits(path, "exact", layer_thresholds=LOAD_THRESHOLDS)
+    dense, dstats = _logits(path, "dense", layer_thresholds=LOAD_THRESHOLDS)
+    plain, _ = _logits(path, "dense")
+    assert stats["n_down_t_built"] == dstats["n_down_t_built"] == 2
+    assert H.rel_error(exact, dense) < EXACT_TOL
+    frac = np.array(stats["active_fraction"])
+    assert np.all(frac < 0.95) and np.all(frac > 0.05), frac  # the thresholds zero neurons
+    assert H.rel_error(exact, plain) > 1e-3  # and change the model
+
+
+@pytest.mark.parametrize("outtype", ["f32", "q4_0"])
+def test_thresholds_at_load_equal_the_file_prosparse_calibrate_writes(checkpoints, outtype, tmp_path):
+    """Same thresholds, same F16 ffn_down_t (the tool's numpy rounding): the same logits, bit for bit."""
+    from prosparse_convert.calibrate import write_preset
+
+    path = _gguf(checkpoints, "silu", outtype)
+    written = tmp_path / "calibrated.gguf"
+    write_preset(path, written, {"thresholds": LOAD_THRESHOLDS, "down_type": "f16"})
+    ref, ref_stats = _logits(written, "exact")
+    ours, stats = _logits(path, "exact", layer_thresholds=LOAD_THRESHOLDS)
+    assert ref_stats["n_down_t_built"] == 0 and stats["n_down_t_built"] == 2
+    np.testing.assert_array_equal(ours, ref)
+
+
+def test_exact_on_a_relu_file_without_ffn_down_t_builds_it_and_auto_stays_dense(checkpoints):
+    """auto keeps a ReLU file in llama.cpp's layout dense (an F16 copy of a quantized ffn_down is
+    several times its size); exact asked for builds the copy and skips neurons. Reference:
+    transformers with ReLU on the same f32 weights."""
+    import gguf
+
+    root = checkpoints["root"]
+    model, d = H.make_llama_dir(root / "relu-plain-hf", hidden_act="silu", seed=24)
+    silu = convert(d, root / "relu-plain-silu.gguf", outtype="f32", format="llama.cpp", progress=False)
+    path = _with_key(silu, root / "relu-plain.gguf", "prosparse.activation", "relu", gguf.GGUFValueType.STRING)
+    with Model(path, n_ctx=64) as m:
+        assert m.strategy == "dense" and m.stats["n_down_t_built"] == 0
+    exact, stats = _logits(path, "exact")
+    assert stats["n_down_t_built"] == 2 and np.mean(stats["active_fraction"]) < 0.8
+    dense, _ = _logits(path, "dense")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.act_fn = torch.nn.ReLU()
+        ref_f32 = H.hf_logits(model, H.prompt_ids(20))
+        for layer in model.model.layers:  # the built copy is F16
+            layer.mlp.down_proj.weight.copy_(layer.mlp.down_proj.weight.half().float())
+        ref_f16_down = H.hf_logits(model, H.prompt_ids(20))
+    assert H.rel_error(dense, ref_f32) < 1e-5
+    assert H.rel_error(exact, ref_f16_down) < 1e-5
+
+
+@pytest.mark.parametrize("thresholds, match", [
+    ([0.05], "layer_thresholds has 1 entries for 2 layers"),
+    ([0.05, -1.0], r"layer_thresholds\[1\] must be a finite number >= 0"),
+    ([0.05, float("inf")], r"layer_thresholds\[1\] must be a finite number >= 0"),
+    ([], "layer_thresholds is empty"),
+])
+def test_bad_thresholds_at_load_are_refused(checkpoints, thresholds, match):
+    with pytest.raises(ValueError, match=match):
+        Model(_gguf(checkpoints, "silu", "f32"), layer_thresholds=thresholds)
+
+
+def test_thresholds_at_load_on_a_relu_model_are_refused(checkpoints):
+    with pytest.raises(ValueError, match="layer_thresholds is for SiLU models, this one is relu"):
+        Model(_gguf(checkpoints, "relu", "f32"), layer_thresholds=[0.1, 0.1])
 
 
 def test_layer_thresholds_of_the_wrong_length_are_refused(silu_gguf, checkpoints):

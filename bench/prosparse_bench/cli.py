@@ -236,7 +236,7 @@ class Job:
 
     @property
     def label(self) -> str:
-        return " ".join(x for x in (self.runtime, self.build, self.sparsity, f"d{self.depth}") if x)
+        return " ".join(x for x in (self.runtime, self.build, self.sparsity, f"d{self.depth}" if self.depth else "") if x)
 
     def run(self, args) -> dict:
         return run_worker(self.python, self.runtime, self.model, args, self.sparsity, self.extra_bufts,

@@ -26,7 +26,7 @@ import numpy as np
 class Ours:
     name = "prosparse-rt"
 
-    def __init__(self, path, n_ctx, n_threads, n_batch, sparsity, extra_bufts, cache_type, flash_attn):
+    def __init__(self, path, n_ctx, n_threads, n_batch, sparsity, extra_bufts, cache_type="f16", flash_attn=False):
         from prosparse_rt import _core
         kw = dict(n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch, kv_type=cache_type)
         if sparsity:
@@ -62,7 +62,7 @@ GGML_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}  # ggml_type ids of the cache types
 class LlamaCpp:
     name = "llama.cpp"
 
-    def __init__(self, path, n_ctx, n_threads, n_batch, sparsity, extra_bufts, cache_type, flash_attn):
+    def __init__(self, path, n_ctx, n_threads, n_batch, sparsity, extra_bufts, cache_type="f16", flash_attn=False):
         import llama_cpp
         import llama_cpp.llama_cpp as ll
         if not extra_bufts:

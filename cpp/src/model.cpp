@@ -56,6 +56,8 @@ struct Model::Impl {
     std::unique_ptr<FfnExecutor> hot_ffn;
     std::vector<int64_t> n_hot;
     std::unique_ptr<InterleavedSet> interleaved;  // copies the layer pointers view
+    std::unique_ptr<uint16_t[]> down_t_data;      // ffn_down_t built at load (Model::build_down_t)
+    std::vector<Tensor> down_t;                   // its per-layer views, which the layers point to
     FfnOptions ffn_opt;
     double fixed_bytes_per_token = 0;
     // Calibration capture (Model::set_capture): per layer, the FFN's input residual stream and
@@ -78,6 +80,16 @@ void check_shape(const GGUFFile& f, const Tensor* t, int64_t ne0, int64_t ne1) {
         fail(strfmt("%s: tensor '%s' has shape {%lld, %lld}, expected {%lld, %lld}", f.path().c_str(),
                     t->name.c_str(), (long long)t->ne[0], (long long)t->ne[1], (long long)ne0,
                     (long long)ne1));
+}
+
+// Per-layer SiLU thresholds, from the file or given at load; `what` names them in errors.
+void check_layer_thresholds(const std::vector<float>& t, const HParams& hp, const std::string& what) {
+    if (t.size() != size_t(hp.n_layer))
+        fail(strfmt("%s has %zu entries for %d layers", what.c_str(), t.size(), hp.n_layer));
+    for (float v : t)
+        if (!(v >= 0.0f) || !std::isfinite(v)) fail(strfmt("%s must be finite and >= 0", what.c_str()));
+    if (hp.act != Activation::SILU)
+        fail(strfmt("%s is for SiLU models, this one is %s", what.c_str(), activation_name(hp.act)));
 }
 
 HParams read_hparams(const GGUFFile& f) {
@@ -134,17 +146,8 @@ HParams read_hparams(const GGUFFile& f) {
         hp.act = Activation::RELU;
     }
     hp.layer_thresholds = f.get_float_array(key(a, Key::PS_LAYER_THRESHOLDS));
-    if (!hp.layer_thresholds.empty()) {
-        if (hp.layer_thresholds.size() != size_t(hp.n_layer))
-            fail(strfmt("%s: prosparse.layer_thresholds has %zu entries for %d layers", f.path().c_str(),
-                        hp.layer_thresholds.size(), hp.n_layer));
-        for (float t : hp.layer_thresholds)
-            if (!(t >= 0.0f) || !std::isfinite(t))
-                fail(strfmt("%s: prosparse.layer_thresholds must be finite and >= 0", f.path().c_str()));
-        if (hp.act != Activation::SILU)
-            fail(strfmt("%s: prosparse.layer_thresholds is for SiLU models, this one is %s", f.path().c_str(),
-                        activation_name(hp.act)));
-    }
+    if (!hp.layer_thresholds.empty())
+        check_layer_thresholds(hp.layer_thresholds, hp, f.path() + ": prosparse.layer_thresholds");
     return hp;
 }
 
@@ -176,6 +179,10 @@ Model::Model(const std::string& path, const ModelParams& params)
             fail(strfmt("%s: an activation threshold applies to relu/fatrelu models, this one is silu", path.c_str()));
         hp_.act_threshold = params.act_threshold;
         if (hp_.act == Activation::RELU && params.act_threshold != 0.0f) hp_.act = Activation::FATRELU;
+    }
+    if (!params.layer_thresholds.empty()) {
+        check_layer_thresholds(params.layer_thresholds, hp_, "layer_thresholds");
+        hp_.layer_thresholds = params.layer_thresholds;
     }
     tok_ = Tokenizer::from_gguf(f);
     Impl& m = *impl_;
@@ -247,7 +254,9 @@ Model::Model(const std::string& path, const ModelParams& params)
     }
 
     choose_strategy(params);
-    interleave_weights(avail >= 0 ? avail - int64_t(kv_bytes) : -1);
+    build_down_t(int64_t(kv_bytes));
+    const int64_t avail_now = available_memory_bytes();  // the built copies are resident now
+    interleave_weights(avail_now >= 0 ? avail_now - int64_t(kv_bytes) : -1);
     for (const LayerWeights& L : m.layers)
         for (const Tensor* t : {L.attn_norm, L.wq, L.wk, L.wv, L.wo, L.ffn_norm})
             m.fixed_bytes_per_token += double(t->nbytes);
@@ -275,13 +284,17 @@ Model::Model(const std::string& path, const ModelParams& params)
 
 Model::~Model() = default;
 
-// docs/design.md "The FFN strategies": auto = exact where the activation is sparse (ReLU/FATReLU with the neuron-major
-// down projection), else dense; predict is approximate and only runs when asked for.
+// docs/design.md, "The FFN strategies": auto = exact where the activation is sparse, else dense;
+// predict is approximate and only runs when asked for. A ReLU/FATReLU file without the
+// neuron-major down projection stays dense under auto (exact would need an F16 copy of ffn_down
+// several times its quantized size); a SiLU model with layer thresholds always has one
+// (build_down_t).
 void Model::choose_strategy(const ModelParams& params) {
     Impl& m = *impl_;
     const GGUFFile& f = *file_;
     // SiLU is sparse only with calibrated layer thresholds (prosparse-calibrate --target-sparsity)
-    const bool sparse_act = hp_.act != Activation::SILU || !hp_.layer_thresholds.empty();
+    const bool silu_thresholds = hp_.act == Activation::SILU && !hp_.layer_thresholds.empty();
+    const bool sparse_act = hp_.act != Activation::SILU || silu_thresholds;
     bool has_down_t = true, has_pred = true;
     for (int il = 0; il < hp_.n_layer; ++il) {
         const LayerWeights& L = m.layers[size_t(il)];
@@ -299,7 +312,7 @@ void Model::choose_strategy(const ModelParams& params) {
     const std::string& want = params.sparsity;
     FfnStrategy s;
     if (want == "auto") {
-        s = sparse_act && has_down_t ? FfnStrategy::EXACT : FfnStrategy::DENSE;
+        s = sparse_act && (has_down_t || silu_thresholds) ? FfnStrategy::EXACT : FfnStrategy::DENSE;
     } else if (want == "dense") {
         s = FfnStrategy::DENSE;
     } else if (want == "exact" || want == "predict") {
@@ -307,9 +320,6 @@ void Model::choose_strategy(const ModelParams& params) {
             fail(strfmt("sparsity '%s' needs a sparse activation (relu/fatrelu, or SiLU with "
                         "prosparse.layer_thresholds); %s is %s", want.c_str(),
                         f.path().c_str(), activation_name(hp_.act)));
-        if (!has_down_t)
-            fail(strfmt("sparsity '%s' needs the neuron-major ffn_down_t tensors, which %s lacks "
-                        "(convert it with prosparse-convert)", want.c_str(), f.path().c_str()));
         if (want == "predict" && !has_pred)
             fail(strfmt("sparsity 'predict' needs predictor tensors (blk.N.fc1/fc2), which %s lacks",
                         f.path().c_str()));
@@ -328,16 +338,65 @@ void Model::choose_strategy(const ModelParams& params) {
 }
 
 
+// The neuron-major down projection for files that only have llama.cpp's ffn_down: built when the
+// strategy gathers neurons (exact, predict) and for every strategy of a SiLU model with layer
+// thresholds, so that dense and exact compute the same thresholded model, the one prosparse-calibrate
+// writes to a file (docs/design.md, "The down projection": giving a plain file a sparse layout
+// writes ffn_down_t from the dequantized weights). F16, as calibration writes it for the shipped presets: ffn_down_t's axpy takes
+// the coefficients as floats, so the only change from the file's weights is F16 rounding, where
+// ffn_down's matmul quantizes the activations to 8 bits. Rounding is to nearest even, as numpy's
+// astype(float16) in the calibrate tool, so the copy equals the tool's bit for bit.
+void Model::build_down_t(int64_t reserved) {
+    Impl& m = *impl_;
+    const bool silu_thresholds = hp_.act == Activation::SILU && !hp_.layer_thresholds.empty();
+    if (!silu_thresholds && m.ffn_opt.strategy == FfnStrategy::DENSE) return;
+    std::vector<int> todo;  // layers without ffn_down_t
+    for (int il = 0; il < hp_.n_layer; ++il)
+        if (!m.layers[size_t(il)].ffn_down_t) todo.push_back(il);
+    if (todo.empty()) return;
+    const int64_t E = hp_.n_embd, F = hp_.n_ff;
+    const size_t per_layer = size_t(E) * size_t(F);
+    const size_t bytes = per_layer * todo.size() * sizeof(uint16_t);
+    const int64_t avail = available_memory_bytes() - reserved;
+    if (avail >= -reserved && double(bytes) > 0.8 * double(avail))
+        fail(strfmt("%s: building the ffn_down_t that the %s strategy needs (the file has only ffn_down) takes "
+                    "%zu MB, more than the %lld MB available", file_->path().c_str(),
+                    silu_thresholds ? "thresholded" : strategy_.c_str(), bytes >> 20, (long long)(avail >> 20)));
+    m.down_t_data.reset(new uint16_t[per_layer * todo.size()]);
+    m.down_t.resize(todo.size());
+    // One task per row of ffn_down (an output dimension across all neurons), scattered into column
+    // `r` of the [n_ff][n_embd] copy: every task writes its own elements.
+    std::vector<std::vector<float>> row_buf(size_t(m.pool->size()), std::vector<float>(size_t(F)));
+    m.pool->parallel_for(int64_t(todo.size()) * E, [&](int64_t task, int thread) {
+        const size_t l = size_t(task / E);
+        const int64_t r = task % E;
+        const Tensor& down = *m.layers[size_t(todo[l])].ffn_down;
+        float* row = row_buf[size_t(thread)].data();
+        dequantize_row(down.type, down.row(r), row, F);
+        uint16_t* dst = m.down_t_data.get() + l * per_layer + size_t(r);
+        for (int64_t i = 0; i < F; ++i) dst[size_t(i) * size_t(E)] = fp32_to_fp16(row[i]);
+    });
+    for (size_t l = 0; l < todo.size(); ++l) {
+        Tensor& t = m.down_t[l];
+        LayerWeights& L = m.layers[size_t(todo[l])];
+        t.name = tensor_name(TensorName::FFN_DOWN_T, todo[l]);
+        t.type = GgmlType::F16;
+        t.n_dims = 2;
+        t.ne[0] = E;
+        t.ne[1] = F;
+        t.data = reinterpret_cast<const uint8_t*>(m.down_t_data.get() + l * per_layer);
+        t.nbytes = per_layer * sizeof(uint16_t);
+        L.ffn_down_t = &t;
+        L.ffn_down = nullptr;  // one of the two (LayerWeights): the FFN reads ffn_down_t
+    }
+    stats_.n_down_t_built = int64_t(todo.size());
+}
+
 // Weights that matmul always reads whole under the chosen strategy get an interleaved copy
 // (cpu/kernels.h, "Interleaved rows"): attention, output, predictor, and the FFN matrices the
-// strategy does not gather (gate for dense and exact; up for dense, only where the activation
-// is dense). The file's mapping is kept for the rest. PROSPARSE_INTERLEAVE=0 turns this off
-// (same results up to float rounding).
-//
-// Up stays plain on sparse models even for dense: exact gathers its rows, and a row's dot is the
-// same bits gathered or not only in the same layout. Dense and exact then compute the same model
-// bit for bit, which their tests (and calibration, which measures with dense) rely on: a rounding
-// difference in up flips neurons that sit at a threshold.
+// strategy does not gather (gate for dense and exact; up for dense). The file's mapping is kept for
+// the rest. A row gives the same bits in either layout (cpu/kernels.h), so PROSPARSE_INTERLEAVE=0,
+// which turns this off, changes the speed and not the results.
 void Model::interleave_weights(int64_t avail) {
     Impl& m = *impl_;
     const char* env = std::getenv("PROSPARSE_INTERLEAVE");
@@ -347,11 +406,10 @@ void Model::interleave_weights(int64_t avail) {
         if (t && can_interleave(*t)) slots.push_back(&t);
     };
     const FfnStrategy s = m.ffn_opt.strategy;
-    const bool sparse_act = hp_.act != Activation::SILU || !hp_.layer_thresholds.empty();
     for (LayerWeights& L : m.layers) {
         for (const Tensor** t : {&L.wq, &L.wk, &L.wv, &L.wo, &L.fc1, &L.fc2, &L.ffn_down}) want(*t);
         if (s != FfnStrategy::PREDICT) want(L.ffn_gate);
-        if (s == FfnStrategy::DENSE && !sparse_act) want(L.ffn_up);
+        if (s == FfnStrategy::DENSE) want(L.ffn_up);
     }
     want(m.output);  // a tied output gets its own copy; the embedding rows stay in the file
     std::vector<const Tensor*> src;

@@ -24,6 +24,9 @@ struct ModelParams {
     float pred_threshold = NAN;     // overrides the file's predictor cut-off when not NaN
     bool diag_recall = false;       // predict: also compute the full gate to report recall
     std::string kv_type = "f16";    // the KV cache's type: f16, f32, q8_0 (kv_cache.h)
+    // Per-layer |SiLU(gate)| thresholds that replace the file's prosparse.layer_thresholds (SiLU
+    // models; empty: keep the file's). A file without ffn_down_t then gets one built at load.
+    std::vector<float> layer_thresholds;
     // Tests of the hybrid's split: every layer's neurons [0, n) on a second CPU executor, the
     // rest on the first (ffn.h). -1: no split.
     int64_t test_split_hot = -1;
@@ -34,6 +37,7 @@ struct ModelStats {
     double prompt_seconds = 0.0, decode_seconds = 0.0;
     double weight_bytes_per_token = 0.0;  // bytes of weights the last decode step read
     int64_t n_interleaved = 0;            // weight matrices stored interleaved (cpu/kernels.h)
+    int64_t n_down_t_built = 0;           // layers whose ffn_down_t was built at load from ffn_down
     double kv_cache_bytes = 0.0;          // the KV cache's size
     double kv_bytes_per_token = 0.0;      // bytes of the cache the last decode step read
     std::string kv_type;                  // its type
@@ -79,6 +83,7 @@ public:
 
 private:
     void choose_strategy(const ModelParams& params);
+    void build_down_t(int64_t reserved);  // reserved: bytes of available memory already promised
     void interleave_weights(int64_t avail);  // avail: bytes the copies may take from, -1 unknown
 
     std::unique_ptr<GGUFFile> file_;

@@ -4,7 +4,7 @@
 >>> m = Model("model.gguf")
 >>> print(m.generate("The capital of France is", max_tokens=16, temperature=0.0))
 """
-from .model import Model
+from .model import Model, SamplingParams
 
-__all__ = ["Model"]
+__all__ = ["Model", "SamplingParams"]
 __version__ = "0.1.0"

@@ -5,20 +5,23 @@ import argparse
 import sys
 import time
 
+from .presets import DEFAULT_TARGET_SPARSITY
+
 DEFAULT_PROMPT = "Explain in two sentences why the sky is blue."
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="prosparse-run",
-        description="Generate text with a GGUF model (llama.cpp-style flags). "
-                    "Without -m, runs the default model, SmolLM2-135M-Instruct (downloaded once) with "
-                    "per-layer thresholds calibrated for --target-sparsity (written once beside it); "
-                    "--sparsity dense runs the original file instead.")
-    p.add_argument("-m", "--model", help="GGUF file (default: SmolLM2-135M-Instruct Q4_1, sparsified)")
+        description="Generate text with a GGUF model (llama.cpp-style flags). Without -m, runs the default "
+                    "model, SmolLM2-135M-Instruct (downloaded once into ~/.cache/prosparse-rt), densely; "
+                    "--sparsity exact applies its shipped per-layer thresholds (--target-sparsity) at load "
+                    "and skips the neurons they zero.")
+    p.add_argument("-m", "--model", help="GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
     p.add_argument("--target-sparsity", type=float, default=None,
-                   help="default model only: fraction of FFN neurons its thresholds zero "
-                        "(default 0.3; shipped presets 0.3 and 0.5, other values calibrate for minutes)")
+                   help="run with the per-layer |SiLU| thresholds shipped for this fraction of FFN neurons "
+                        f"zeroed (the default model has 0.3 and 0.5; default {DEFAULT_TARGET_SPARSITY} "
+                        "with --sparsity exact and no -m)")
     p.add_argument("-p", "--prompt", default=None, help=f"prompt (default: {DEFAULT_PROMPT!r} as a chat)")
     p.add_argument("-f", "--file", help="read the prompt from a file")
     p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (default 128)")
@@ -34,16 +37,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--sparsity", default="auto", choices=["auto", "dense", "exact", "predict"],
-                   help="FFN strategy (default auto: exact where the activation is sparse, else dense); "
-                        "without -m, dense runs the original default model")
+                   help="FFN strategy (default auto: exact where the activation is sparse, else dense)")
     p.add_argument("--act-threshold", type=float, default=None,
                    help="override the FATReLU threshold t (keep x >= t)")
     p.add_argument("--pred-threshold", type=float, default=None,
                    help="override the predictor's logit cut-off (predict)")
     p.add_argument("--diag-recall", action="store_true",
-                   help="predict: also compute the full gate and report the predictor's recall")
+                   help="predict: also compute the full gate to report the predictor's recall")
     p.add_argument("-v", "--verbose", action="store_true", help="log loading details")
     return p
+
+
+# The generation options as the command line spells them.
+_FLAGS = {"max_tokens": "-n", "temperature": "--temp", "top_k": "--top-k", "top_p": "--top-p",
+          "min_p": "--min-p", "repeat_penalty": "--repeat-penalty", "seed": "-s"}
+
+
+def _check_args(args) -> None:
+    """Every argument that can be checked without the model, before anything is printed or
+    fetched; errors name the flag."""
+    from .model import MAX_THREADS_PER_CORE, option_problem, usable_cores
+
+    values = {"max_tokens": args.n_predict, "temperature": args.temp, "top_k": args.top_k, "top_p": args.top_p,
+              "min_p": args.min_p, "repeat_penalty": args.repeat_penalty, "seed": args.seed}
+    for name, value in values.items():
+        problem = option_problem(name, value)
+        if problem:
+            raise ValueError(f"{_FLAGS[name]} ({name}) {problem}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"-t must be >= 1, got {args.threads}")
+    if args.threads is not None and args.threads > MAX_THREADS_PER_CORE * usable_cores():
+        raise ValueError(f"-t {args.threads} is more than {MAX_THREADS_PER_CORE}x the {usable_cores()} cores "
+                         f"this process may use")
+    if args.ctx_size < 0:
+        raise ValueError(f"-c must be >= 0 (0 = the model's own context), got {args.ctx_size}")
+    if args.batch_size < 1:
+        raise ValueError(f"-b must be >= 1, got {args.batch_size}")
+    if args.target_sparsity is not None and not 0.0 < args.target_sparsity < 1.0:
+        raise ValueError(f"--target-sparsity must be in (0, 1), got {args.target_sparsity}")
 
 
 def _mean(xs):
@@ -63,39 +94,31 @@ def _sparsity_line(s) -> str:
     return " | ".join(parts)
 
 
-def _default_path(args) -> str:
-    """The default model: SmolLM2 with calibrated thresholds (`exact` skips the neurons they zero),
-    or, with --sparsity dense, the original file (dense on the thresholded file would still apply
-    the thresholds: a different model)."""
-    from . import default_model
+def _model_and_thresholds(args):
+    """The model file, and the shipped layer thresholds to apply at load (None: the file's own).
+    The default model runs densely from the original file unless a sparse strategy or a target is
+    asked for; then the thresholds for the target (default DEFAULT_TARGET_SPARSITY) apply."""
+    from . import default_model, presets
 
-    if args.sparsity == "dense":
-        if args.target_sparsity is not None:
-            raise ValueError("--target-sparsity sparsifies the default model; --sparsity dense runs the original")
-        return str(default_model.path())
-    from prosparse_convert.calibrate import DEFAULT_TARGET_SPARSITY, default_sparse_model, sparse_model_path
-
-    target = DEFAULT_TARGET_SPARSITY if args.target_sparsity is None else args.target_sparsity
-    if not 0.0 < target < 1.0:
-        raise ValueError(f"--target-sparsity must be in (0, 1), got {target}")
-    default_model.path()  # fetched first, so that its download is not mistaken for the sparsifying
-    if not sparse_model_path(target).is_file():
-        print(f"prosparse-run: writing the default model with thresholds for {100 * target:.0f}% FFN sparsity "
-              f"to {sparse_model_path(target)} (once)", file=sys.stderr)
-    return str(default_sparse_model(target, progress=sys.stderr.isatty()))  # errors are ValueErrors
+    target = args.target_sparsity
+    if args.model:
+        path = args.model
+    else:
+        path = str(default_model.path())
+        if target is None and args.sparsity in ("exact", "predict"):
+            target = DEFAULT_TARGET_SPARSITY
+    return path, target, (None if target is None else presets.layer_thresholds(path, target))
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import logging
+    import warnings
     logging.basicConfig(level=logging.WARNING, format="prosparse-run: %(message)s")
     from .model import Model
 
     try:
-        if args.model and args.target_sparsity is not None:
-            raise ValueError("--target-sparsity applies to the default model; calibrate a file with "
-                             "prosparse-calibrate --target-sparsity")
-        path = args.model or _default_path(args)
+        _check_args(args)
         prompt = args.prompt
         chat = args.chat
         if args.file:
@@ -103,21 +126,29 @@ def main(argv=None) -> int:
                 prompt = fh.read()
         if prompt is None:
             prompt, chat = DEFAULT_PROMPT, True
-        model = Model(path, n_ctx=args.ctx_size, n_threads=args.threads, sparsity=args.sparsity,
-                      verbose=args.verbose, n_batch=args.batch_size, activation_threshold=args.act_threshold,
-                      predictor_threshold=args.pred_threshold, diag_recall=args.diag_recall)
+        path, target, thresholds = _model_and_thresholds(args)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = Model(path, n_ctx=args.ctx_size, n_threads=args.threads, sparsity=args.sparsity,
+                          verbose=args.verbose, n_batch=args.batch_size, activation_threshold=args.act_threshold,
+                          predictor_threshold=args.pred_threshold, diag_recall=args.diag_recall,
+                          layer_thresholds=thresholds)
+        for w in caught:
+            print(f"prosparse-run: warning: {w.message}", file=sys.stderr)
         hp = model.hparams
-        print(f"prosparse-run: {path} ({hp['arch']}, {hp['n_layer']} layers, activation {hp['activation']}), "
+        sparse = f", thresholds for {100 * target:.0f}% FFN sparsity" if target is not None else ""
+        print(f"prosparse-run: {path} ({hp['arch']}, {hp['n_layer']} layers, activation {hp['activation']}{sparse}), "
               f"FFN strategy: {model.strategy}", file=sys.stderr)
         kwargs = dict(max_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
                       min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed, stop=args.stop,
                       stream=True)
         t0 = time.perf_counter()
+        # generate checks the prompt (empty, longer than the context) before returning the stream
         if chat:
             stream = model.chat([{"role": "user", "content": prompt}], **kwargs)
         else:
-            sys.stdout.write(prompt)
             stream = model.generate(prompt, **kwargs)
+            sys.stdout.write(prompt)
         for piece in stream:
             sys.stdout.write(piece)
             sys.stdout.flush()

@@ -9,8 +9,10 @@ import random
 import threading
 import time
 import uuid
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -22,6 +24,85 @@ logger = logging.getLogger("prosparse_rt")
 SPARSITY_CHOICES = ("auto", "dense", "exact", "predict")
 KV_TYPES = ("f16", "f32", "q8_0")  # the KV cache's type, as llama.cpp's -ctk/-ctv
 _GGUF_MAGICS = (b"GGUF", b"PWRI")
+_INT32_MAX = 2**31 - 1  # the native core's int
+# More threads than cores only makes them wait for each other; this many is surely a mistake.
+MAX_THREADS_PER_CORE = 4
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_int(v, lo: int, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+# What each generation option must be: (test, requirement). The API names the option, the CLI its flag.
+_OPTION_RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
+    "max_tokens": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an int >= 1"),
+    "temperature": (lambda v: _is_number(v) and v >= 0, "a number >= 0 (0 = greedy)"),
+    "top_k": (lambda v: _is_int(v, 0, _INT32_MAX), f"an int in [0, {_INT32_MAX}] (0 = off)"),
+    "top_p": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "min_p": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "repeat_penalty": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "seed": (lambda v: v is None or _is_int(v, 0, 2**64 - 1), "None or an int in [0, 2**64)"),
+}
+
+
+def option_problem(name: str, value: Any) -> Optional[str]:
+    """Why ``value`` is not a valid generation option ``name`` ("must be ..., got ..."), or None."""
+    ok, want = _OPTION_RULES[name]
+    return None if ok(value) else f"must be {want}, got {value!r}"
+
+
+def _check_option(name: str, value: Any) -> None:
+    problem = option_problem(name, value)
+    if problem:
+        raise ValueError(f"{name} {problem}")
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How generation picks each next token; llama-cpp-python's names and defaults. Checked when
+    made: a bad value raises ValueError naming the option.
+
+    - ``temperature``: 0 is greedy (exactly the argmax, repeatable); higher flattens the distribution.
+    - ``top_k``: keep the k most likely tokens (0 = all). ``top_p``: the smallest set whose
+      probability reaches p. ``min_p``: drop tokens below min_p times the most likely one's.
+    - ``repeat_penalty``: divides the logits of tokens among the last 64 (1.0 = off).
+    - ``seed``: for this call (None = a fresh random one).
+    - ``stop``: a string or strings that end the text (not included in it).
+    """
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    seed: Optional[int] = None
+    stop: Union[None, str, Sequence[str]] = None
+
+    def __post_init__(self) -> None:
+        for name in ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed"):
+            _check_option(name, getattr(self, name))
+        stop = self.stop
+        if stop is None:
+            stop = ()
+        elif isinstance(stop, str):
+            stop = (stop,)
+        else:
+            stop = tuple(stop)
+            if not all(isinstance(x, str) for x in stop):
+                raise TypeError("stop must be a string or a list of strings")
+        object.__setattr__(self, "stop", stop)
 
 
 def _check_model_path(model_path: Union[str, os.PathLike]) -> str:
@@ -38,10 +119,46 @@ def _check_model_path(model_path: Union[str, os.PathLike]) -> str:
 
 
 class Model:
-    """A GGUF model loaded into the native runtime.
+    """A GGUF model loaded into the native runtime: tokenizer, weights (memory-mapped), KV cache.
 
-    >>> m = Model("model.gguf", n_ctx=2048)
-    >>> m.generate("The capital of France is", max_tokens=16, temperature=0.0)
+    >>> with Model("model.gguf", n_ctx=2048) as m:
+    ...     m.generate("The capital of France is", max_tokens=16, temperature=0.0)
+
+    Args:
+        model_path: the GGUF file (ours, llama.cpp's or PowerInfer's).
+        n_ctx: the context in tokens, prompt and generated text together; 0 = the model's own
+            training context. The KV cache for it is allocated at load.
+        n_threads: threads for the forward pass (None = every core this process may use). More than
+            the cores warns (threads then wait for each other); more than 4x the cores
+            (``MAX_THREADS_PER_CORE``) is refused.
+        sparsity: the FFN strategy. ``"auto"`` runs ``"exact"`` where the activation is sparse
+            (ReLU/FATReLU files with the neuron-major ``ffn_down_t``, and SiLU models with layer
+            thresholds), else ``"dense"``. ``"exact"`` skips the neurons whose activation is zero
+            (the same numbers as dense, bit for bit); ``"predict"`` lets the file's per-layer
+            predictor choose the neurons (approximate; needs ``blk.N.fc1/fc2``). ``self.strategy``
+            says which runs.
+        verbose: log loading details (through the ``prosparse_rt`` logger, to stderr unless the
+            application configured logging).
+        n_batch: prompt tokens per forward pass.
+        activation_threshold: replaces a ReLU/FATReLU file's threshold t (keep x >= t); None = the
+            file's.
+        predictor_threshold: replaces the predictor's logit cut-off (``predict``); None = the file's.
+        diag_recall: with ``predict``, also compute the full gate to report the predictor's recall
+            in ``stats``.
+        layer_thresholds: per-layer thresholds on |SiLU(gate)| for a SiLU model (one non-negative
+            number per layer), replacing the file's ``prosparse.layer_thresholds``: neurons below
+            their layer's threshold count as zero. The model becomes sparse: where the file has
+            only llama.cpp's ``ffn_down``, its neuron-major F16 copy is built in memory at load, as
+            ``prosparse-calibrate`` would write it, so every strategy computes the same model.
+            ``prosparse_rt.presets`` holds the thresholds shipped for the default model.
+        kv_type: the KV cache's type, ``"f16"`` (default, as llama.cpp), ``"f32"`` (what the
+            references compare against) or ``"q8_0"`` (half of f16's bytes; the head size must be a
+            multiple of 32). Deep in a context the cache is most of what decode reads.
+
+    Raises:
+        FileNotFoundError, IsADirectoryError: no file at ``model_path``.
+        ValueError: a bad parameter, or a file that is not a valid GGUF model (the message names
+            the parameter, tensor or key at fault).
     """
 
     def __init__(
@@ -55,27 +172,48 @@ class Model:
         activation_threshold: Optional[float] = None,
         predictor_threshold: Optional[float] = None,
         diag_recall: bool = False,
+        layer_thresholds: Optional[Sequence[float]] = None,
         kv_type: str = "f16",
     ):
-        if not isinstance(n_ctx, int) or n_ctx < 0:
-            raise ValueError(f"n_ctx must be an int >= 0 (0 = the model's own), got {n_ctx!r}")
-        if n_threads is not None and (not isinstance(n_threads, int) or n_threads < 1):
-            raise ValueError(f"n_threads must be an int >= 1 or None, got {n_threads!r}")
-        if not isinstance(n_batch, int) or n_batch < 1:
-            raise ValueError(f"n_batch must be an int >= 1, got {n_batch!r}")
+        if not _is_int(n_ctx, 0, _INT32_MAX):
+            raise ValueError(f"n_ctx must be an int in [0, {_INT32_MAX}] (0 = the model's own), got {n_ctx!r}")
+        if n_threads is not None:
+            cores = usable_cores()
+            limit = MAX_THREADS_PER_CORE * cores
+            if not _is_int(n_threads, 1, _INT32_MAX):
+                raise ValueError(f"n_threads must be an int >= 1 or None, got {n_threads!r}")
+            if n_threads > limit:
+                raise ValueError(f"n_threads={n_threads} is more than {MAX_THREADS_PER_CORE}x the {cores} "
+                                 f"cores this process may use (at most {limit}; None = one per core)")
+            if n_threads > cores:
+                warnings.warn(f"n_threads={n_threads} is more than the {cores} cores this process may use: "
+                              "the threads will wait for each other", RuntimeWarning, stacklevel=2)
+        if not _is_int(n_batch, 1, _INT32_MAX):
+            raise ValueError(f"n_batch must be an int in [1, {_INT32_MAX}], got {n_batch!r}")
         if sparsity not in SPARSITY_CHOICES:
             raise ValueError(f"sparsity must be one of {SPARSITY_CHOICES}, got {sparsity!r}")
         if kv_type not in KV_TYPES:
             raise ValueError(f"kv_type must be one of {KV_TYPES}, got {kv_type!r}")
         for name, v in (("activation_threshold", activation_threshold), ("predictor_threshold", predictor_threshold)):
-            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v)):
+            if v is not None and not _is_number(v):
                 raise ValueError(f"{name} must be a finite number, got {v!r}")
+        if layer_thresholds is not None:
+            if isinstance(layer_thresholds, (str, bytes)) or not hasattr(layer_thresholds, "__iter__"):
+                raise ValueError(f"layer_thresholds must be a list of numbers, one per layer, got {layer_thresholds!r}")
+            layer_thresholds = list(layer_thresholds)
+            bad = next((i for i, t in enumerate(layer_thresholds) if not (_is_number(t) and t >= 0)), None)
+            if bad is not None:
+                raise ValueError(f"layer_thresholds[{bad}] must be a finite number >= 0, got {layer_thresholds[bad]!r}")
+            if not layer_thresholds:
+                raise ValueError("layer_thresholds is empty (None keeps the file's)")
+            layer_thresholds = [float(t) for t in layer_thresholds]
         self.verbose = verbose
-        if verbose and not logger.handlers:
-            handler = logging.StreamHandler()
-            handler.setFormatter(logging.Formatter("prosparse_rt: %(message)s"))
-            logger.addHandler(handler)
+        if verbose:
             logger.setLevel(logging.INFO)
+            if not logger.hasHandlers():  # an application's (or the CLI's) handler shows it already
+                handler = logging.StreamHandler()
+                handler.setFormatter(logging.Formatter("prosparse_rt: %(message)s"))
+                logger.addHandler(handler)
         self.model_path = _check_model_path(model_path)
         self._lock = threading.RLock()
         t0 = time.perf_counter()
@@ -88,6 +226,7 @@ class Model:
             act_threshold=float("nan") if activation_threshold is None else float(activation_threshold),
             pred_threshold=float("nan") if predictor_threshold is None else float(predictor_threshold),
             diag_recall=bool(diag_recall),
+            layer_thresholds=layer_thresholds or [],
             kv_type=kv_type,
         )
         self._cache: List[int] = []  # token ids whose keys/values are in the native KV cache
@@ -95,10 +234,12 @@ class Model:
         self.metadata: Dict[str, Any] = self._core.metadata
         self.chat_template: Optional[str] = self.metadata.get("tokenizer.chat_template")
         hp = self._core.hparams
+        built = self._core.stats()["n_down_t_built"]
         logger.info(
-            "loaded %s: %s, %d layers, n_embd %d, n_ff %d, activation %s, strategy %s, %d threads, kernels %s, %.2f s",
+            "loaded %s: %s, %d layers, n_embd %d, n_ff %d, activation %s, strategy %s%s, %d threads, kernels %s, %.2f s",
             self.model_path, hp["arch"], hp["n_layer"], hp["n_embd"], hp["n_ff"], hp["activation"],
-            self._core.strategy, self._core.n_threads, _core._testing.active_isa(), time.perf_counter() - t0)
+            self._core.strategy, f" (ffn_down_t built for {built} layers)" if built else "",
+            self._core.n_threads, _core.active_isa(), time.perf_counter() - t0)
 
     # ----------------------------------------------------------------- lifecycle
     def close(self) -> None:
@@ -150,7 +291,8 @@ class Model:
         computes it), ``predicted_fraction`` and ``recall`` (predict; recall needs
         ``diag_recall=True``), ``ffn_bytes_per_token``; and ``n_interleaved``, the weight
         matrices re-laid out at load for faster matrix products (Q4_0, Q4_1 and Q8_0 matrices
-        read whole; ``PROSPARSE_INTERLEAVE=0`` keeps the file's layout)."""
+        read whole; ``PROSPARSE_INTERLEAVE=0`` keeps the file's layout); ``n_down_t_built``, the
+        layers whose neuron-major ``ffn_down_t`` was built at load (see ``layer_thresholds``)."""
         s = self._native().stats()
         s["prompt_tokens_per_second"] = s["n_prompt_tokens"] / s["prompt_seconds"] if s["prompt_seconds"] else 0.0
         s["decode_tokens_per_second"] = s["n_decode_tokens"] / s["decode_seconds"] if s["decode_seconds"] else 0.0
@@ -165,6 +307,11 @@ class Model:
             text = text.decode("utf-8")
         if not isinstance(text, str):
             raise TypeError(f"text must be str or bytes, got {type(text).__name__}")
+        try:  # the native tokenizer takes UTF-8, which cannot carry lone surrogates
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"text is not valid Unicode: {e.reason} {text[e.start:e.end]!r} at position "
+                             f"{e.start}") from None
         core = self._native()
         if add_bos is None:
             add_bos = core.add_bos_default
@@ -226,46 +373,23 @@ class Model:
         self,
         prompt: Union[str, Sequence[int]],
         max_tokens: int = 128,
-        temperature: float = 0.8,
-        top_k: int = 40,
-        top_p: float = 0.95,
-        min_p: float = 0.05,
-        repeat_penalty: float = 1.0,
-        seed: Optional[int] = None,
-        stop: Union[None, str, Sequence[str]] = None,
         stream: bool = False,
+        **sampling: Any,
     ) -> Union[str, Iterator[str]]:
-        """Continues ``prompt`` (text, special tokens parsed; or token ids). Returns the text,
-        or with ``stream=True`` an iterator of text pieces (break to cancel). Streamed and
-        returned text are identical. ``temperature=0`` is greedy and repeatable."""
-        it = self._generate(prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop)
+        """Continues ``prompt`` (text, special tokens parsed; or token ids) by up to ``max_tokens``
+        tokens. Returns the text, or with ``stream=True`` an iterator of text pieces (break to
+        cancel). Streamed and returned text are identical. ``sampling``: the options of
+        :class:`SamplingParams` (``temperature``, ``top_k``, ``top_p``, ``min_p``,
+        ``repeat_penalty``, ``seed``, ``stop``). Bad arguments raise here, also with ``stream=True``."""
+        it = self._generate(prompt, max_tokens, SamplingParams(**sampling))
         if stream:
             return (piece for piece, _ in it if piece)
         return "".join(piece for piece, _ in it)
 
-    def _prepare(self, prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop):
-        if not isinstance(max_tokens, int) or max_tokens < 1:
-            raise ValueError(f"max_tokens must be an int >= 1, got {max_tokens!r}")
-        if not (isinstance(temperature, (int, float)) and temperature >= 0):
-            raise ValueError(f"temperature must be >= 0, got {temperature!r}")
-        if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-        if not isinstance(top_k, int) or top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0, got {top_k!r}")
-        if not (isinstance(min_p, (int, float)) and 0 <= min_p <= 1):
-            raise ValueError(f"min_p must be in [0, 1], got {min_p!r}")
-        if not (isinstance(repeat_penalty, (int, float)) and repeat_penalty > 0):
-            raise ValueError(f"repeat_penalty must be > 0, got {repeat_penalty!r}")
-        if seed is not None and (not isinstance(seed, int) or seed < 0):
-            raise ValueError(f"seed must be an int >= 0 or None, got {seed!r}")
-        if stop is None:
-            stop = []
-        elif isinstance(stop, str):
-            stop = [stop]
-        else:
-            stop = list(stop)
-            if not all(isinstance(s, str) for s in stop):
-                raise TypeError("stop must be a string or a list of strings")
+    def _generate(self, prompt, max_tokens: int, params: SamplingParams) -> Iterator[Tuple[str, Optional[str]]]:
+        """Checks the arguments and tokenizes now; returns an iterator of (text piece, finish_reason
+        or None) whose last item carries the reason."""
+        _check_option("max_tokens", max_tokens)
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty")
@@ -279,14 +403,12 @@ class Model:
                 f"prompt is {len(ids)} tokens, which does not fit the context of {self.n_ctx} "
                 f"(leave room for at least one generated token)")
         sampler = _core.Sampler(
-            temperature=float(temperature), top_k=top_k, top_p=float(top_p), min_p=float(min_p),
-            repeat_penalty=float(repeat_penalty), repeat_last_n=64,
-            seed=random.getrandbits(63) if seed is None else seed)
-        return ids, sampler, stop
+            temperature=float(params.temperature), top_k=params.top_k, top_p=float(params.top_p),
+            min_p=float(params.min_p), repeat_penalty=float(params.repeat_penalty), repeat_last_n=64,
+            seed=random.getrandbits(63) if params.seed is None else params.seed)
+        return self._decode(ids, sampler, max_tokens, params.stop)
 
-    def _generate(self, prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop):
-        """Yields (text piece, finish_reason or None); the last item carries the reason."""
-        ids, sampler, stop = self._prepare(prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop)
+    def _decode(self, ids: List[int], sampler, max_tokens: int, stop) -> Iterator[Tuple[str, Optional[str]]]:
         core = self._native()
         text = TextAssembler(stop)
         n_prompt = len(ids)
@@ -316,17 +438,12 @@ class Model:
         self,
         prompt: Union[str, Sequence[int]],
         max_tokens: int = 16,
-        temperature: float = 0.8,
-        top_k: int = 40,
-        top_p: float = 0.95,
-        min_p: float = 0.05,
-        repeat_penalty: float = 1.0,
-        seed: Optional[int] = None,
-        stop: Union[None, str, Sequence[str]] = None,
         stream: bool = False,
+        **sampling: Any,
     ) -> Union[Dict[str, Any], Iterator[Dict[str, Any]]]:
-        """llama-cpp-python's completion dict (or an iterator of chunks with ``stream=True``)."""
-        it = self._generate(prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop)
+        """llama-cpp-python's completion dict (or an iterator of chunks with ``stream=True``); the
+        arguments are :meth:`generate`'s."""
+        it = self._generate(prompt, max_tokens, SamplingParams(**sampling))
         cid, created, name = f"cmpl-{uuid.uuid4()}", int(time.time()), self.model_path
 
         def chunk(text: str, finish: Optional[str]) -> Dict[str, Any]:
@@ -359,7 +476,8 @@ class Model:
                            add_generation_prompt=add_generation_prompt)
 
     def chat(self, messages: Sequence[Dict[str, str]], max_tokens: int = 256, **kwargs) -> Union[str, Iterator[str]]:
-        """Generates the assistant's reply to ``messages`` ([{"role": ..., "content": ...}])."""
+        """Generates the assistant's reply to ``messages`` ([{"role": ..., "content": ...}]); the other
+        arguments are :meth:`generate`'s."""
         return self.generate(self._chat_prompt(messages), max_tokens=max_tokens, **kwargs)
 
     def create_chat_completion(self, messages: Sequence[Dict[str, str]], max_tokens: int = 256, **kwargs) -> Dict[str, Any]:
