@@ -490,7 +490,7 @@ void Model::eval(const int32_t* tokens, int n, bool all_logits, float* logits) {
                 for (int p = 0; p < n_keys; ++p) vec_axpy(out, sc[p], vh + size_t(p) * HD, HD);
             });
             matmul(pool, *L.wo, m.attn.data(), nb, m.branch.data(), m.act_buf);
-            vec_add_scaled(m.x.data(), m.branch.data(), hp_.residual_scale, int64_t(nb) * E);
+            vec_axpy(m.x.data(), hp_.residual_scale, m.branch.data(), int64_t(nb) * E);
 
             // feed-forward
             for (int t = 0; t < nb; ++t)
@@ -505,7 +505,7 @@ void Model::eval(const int32_t* tokens, int n, bool all_logits, float* logits) {
             }
             ffn_forward(pool, hp_, L, m.ffn_opt, m.x.data(), m.xn.data(), nb, m.branch.data(), m.ffn,
                         stats_.layers[size_t(il)]);
-            vec_add_scaled(m.x.data(), m.branch.data(), hp_.residual_scale, int64_t(nb) * E);
+            vec_axpy(m.x.data(), hp_.residual_scale, m.branch.data(), int64_t(nb) * E);
         }
         n_past_ += nb;
 
