@@ -72,7 +72,6 @@ public:
 
 private:
     std::string path_;
-    int fd_ = -1;
     uint8_t* base_ = nullptr;
     size_t size_ = 0;
     uint32_t version_ = 0;
