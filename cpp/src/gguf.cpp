@@ -161,7 +161,8 @@ void read_value(Reader& r, GGUFType t, GGUFValue& v, const std::string& key) {
 
 // Keys and tensor names are identifiers (the spec says ASCII for keys): anything that is not
 // UTF-8 is corruption, and refusing it here keeps every consumer (Python str, log lines) safe.
-// String values are left as bytes: real vocabularies occasionally hold invalid sequences.
+// String values are left as bytes until used (real vocabularies occasionally hold invalid
+// sequences); get_str checks those read as text.
 bool valid_utf8(std::string_view s) {
     const auto* p = reinterpret_cast<const unsigned char*>(s.data());
     const size_t n = s.size();
@@ -447,6 +448,17 @@ double as_float(const std::string& path, std::string_view key, const GGUFValue& 
     wrong_type(path, key, v, "a number");
 }
 
+// A string the runtime uses as text (architecture, activation, tokenizer kind...) must be UTF-8,
+// as the spec says; refusing it here names the key, where it would otherwise surface as an
+// unreadable name in another error message, or a decoding error in Python.
+std::string as_str(const std::string& path, std::string_view key, const GGUFValue& v) {
+    if (v.type != GGUFType::STRING) wrong_type(path, key, v, "string");
+    if (!valid_utf8(v.str))
+        fail(strfmt("%s: metadata key '%.*s' holds a string that is not valid UTF-8", path.c_str(),
+                    int(key.size()), key.data()));
+    return std::string(v.str);
+}
+
 // Element i of a numeric array value, decoded as a scalar of the array's element type.
 GGUFValue array_element(const GGUFValue& v, size_t i) {
     GGUFValue e;
@@ -460,15 +472,13 @@ GGUFValue array_element(const GGUFValue& v, size_t i) {
 std::string GGUFFile::get_str(std::string_view key) const {
     const GGUFValue* v = find(key);
     if (!v) missing(path_, key);
-    if (v->type != GGUFType::STRING) wrong_type(path_, key, *v, "string");
-    return std::string(v->str);
+    return as_str(path_, key, *v);
 }
 
 std::optional<std::string> GGUFFile::get_str_opt(std::string_view key) const {
     const GGUFValue* v = find(key);
     if (!v) return std::nullopt;
-    if (v->type != GGUFType::STRING) wrong_type(path_, key, *v, "string");
-    return std::string(v->str);
+    return as_str(path_, key, *v);
 }
 
 int64_t GGUFFile::get_int(std::string_view key) const {
