@@ -10,6 +10,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
+#include <functional>
 #include <thread>
 
 #include "common.h"
@@ -21,13 +23,49 @@ namespace ps {
 
 namespace {
 
-// f32 copy of a 1-D tensor (norm weights), whatever its stored type.
-std::vector<float> to_f32(const Tensor& t) {
+// Whether n floats are all finite. Tests the exponent bits rather than calling std::isfinite, so
+// the loop has no branch and vectorises: it runs over every row of logits an eval returns.
+bool all_finite(const float* x, size_t n) {
+    uint32_t bad = 0;
+    for (size_t i = 0; i < n; ++i) {
+        uint32_t bits;
+        std::memcpy(&bits, x + i, sizeof bits);
+        bad |= uint32_t((bits & 0x7F800000u) == 0x7F800000u);
+    }
+    return bad == 0;
+}
+
+// f32 copy of a 1-D tensor (norm weights), whatever its stored type. A NaN or Inf here is a damaged
+// file (one in a norm turns every logit into NaN), so it is refused at load, naming the tensor.
+std::vector<float> to_f32(const GGUFFile& f, const Tensor& t) {
     std::vector<float> v(size_t(t.ne[0]) * size_t(t.nrows()));
     for (int64_t r = 0; r < t.nrows(); ++r)
         dequantize_row(t.type, t.row(r), v.data() + size_t(r) * size_t(t.ne[0]), t.ne[0]);
+    for (size_t i = 0; i < v.size(); ++i)
+        if (!std::isfinite(v[i]))
+            fail(strfmt("%s: tensor '%s' holds a non-finite value (%g at element %zu): the file is "
+                        "damaged", f.path().c_str(), t.name.c_str(), double(v[i]), i));
     return v;
 }
+
+// Leaves the cached positions as they were when an eval exits by an exception, so that a failed
+// eval leaves no half-written (possibly NaN) positions for the next one to attend to.
+class RestorePastOnThrow {
+public:
+    explicit RestorePastOnThrow(int& n_past)
+        : n_past_(n_past), saved_(n_past), exceptions_(std::uncaught_exceptions()) {}
+    ~RestorePastOnThrow() {
+        if (std::uncaught_exceptions() > exceptions_) n_past_ = saved_;
+    }
+    void rewind() const { n_past_ = saved_; }  // to run the same eval again
+    RestorePastOnThrow(const RestorePastOnThrow&) = delete;
+    RestorePastOnThrow& operator=(const RestorePastOnThrow&) = delete;
+
+private:
+    int& n_past_;
+    int saved_;
+    int exceptions_;
+};
 
 // Uninitialised float storage: the KV cache may be gigabytes, and untouched pages cost nothing.
 struct FloatBuf {
@@ -73,6 +111,7 @@ struct Model::Impl {
     // its raw gate pre-activations for every token of the last eval.
     bool capture = false;
     std::vector<std::vector<float>> cap_x, cap_gate;  // attention, norms, output head, one embedding row
+    bool trace_non_finite = false;  // re-running an eval to locate non-finite logits
 };
 
 namespace {
@@ -135,12 +174,16 @@ HParams read_hparams(const GGUFFile& f) {
         hp.logit_scale = float(f.get_float(key(a, Key::LOGIT_SCALE), 1.0));
         if (!(hp.logit_scale != 0.0f) || !std::isfinite(hp.logit_scale))
             fail(strfmt("%s: invalid logit scale", f.path().c_str()));
+        if (!std::isfinite(hp.embedding_scale) || !std::isfinite(hp.residual_scale))
+            fail(strfmt("%s: the embedding and residual scales must be finite", f.path().c_str()));
     }
     // Activation: ours from prosparse.*; a PowerInfer file is ReLU; a plain llama.cpp file SiLU.
     if (auto act = f.get_str_opt(key(a, Key::PS_ACTIVATION))) {
         if (!activation_from_name(*act, &hp.act))
             fail(strfmt("%s: unknown activation '%s' (supported: silu, relu, fatrelu)", f.path().c_str(), act->c_str()));
         hp.act_threshold = float(f.get_float(key(a, Key::PS_ACTIVATION_THRESHOLD), 0.0));
+        if (!std::isfinite(hp.act_threshold))
+            fail(strfmt("%s: %s must be finite", f.path().c_str(), key(a, Key::PS_ACTIVATION_THRESHOLD).c_str()));
     } else if (f.is_powerinfer()) {
         hp.act = Activation::RELU;
     }
@@ -187,7 +230,7 @@ Model::Model(const std::string& path, const ModelParams& params)
     check_shape(f, m.output, E, hp_.n_vocab);
     const Tensor* onorm = require(f, tensor_name(TensorName::OUTPUT_NORM));
     check_shape(f, onorm, E, 1);
-    m.output_norm = to_f32(*onorm);
+    m.output_norm = to_f32(f, *onorm);
 
     m.layers.resize(size_t(hp_.n_layer));
     for (int il = 0; il < hp_.n_layer; ++il) {
@@ -214,8 +257,8 @@ Model::Model(const std::string& path, const ModelParams& params)
         L.act_t = hp_.act == Activation::SILU
                       ? (hp_.layer_thresholds.empty() ? 0.0f : hp_.layer_thresholds[size_t(il)])
                       : hp_.act_threshold;
-        m.attn_norm.push_back(to_f32(*L.attn_norm));
-        m.ffn_norm.push_back(to_f32(*L.ffn_norm));
+        m.attn_norm.push_back(to_f32(f, *L.attn_norm));
+        m.ffn_norm.push_back(to_f32(f, *L.ffn_norm));
     }
 
     if (params.n_ctx < 0) fail(strfmt("n_ctx must be >= 0, got %d", params.n_ctx));
@@ -414,6 +457,52 @@ void rope(float* x, int n_heads, int head_dim, int n_rot, const float* cs) {
     }
 }
 
+// The steps of the forward after which the residual stream is checked while an eval is traced.
+enum class Step { EMBEDDING, ATTENTION, FFN };
+
+// While an eval is traced (fail_non_finite_logits): throws, naming the step and the tensors it
+// read, if the residual stream x (n floats) holds NaN or Inf after that step.
+void check_step(bool tracing, const float* x, size_t n, const GGUFFile& f, Step step, int layer) {
+    if (!tracing || all_finite(x, n)) return;
+    const char* p = f.path().c_str();
+    switch (step) {
+        case Step::EMBEDDING:
+            throw NumericError(strfmt("%s: the token embedding (token_embd.weight) gives non-finite "
+                                      "values (NaN or Inf) for these tokens: the file is damaged", p));
+        case Step::ATTENTION:
+            throw NumericError(strfmt("%s: layer %d's attention output is non-finite (NaN or Inf): its "
+                                      "weights (blk.%d.attn_*) are damaged or its activations overflow",
+                                      p, layer, layer));
+        case Step::FFN:
+            throw NumericError(strfmt("%s: layer %d's feed-forward output is non-finite (NaN or Inf): its "
+                                      "weights (blk.%d.ffn_*) are damaged or its activations overflow",
+                                      p, layer, layer));
+    }
+}
+
+// Called when an eval's logits hold NaN or Inf, which no caller can use (greedy decoding would
+// return the first id, sampling garbage). Re-runs the eval traced, so that check_step names the
+// first step whose output went non-finite; untraced, those checks cost one branch a step. The
+// forward is deterministic, so the re-run computes the same numbers.
+[[noreturn]] void fail_non_finite_logits(bool& tracing, const GGUFFile& f,
+                                         const std::function<void()>& rerun) {
+    const char* p = f.path().c_str();
+    if (tracing)  // within the re-run, after every layer came out finite
+        throw NumericError(strfmt("%s: the output head (output_norm.weight, output.weight) gives "
+                                  "non-finite logits (NaN or Inf) from finite hidden states: the file "
+                                  "is damaged", p));
+    tracing = true;
+    try {
+        rerun();
+    } catch (...) {
+        tracing = false;
+        throw;
+    }
+    tracing = false;
+    throw NumericError(strfmt("%s: the logits are non-finite (NaN or Inf), and re-running the "
+                              "tokens did not show where", p));
+}
+
 }  // namespace
 
 void Model::eval(const int32_t* tokens, int n, bool all_logits, float* logits) {
@@ -426,6 +515,7 @@ void Model::eval(const int32_t* tokens, int n, bool all_logits, float* logits) {
 
     Impl& m = *impl_;
     ThreadPool& pool = *m.pool;
+    const RestorePastOnThrow restore_past(n_past_);
     const auto t0 = std::chrono::steady_clock::now();
     if (m.capture) {
         m.cap_x.assign(size_t(hp_.n_layer), {});
@@ -446,6 +536,7 @@ void Model::eval(const int32_t* tokens, int n, bool all_logits, float* logits) {
             dequantize_row(m.tok_embd->type, m.tok_embd->row(tokens[b0 + t]), xt, E);
             if (hp_.embedding_scale != 1.0f) vec_scale(xt, hp_.embedding_scale, E);
         }
+        check_step(m.trace_non_finite, m.x.data(), size_t(nb) * E, *file_, Step::EMBEDDING, -1);
 
         for (int t = 0; t < nb; ++t)  // the positions' rotations, once for every layer
             rope_table(m.rope_cs.data() + size_t(t) * size_t(hp_.n_rot), hp_.n_rot, p0 + t, hp_.rope_theta,
@@ -491,6 +582,7 @@ void Model::eval(const int32_t* tokens, int n, bool all_logits, float* logits) {
             });
             matmul(pool, *L.wo, m.attn.data(), nb, m.branch.data(), m.act_buf);
             vec_axpy(m.x.data(), hp_.residual_scale, m.branch.data(), int64_t(nb) * E);
+            check_step(m.trace_non_finite, m.x.data(), size_t(nb) * E, *file_, Step::ATTENTION, il);
 
             // feed-forward
             for (int t = 0; t < nb; ++t)
@@ -506,6 +598,7 @@ void Model::eval(const int32_t* tokens, int n, bool all_logits, float* logits) {
             ffn_forward(pool, hp_, L, m.ffn_opt, m.x.data(), m.xn.data(), nb, m.branch.data(), m.ffn,
                         stats_.layers[size_t(il)]);
             vec_axpy(m.x.data(), hp_.residual_scale, m.branch.data(), int64_t(nb) * E);
+            check_step(m.trace_non_finite, m.x.data(), size_t(nb) * E, *file_, Step::FFN, il);
         }
         n_past_ += nb;
 
@@ -518,6 +611,8 @@ void Model::eval(const int32_t* tokens, int n, bool all_logits, float* logits) {
             float* dst = logits + (all_logits ? size_t(b0) * V : 0);
             matmul(pool, *m.output, m.xn.data(), n_out, dst, m.act_buf);
             if (hp_.logit_scale != 1.0f) vec_scale(dst, 1.0f / hp_.logit_scale, int64_t(n_out) * V);
+            if (!all_finite(dst, size_t(n_out) * V))
+                fail_non_finite_logits(m.trace_non_finite, *file_, [&] { restore_past.rewind(); eval(tokens, n, all_logits, logits); });
         }
     }
 

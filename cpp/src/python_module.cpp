@@ -150,6 +150,8 @@ NB_MODULE(_core, m) {
     nb::register_exception_translator([](const std::exception_ptr& p, void*) {
         try {
             std::rethrow_exception(p);
+        } catch (const ps::NumericError& e) {
+            set_error(PyExc_RuntimeError, e.what());
         } catch (const ps::Error& e) {
             set_error(PyExc_ValueError, e.what());
         }
