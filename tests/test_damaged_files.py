@@ -1,10 +1,10 @@
 """Damaged model files raise a clear error naming what is damaged, never silent garbage.
 
-A GGUF whose tensor data holds random bytes, or whose norm holds NaN, used to load and then give
-NaN logits: greedy decoding returned '' (finish reason "stop"), sampling a run of one token. Now:
-a non-finite norm is refused at load (ValueError naming the tensor and the file); non-finite logits
-raise RuntimeError naming the first layer step whose output went non-finite. A header string that
-is not UTF-8 raises ValueError naming the file and the key (it was a bare UnicodeDecodeError).
+NaN logits are no answer: greedy decoding would return the first id (often EOS, so '' with
+finish reason "stop"), sampling a run of one token. So a non-finite norm is refused at load
+(ValueError naming the tensor and the file), and non-finite logits raise RuntimeError naming the
+first layer step whose output went non-finite. A header string that is not UTF-8 is a ValueError
+naming the file and the key, not a UnicodeDecodeError about an error message.
 
 The files are tiny random LLaMA checkpoints converted by prosparse-convert, then damaged in place
 at the byte offsets gguf's GGUFReader reports.
@@ -183,3 +183,22 @@ def test_error_quoting_non_utf8_bytes_from_the_file_is_still_a_value_error(intac
         _core.Model(path)
     assert not isinstance(e.value, UnicodeDecodeError)
     assert path in str(e.value) and r"<0x\xff\xfe>" in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Vocabulary
+
+def test_nan_token_score_is_refused_naming_the_token(intact, tmp_path):
+    # SentencePiece merges highest score first; NaN has no order, which would break the queue.
+    src = intact["f32"]
+    field = gguf.GGUFReader(src).fields["tokenizer.ggml.scores"]
+    i = 300
+    at = field.offset + sum(int(part.nbytes) for part in field.parts[:field.data[i]])
+    data = bytearray(Path(src).read_bytes())
+    assert struct.unpack_from("<f", data, at)[0] == pytest.approx(float(field.parts[field.data[i]][0]))
+    struct.pack_into("<f", data, at, np.nan)
+    path = tmp_path / "nan_score.gguf"
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"tokenizer\.ggml\.scores\[{i}\] is NaN") as e:
+        _core.Tokenizer(str(path))
+    assert str(path) in str(e.value)

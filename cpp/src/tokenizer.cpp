@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstring>
 #include <deque>
 #include <queue>
@@ -434,6 +435,11 @@ SpmTokenizer::SpmTokenizer(const GGUFFile& f) : VocabTokenizer(f, true) {
     if (scores_.empty()) scores_.assign(n, 0.0f);
     if (scores_.size() != n)
         fail(strfmt("%s: %s has %zu entries but %s has %zu", f.path().c_str(), kKeyScores, scores_.size(), kKeyTokens, n));
+    // The merge queue orders by score, and NaN has no order (undefined behaviour in the queue);
+    // infinities do order, and some converters write -inf for pieces never to merge.
+    for (size_t i = 0; i < n; ++i)
+        if (std::isnan(scores_[i]))
+            fail(strfmt("%s: %s[%zu] is NaN: the file is damaged", f.path().c_str(), kKeyScores, i));
     read_add_special(f, true);
     add_space_prefix_ = f.get_bool(kKeyAddSpacePrefix, true);
 
