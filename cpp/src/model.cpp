@@ -612,7 +612,8 @@ void Model::eval(const int32_t* tokens, int n, bool all_logits, float* logits) {
             matmul(pool, *m.output, m.xn.data(), n_out, dst, m.act_buf);
             if (hp_.logit_scale != 1.0f) vec_scale(dst, 1.0f / hp_.logit_scale, int64_t(n_out) * V);
             if (!all_finite(dst, size_t(n_out) * V))
-                fail_non_finite_logits(m.trace_non_finite, *file_, [&] { restore_past.rewind(); eval(tokens, n, all_logits, logits); });
+                fail_non_finite_logits(m.trace_non_finite, *file_,
+                                       [&] { restore_past.rewind(); eval(tokens, n, all_logits, logits); });
         }
     }
 
