@@ -220,9 +220,40 @@ private:
         size_t begin, end;
     };
     std::vector<Fragment> partition(std::string_view text, bool parse_special) const;
+
+    // The construction steps: the token table and its text index, the special ids and the
+    // end-of-generation set, the special tokens the partition cuts out.
+    void load_tokens(const GGUFFile& f);
+    int32_t read_special_id(const GGUFFile& f, const char* key, int32_t def) const;
+    void load_special_ids(const GGUFFile& f, bool spm);
+    void collect_specials();
 };
 
 VocabTokenizer::VocabTokenizer(const GGUFFile& f, bool spm) : spm_(spm) {
+    load_tokens(f);
+    load_special_ids(f, spm);
+    // The defaults until the subclass reads the file's add_bos/add_eos (read_add_special).
+    add_bos_ = spm;
+    add_eos_ = false;
+    add_space_prefix_ = spm;
+    collect_specials();
+}
+
+// The attribute bits of one of llama.cpp's token types; false for a type it does not have.
+bool token_attr(int64_t type, uint8_t* a) {
+    switch (type) {
+        case TT_UNDEFINED: *a = 0; return true;
+        case TT_NORMAL: *a = A_NORMAL; return true;
+        case TT_UNKNOWN: *a = A_UNKNOWN; return true;
+        case TT_CONTROL: *a = A_CONTROL; return true;
+        case TT_USER_DEFINED: *a = A_USER; return true;
+        case TT_UNUSED: *a = A_UNUSED; return true;
+        case TT_BYTE: *a = A_BYTE; return true;
+        default: return false;
+    }
+}
+
+void VocabTokenizer::load_tokens(const GGUFFile& f) {
     const std::vector<std::string_view> tokens = f.get_str_array(kKeyTokens);
     if (tokens.empty()) fail(strfmt("%s: %s is missing or empty", f.path().c_str(), kKeyTokens));
     if (tokens.size() > size_t(INT32_MAX - 1))
@@ -241,18 +272,9 @@ VocabTokenizer::VocabTokenizer(const GGUFFile& f, bool spm) : spm_(spm) {
         tokens_.emplace_back(tokens[i]);
         const int64_t t = types.empty() ? TT_NORMAL : types[i];
         uint8_t a;
-        switch (t) {
-            case TT_UNDEFINED: a = 0; break;
-            case TT_NORMAL: a = A_NORMAL; break;
-            case TT_UNKNOWN: a = A_UNKNOWN; break;
-            case TT_CONTROL: a = A_CONTROL; break;
-            case TT_USER_DEFINED: a = A_USER; break;
-            case TT_UNUSED: a = A_UNUSED; break;
-            case TT_BYTE: a = A_BYTE; break;
-            default:
-                fail(strfmt("%s: token %zu has token type %lld, not one of llama.cpp's 0..6", f.path().c_str(), i,
-                            (long long)t));
-        }
+        if (!token_attr(t, &a))
+            fail(strfmt("%s: token %zu has token type %lld, not one of llama.cpp's 0..6", f.path().c_str(), i,
+                        (long long)t));
         if (a == A_BYTE && parse_byte_token(tokens[i]) < 0)
             fail(strfmt("%s: token %zu has type BYTE but its text '%.*s' is not of the form <0xNN>",
                         f.path().c_str(), i, int(std::min<size_t>(tokens[i].size(), 64)), tokens[i].data()));
@@ -264,37 +286,38 @@ VocabTokenizer::VocabTokenizer(const GGUFFile& f, bool spm) : spm_(spm) {
             fail(strfmt("%s: duplicate token '%.*s' (ids %d and %zu)", f.path().c_str(),
                         int(std::min<size_t>(tokens[i].size(), 64)), tokens[i].data(), ins.first->second, i));
     }
+}
 
-    // Special ids: llama.cpp's defaults per model kind, overridden by the file; an id outside the
-    // vocabulary is inconsistent metadata.
-    auto read_id = [&](const char* key, int32_t def) -> int32_t {
-        const GGUFValue* v = f.find(key);
-        if (!v) return def < int32_t(n) ? def : -1;
-        const int64_t id = f.get_int(key);
-        if (id < 0 || id >= int64_t(n))
-            fail(strfmt("%s: %s = %lld is outside the vocabulary [0, %zu)", f.path().c_str(), key, (long long)id, n));
-        return int32_t(id);
-    };
-    bos_ = read_id(kKeyBos, spm ? 1 : -1);
-    eos_ = read_id(kKeyEos, spm ? 2 : -1);
-    unk_ = read_id(kKeyUnk, spm ? 0 : -1);
-    const int32_t eot = read_id(kKeyEot, -1), eom = read_id(kKeyEom, -1);
-    int32_t fim_pad = read_id(kKeyFimPad, -1), fim_rep = read_id(kKeyFimRep, -1), fim_sep = read_id(kKeyFimSep, -1);
+// Special ids: llama.cpp's defaults per model kind, overridden by the file; an id outside the
+// vocabulary is inconsistent metadata.
+int32_t VocabTokenizer::read_special_id(const GGUFFile& f, const char* key, int32_t def) const {
+    const int32_t n = n_vocab();
+    if (!f.find(key)) return def < n ? def : -1;
+    const int64_t id = f.get_int(key);
+    if (id < 0 || id >= int64_t(n))
+        fail(strfmt("%s: %s = %lld is outside the vocabulary [0, %d)", f.path().c_str(), key, (long long)id, n));
+    return int32_t(id);
+}
 
-    // EOG set, as llama.cpp builds it: tokens whose text marks an end of turn (forced to control
-    // type, as llama.cpp does), FIM pad/repo/sep tokens, and the EOS/EOT/EOM ids.
-    auto find_any = [&](const auto& texts) -> int32_t {
-        for (const char* t : texts) {
-            auto it = text_to_id_.find(t);
-            if (it != text_to_id_.end()) return it->second;
-        }
-        return -1;
-    };
-    // Detected by text, they are forced to control type, as llama.cpp does.
+void VocabTokenizer::load_special_ids(const GGUFFile& f, bool spm) {
+    bos_ = read_special_id(f, kKeyBos, spm ? 1 : -1);
+    eos_ = read_special_id(f, kKeyEos, spm ? 2 : -1);
+    unk_ = read_special_id(f, kKeyUnk, spm ? 0 : -1);
+    const int32_t eot = read_special_id(f, kKeyEot, -1), eom = read_special_id(f, kKeyEom, -1);
+    int32_t fim_pad = read_special_id(f, kKeyFimPad, -1), fim_rep = read_special_id(f, kKeyFimRep, -1),
+            fim_sep = read_special_id(f, kKeyFimSep, -1);
+
+    // EOG set, as llama.cpp builds it: tokens whose text marks an end of turn, FIM pad/repo/sep
+    // tokens, and the EOS/EOT/EOM ids. Tokens detected by their text are forced to control type,
+    // as llama.cpp does.
     auto detect = [&](int32_t& id, const auto& texts) {
-        if (id >= 0) return;
-        id = find_any(texts);
-        if (id >= 0) attr_[size_t(id)] |= A_CONTROL;
+        for (const char* t : texts) {
+            if (id >= 0) break;
+            auto it = text_to_id_.find(t);
+            if (it == text_to_id_.end()) continue;
+            id = it->second;
+            attr_[size_t(id)] |= A_CONTROL;
+        }
     };
     detect(fim_pad, kFimPadTexts);
     detect(fim_rep, kFimRepTexts);
@@ -309,15 +332,11 @@ VocabTokenizer::VocabTokenizer(const GGUFFile& f, bool spm) : spm_(spm) {
     }
     std::sort(eog_ids_.begin(), eog_ids_.end());
     eog_ids_.erase(std::unique(eog_ids_.begin(), eog_ids_.end()), eog_ids_.end());
+}
 
-    // add_bos defaults: SentencePiece vocabularies add BOS, byte-level ones only for the Llama-3
-    // pre-tokenizer family (set by the subclass before the key override in BpeTokenizer).
-    add_bos_ = spm;
-    add_eos_ = false;
-    add_space_prefix_ = spm;
-
-    // Special tokens for the partition, longest first so that e.g. "<|im_start|>" wins over "<".
-    for (size_t i = 0; i < n; ++i)
+// Special tokens for the partition, longest first so that e.g. "<|im_start|>" wins over "<".
+void VocabTokenizer::collect_specials() {
+    for (size_t i = 0; i < tokens_.size(); ++i)
         if ((attr_[i] & (A_CONTROL | A_USER | A_UNKNOWN)) && !tokens_[i].empty()) specials_.push_back(int32_t(i));
     std::stable_sort(specials_.begin(), specials_.end(), [&](int32_t a, int32_t b) {
         return tokens_[size_t(a)].size() > tokens_[size_t(b)].size();
