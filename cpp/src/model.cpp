@@ -462,45 +462,43 @@ enum class Step { EMBEDDING, ATTENTION, FFN };
 
 // While an eval is traced (fail_non_finite_logits): throws, naming the step and the tensors it
 // read, if the residual stream x (n floats) holds NaN or Inf after that step.
-void check_step(bool tracing, const float* x, size_t n, const GGUFFile& f, Step step, int layer) {
+void check_step(bool tracing, const float* x, size_t n, Step step, int layer) {
     if (!tracing || all_finite(x, n)) return;
-    const char* p = f.path().c_str();
     switch (step) {
         case Step::EMBEDDING:
-            throw NumericError(strfmt("%s: the token embedding (token_embd.weight) gives non-finite "
-                                      "values (NaN or Inf) for these tokens: the file is damaged", p));
+            throw NumericError("the token embedding (token_embd.weight) gives non-finite values (NaN or "
+                               "Inf) for these tokens: the file is damaged");
         case Step::ATTENTION:
-            throw NumericError(strfmt("%s: layer %d's attention output is non-finite (NaN or Inf): its "
-                                      "weights (blk.%d.attn_*) are damaged or its activations overflow",
-                                      p, layer, layer));
+            throw NumericError(strfmt("layer %d's attention output is non-finite (NaN or Inf): its weights "
+                                      "(blk.%d.attn_*) are damaged or its activations overflow", layer, layer));
         case Step::FFN:
-            throw NumericError(strfmt("%s: layer %d's feed-forward output is non-finite (NaN or Inf): its "
-                                      "weights (blk.%d.ffn_*) are damaged or its activations overflow",
-                                      p, layer, layer));
+            throw NumericError(strfmt("layer %d's feed-forward output is non-finite (NaN or Inf): its weights "
+                                      "(blk.%d.ffn_*) are damaged or its activations overflow", layer, layer));
     }
 }
 
 // Called when an eval's logits hold NaN or Inf, which no caller can use (greedy decoding would
 // return the first id, sampling garbage). Re-runs the eval traced, so that check_step names the
 // first step whose output went non-finite; untraced, those checks cost one branch a step. The
-// forward is deterministic, so the re-run computes the same numbers.
+// forward is deterministic, so the re-run computes the same numbers. The error names the file.
 [[noreturn]] void fail_non_finite_logits(bool& tracing, const GGUFFile& f,
                                          const std::function<void()>& rerun) {
-    const char* p = f.path().c_str();
     if (tracing)  // within the re-run, after every layer came out finite
-        throw NumericError(strfmt("%s: the output head (output_norm.weight, output.weight) gives "
-                                  "non-finite logits (NaN or Inf) from finite hidden states: the file "
-                                  "is damaged", p));
+        throw NumericError("the output head (output_norm.weight, output.weight) gives non-finite logits "
+                           "(NaN or Inf) from finite hidden states: the file is damaged");
     tracing = true;
     try {
         rerun();
+    } catch (const NumericError& e) {
+        tracing = false;
+        throw NumericError(f.path() + ": " + e.what());
     } catch (...) {
         tracing = false;
         throw;
     }
     tracing = false;
-    throw NumericError(strfmt("%s: the logits are non-finite (NaN or Inf), and re-running the "
-                              "tokens did not show where", p));
+    throw NumericError(f.path() + ": the logits are non-finite (NaN or Inf), and re-running the tokens "
+                       "did not show where");
 }
 
 }  // namespace
@@ -536,7 +534,7 @@ void Model::eval(const int32_t* tokens, int n, bool all_logits, float* logits) {
             dequantize_row(m.tok_embd->type, m.tok_embd->row(tokens[b0 + t]), xt, E);
             if (hp_.embedding_scale != 1.0f) vec_scale(xt, hp_.embedding_scale, E);
         }
-        check_step(m.trace_non_finite, m.x.data(), size_t(nb) * E, *file_, Step::EMBEDDING, -1);
+        check_step(m.trace_non_finite, m.x.data(), size_t(nb) * E, Step::EMBEDDING, -1);
 
         for (int t = 0; t < nb; ++t)  // the positions' rotations, once for every layer
             rope_table(m.rope_cs.data() + size_t(t) * size_t(hp_.n_rot), hp_.n_rot, p0 + t, hp_.rope_theta,
@@ -582,7 +580,7 @@ void Model::eval(const int32_t* tokens, int n, bool all_logits, float* logits) {
             });
             matmul(pool, *L.wo, m.attn.data(), nb, m.branch.data(), m.act_buf);
             vec_axpy(m.x.data(), hp_.residual_scale, m.branch.data(), int64_t(nb) * E);
-            check_step(m.trace_non_finite, m.x.data(), size_t(nb) * E, *file_, Step::ATTENTION, il);
+            check_step(m.trace_non_finite, m.x.data(), size_t(nb) * E, Step::ATTENTION, il);
 
             // feed-forward
             for (int t = 0; t < nb; ++t)
@@ -598,7 +596,7 @@ void Model::eval(const int32_t* tokens, int n, bool all_logits, float* logits) {
             ffn_forward(pool, hp_, L, m.ffn_opt, m.x.data(), m.xn.data(), nb, m.branch.data(), m.ffn,
                         stats_.layers[size_t(il)]);
             vec_axpy(m.x.data(), hp_.residual_scale, m.branch.data(), int64_t(nb) * E);
-            check_step(m.trace_non_finite, m.x.data(), size_t(nb) * E, *file_, Step::FFN, il);
+            check_step(m.trace_non_finite, m.x.data(), size_t(nb) * E, Step::FFN, il);
         }
         n_past_ += nb;
 
