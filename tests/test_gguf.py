@@ -314,6 +314,16 @@ def test_wrong_type_names_the_key_and_both_types(writer_file):
         core.gguf_get(path, "a.str", "float_array")
 
 
+def test_get_str_refuses_a_string_that_is_not_utf8_naming_file_and_key(tmp_path):
+    p = _write(tmp_path, build_gguf([("k.bad", V.STRING, b"ab\xff"), ("k.ok", V.STRING, "fine")]))
+    with pytest.raises(ValueError, match=r"'k\.bad' holds a string that is not valid UTF-8") as e:
+        core.gguf_get(p, "k.bad", "str")
+    assert p in str(e.value)
+    assert core.gguf_get(p, "k.ok", "str") == "fine"
+    # Strings are checked where they are read as text: the file itself loads.
+    assert core.gguf_summary(p)["metadata"]["k.bad"] == "ab\ufffd"
+
+
 def test_missing_key(writer_file):
     path, _ = writer_file
     with pytest.raises(ValueError, match=r"'no\.such\.key' is missing"):

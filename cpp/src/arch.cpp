@@ -10,22 +10,27 @@ namespace ps {
 
 namespace {
 
-struct ArchRow { Arch arch; const char* name; };
-constexpr ArchRow kArchs[] = {
+// One table row: an enum value and its GGUF string. Every table below is a list of these, so
+// one pair of lookups serves them all.
+template <class E>
+struct Row {
+    E value;
+    const char* name;
+};
+
+constexpr Row<Arch> kArchs[] = {
     {Arch::LLAMA, "llama"},
     {Arch::MINICPM, "minicpm"},
 };
 
-struct ActRow { Activation act; const char* name; };
-constexpr ActRow kActs[] = {
+constexpr Row<Activation> kActs[] = {
     {Activation::SILU, "silu"},
     {Activation::RELU, "relu"},
     {Activation::FATRELU, "fatrelu"},
 };
 
 // "%s" is replaced by the architecture name; keys without it are global.
-struct KeyRow { Key key; const char* fmt; };
-constexpr KeyRow kKeys[] = {
+constexpr Row<Key> kKeys[] = {
     {Key::GENERAL_ARCHITECTURE, "general.architecture"},
     {Key::GENERAL_NAME, "general.name"},
     {Key::CONTEXT_LENGTH, "%s.context_length"},
@@ -53,8 +58,7 @@ constexpr KeyRow kKeys[] = {
 };
 
 // "%d" is the layer index for per-layer tensors.
-struct TensorRow { TensorName t; const char* fmt; };
-constexpr TensorRow kTensors[] = {
+constexpr Row<TensorName> kTensors[] = {
     {TensorName::TOKEN_EMBD, "token_embd.weight"},
     {TensorName::OUTPUT_NORM, "output_norm.weight"},
     {TensorName::OUTPUT, "output.weight"},
@@ -73,52 +77,56 @@ constexpr TensorRow kTensors[] = {
     {TensorName::FFN_ACT_FREQ, "blk.%d.ffn_act_freq"},
 };
 
+// The string of value in table, nullptr if the table lacks it.
+template <class E, size_t N>
+const char* name_in(const Row<E> (&table)[N], E value) {
+    for (const auto& r : table)
+        if (r.value == value) return r.name;
+    return nullptr;
+}
+
+// The value whose string is s, if the table has one.
+template <class E, size_t N>
+bool value_in(const Row<E> (&table)[N], const std::string& s, E* out) {
+    for (const auto& r : table)
+        if (s == r.name) { *out = r.value; return true; }
+    return false;
+}
+
+// fmt with its placeholder (e.g. "%s") replaced by value, if it has one.
+std::string fill(const char* fmt, const char* placeholder, const std::string& value) {
+    std::string s = fmt;
+    const auto pos = s.find(placeholder);
+    if (pos != std::string::npos) s.replace(pos, std::strlen(placeholder), value);
+    return s;
+}
+
 }  // namespace
 
 const char* arch_name(Arch a) {
-    for (const auto& r : kArchs)
-        if (r.arch == a) return r.name;
-    return "unknown";
+    const char* n = name_in(kArchs, a);
+    return n ? n : "unknown";
 }
 
-bool arch_from_name(const std::string& s, Arch* out) {
-    for (const auto& r : kArchs)
-        if (s == r.name) { *out = r.arch; return true; }
-    return false;
-}
+bool arch_from_name(const std::string& s, Arch* out) { return value_in(kArchs, s, out); }
 
 const char* activation_name(Activation a) {
-    for (const auto& r : kActs)
-        if (r.act == a) return r.name;
-    return "unknown";
+    const char* n = name_in(kActs, a);
+    return n ? n : "unknown";
 }
 
-bool activation_from_name(const std::string& s, Activation* out) {
-    for (const auto& r : kActs)
-        if (s == r.name) { *out = r.act; return true; }
-    return false;
-}
+bool activation_from_name(const std::string& s, Activation* out) { return value_in(kActs, s, out); }
 
 std::string key(Arch a, Key k) {
-    for (const auto& r : kKeys) {
-        if (r.key != k) continue;
-        std::string fmt = r.fmt;
-        auto pos = fmt.find("%s");
-        if (pos != std::string::npos) fmt.replace(pos, 2, arch_name(a));
-        return fmt;
-    }
-    fail("internal error: metadata key missing from the table");
+    const char* fmt = name_in(kKeys, k);
+    if (!fmt) fail("internal error: metadata key missing from the table");
+    return fill(fmt, "%s", arch_name(a));
 }
 
 std::string tensor_name(TensorName t, int layer) {
-    for (const auto& r : kTensors) {
-        if (r.t != t) continue;
-        std::string fmt = r.fmt;
-        auto pos = fmt.find("%d");
-        if (pos != std::string::npos) fmt.replace(pos, 2, std::to_string(layer));
-        return fmt;
-    }
-    fail("internal error: tensor name missing from the table");
+    const char* fmt = name_in(kTensors, t);
+    if (!fmt) fail("internal error: tensor name missing from the table");
+    return fill(fmt, "%d", std::to_string(layer));
 }
 
 }  // namespace ps

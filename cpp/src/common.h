@@ -14,6 +14,12 @@ struct Error : std::runtime_error {
     using std::runtime_error::runtime_error;
 };
 
+// A forward pass whose numbers went non-finite (NaN or Inf): the input was valid, the weights or
+// the arithmetic are not. The Python binding maps it to RuntimeError.
+struct NumericError : Error {
+    using Error::Error;
+};
+
 #if defined(__GNUC__)
 __attribute__((format(printf, 1, 2)))
 #endif

@@ -19,6 +19,7 @@ const char* strategy_name(FfnStrategy s) {
 }
 
 float ffn_activation(Activation a, float g, float t) {
+    if (std::isnan(g)) return g;  // damaged weights: let the NaN reach the logits' check, not vanish as 0
     switch (a) {
         case Activation::SILU: {
             // t > 0: training-free sparsity (CATS): |SiLU(g)| below the layer's threshold is zero

@@ -161,7 +161,8 @@ void read_value(Reader& r, GGUFType t, GGUFValue& v, const std::string& key) {
 
 // Keys and tensor names are identifiers (the spec says ASCII for keys): anything that is not
 // UTF-8 is corruption, and refusing it here keeps every consumer (Python str, log lines) safe.
-// String values are left as bytes: real vocabularies occasionally hold invalid sequences.
+// String values are left as bytes until used (real vocabularies occasionally hold invalid
+// sequences); get_str checks those read as text.
 bool valid_utf8(std::string_view s) {
     const auto* p = reinterpret_cast<const unsigned char*>(s.data());
     const size_t n = s.size();
@@ -213,165 +214,195 @@ const char* gguf_type_name(GGUFType t) {
     return "unknown";
 }
 
-GGUFFile::GGUFFile(const std::string& path) : path_(path) {
-    const char* p = path.c_str();
-    int fd = ::open(p, O_RDONLY | O_CLOEXEC);
+namespace {
+
+// Opens and maps path read-only; the mapping keeps the file alive, so the descriptor is closed.
+void map_file(const char* path, uint8_t** base, size_t* size) {
+    int fd = ::open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
         const int err = errno;
-        if (err == ENOENT) fail(strfmt("%s: file does not exist", p));
-        fail(strfmt("%s: cannot open: %s", p, std::strerror(err)));
+        if (err == ENOENT) fail(strfmt("%s: file does not exist", path));
+        fail(strfmt("%s: cannot open: %s", path, std::strerror(err)));
     }
     struct stat st;
     if (::fstat(fd, &st) != 0) {
         const int err = errno;
         ::close(fd);
-        fail(strfmt("%s: cannot stat: %s", p, std::strerror(err)));
+        fail(strfmt("%s: cannot stat: %s", path, std::strerror(err)));
     }
     if (!S_ISREG(st.st_mode)) {
         ::close(fd);
-        fail(strfmt("%s: not a regular file%s", p, S_ISDIR(st.st_mode) ? " (it is a directory)" : ""));
+        fail(strfmt("%s: not a regular file%s", path, S_ISDIR(st.st_mode) ? " (it is a directory)" : ""));
     }
     if (st.st_size == 0) {
         ::close(fd);
-        fail(strfmt("%s: file is empty, not a GGUF file", p));
+        fail(strfmt("%s: file is empty, not a GGUF file", path));
     }
-    size_ = size_t(st.st_size);
-    void* m = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
+    const size_t n = size_t(st.st_size);
+    void* m = ::mmap(nullptr, n, PROT_READ, MAP_PRIVATE, fd, 0);
     const int map_err = errno;
-    ::close(fd);  // the mapping keeps the file alive
-    if (m == MAP_FAILED) {
-        size_ = 0;
-        fail(strfmt("%s: cannot map file: %s", p, std::strerror(map_err)));
-    }
-    base_ = static_cast<uint8_t*>(m);
+    ::close(fd);
+    if (m == MAP_FAILED) fail(strfmt("%s: cannot map file: %s", path, std::strerror(map_err)));
+    *base = static_cast<uint8_t*>(m);
+    *size = n;
+}
 
+struct Counts {
+    uint64_t n_tensors, n_kv;
+};
+
+// Magic, version and the two counts, each count bounded by what the remaining bytes can hold.
+Counts read_header(Reader& r, const char* path, bool* powerinfer, uint32_t* version) {
+    if (r.remaining() < 4) r.bad("file is too small to be a GGUF file");
+    const uint8_t* head = r.take(0, "the magic");
+    const uint32_t magic = r.read<uint32_t>("the magic");
+    if (magic == kMagicPWRI) *powerinfer = true;
+    else if (magic != kMagicGGUF)
+        fail(strfmt("%s: not a GGUF file (starts with bytes %02x %02x %02x %02x, expected \"GGUF\")",
+                    path, head[0], head[1], head[2], head[3]));
+
+    const uint32_t v = r.read<uint32_t>("the version");
+    if (v != 2 && v != 3) {
+        if (v == 1) fail(strfmt("%s: GGUF version 1 is not supported (only 2 and 3)", path));
+        // A big-endian file (allowed from v3) has its version bytes reversed.
+        if (v == 0x02000000u || v == 0x03000000u)
+            fail(strfmt("%s: big-endian GGUF files are not supported", path));
+        fail(strfmt("%s: unsupported GGUF version %u (only 2 and 3)", path, v));
+    }
+    *version = v;
+
+    Counts c;
+    c.n_tensors = r.read<uint64_t>("the tensor count");
+    c.n_kv = r.read<uint64_t>("the metadata count");
+    if (c.n_kv > r.remaining() / kMinKVBytes)
+        r.bad(strfmt("metadata count %llu is more than the file can hold (truncated or corrupt)",
+                     (unsigned long long)c.n_kv));
+    if (c.n_tensors > r.remaining() / kMinTensorInfoBytes)
+        r.bad(strfmt("tensor count %llu is more than the file can hold (truncated or corrupt)",
+                     (unsigned long long)c.n_tensors));
+    return c;
+}
+
+// One metadata pair: a UTF-8 key not seen before, a known value type, the value.
+std::pair<std::string, GGUFValue> read_kv(Reader& r, uint64_t k,
+                                          const std::unordered_map<std::string, size_t>& seen) {
+    const std::string_view key = r.read_string("a metadata key");
+    if (!valid_utf8(key)) r.bad(strfmt("metadata key %llu is not valid UTF-8", (unsigned long long)k));
+    std::string skey(key);
+    if (seen.count(skey)) r.bad(strfmt("duplicate metadata key '%s'", skey.c_str()));
+    const uint32_t t = r.read<uint32_t>("a metadata value type");
+    if (!is_known_type(t)) r.bad(strfmt("key '%s' has unknown value type %u", skey.c_str(), t));
+    GGUFValue v;
+    read_value(r, GGUFType(t), v, skey);
+    return {std::move(skey), std::move(v)};
+}
+
+// general.alignment, when present, must be a positive power of two.
+uint64_t alignment_of(const GGUFValue* a, const char* path) {
+    if (!a) return kDefaultAlignment;
+    if (!is_int_type(a->type))
+        fail(strfmt("%s: general.alignment has type %s, expected an integer", path, gguf_type_name(a->type)));
+    const uint64_t al = is_unsigned(a->type) ? a->u : (a->i > 0 ? uint64_t(a->i) : 0);
+    if (al == 0 || (al & (al - 1)) != 0)
+        fail(strfmt("%s: general.alignment is %s, not a positive power of two", path,
+                    is_unsigned(a->type) ? std::to_string(a->u).c_str() : std::to_string(a->i).c_str()));
+    return al;
+}
+
+// One tensor info: UTF-8 name not seen before, 1 to 4 dimensions whose product fits int64_t, a
+// supported type whose blocks tile the rows, and an aligned data offset (returned in *offset;
+// checked against the data section by place_tensor_data).
+Tensor read_tensor_info(Reader& r, uint64_t ti, uint64_t alignment, const char* path,
+                        const std::unordered_map<std::string, size_t>& seen, uint64_t* offset) {
+    Tensor t;
+    t.name = std::string(r.read_string("a tensor name"));
+    const char* tn = t.name.c_str();
+    if (!valid_utf8(t.name)) r.bad(strfmt("the name of tensor %llu is not valid UTF-8", (unsigned long long)ti));
+    if (seen.count(t.name)) r.bad(strfmt("duplicate tensor name '%s'", tn));
+    const uint32_t nd = r.read<uint32_t>("a tensor's dimension count");
+    if (nd < 1 || nd > uint32_t(kMaxDims))
+        r.bad(strfmt("tensor '%s' has %u dimensions (must be 1 to %d)", tn, nd, kMaxDims));
+    t.n_dims = int(nd);
+    int64_t nelem = 1;
+    for (uint32_t d = 0; d < nd; ++d) {
+        const uint64_t ne = r.read<uint64_t>("a tensor dimension");
+        if (ne == 0 || ne > uint64_t(std::numeric_limits<int64_t>::max()))
+            r.bad(strfmt("tensor '%s' has invalid dimension %u: %llu", tn, d, (unsigned long long)ne));
+        t.ne[d] = int64_t(ne);
+        if (!mul_ok(nelem, t.ne[d], &nelem)) r.bad(strfmt("tensor '%s' has too many elements (overflow)", tn));
+    }
+    const uint32_t type = r.read<uint32_t>("a tensor type");
+    const TypeInfo* info = type_info(type);
+    if (info == nullptr) r.bad(strfmt("tensor '%s' has unknown type id %u", tn, type));
+    if (!info->supported)
+        fail(strfmt("%s: tensor '%s' has type %s, which prosparse-rt does not support "
+                    "(supported: f32, f16, bf16, q8_0, q4_0, q4_1)", path, tn, info->name));
+    t.type = GgmlType(type);
+    if (t.ne[0] % info->block_size != 0)
+        r.bad(strfmt("tensor '%s' of type %s has rows of %lld elements, not a multiple of the block size "
+                     "%lld", tn, info->name, (long long)t.ne[0], (long long)info->block_size));
+    int64_t nbytes = 0;
+    if (!mul_ok(nelem / info->block_size, int64_t(info->block_bytes), &nbytes))
+        r.bad(strfmt("tensor '%s' is too large (overflow)", tn));
+    t.nbytes = size_t(nbytes);
+    const uint64_t off = r.read<uint64_t>("a tensor data offset");
+    if (off % alignment != 0)
+        r.bad(strfmt("tensor '%s' has data offset %llu, not a multiple of the alignment %llu", tn,
+                     (unsigned long long)off, (unsigned long long)alignment));
+    *offset = off;
+    return t;
+}
+
+// Tensor data starts at the first multiple of the alignment after the header; every tensor must
+// lie inside the file from there.
+void place_tensor_data(std::vector<Tensor>& tensors, const std::vector<uint64_t>& offsets,
+                       const uint8_t* base, size_t size, uint64_t header_end, uint64_t alignment,
+                       const char* path) {
+    if (tensors.empty()) return;
+    const uint64_t data_start = header_end + (alignment - header_end % alignment) % alignment;
+    if (data_start < header_end || data_start > size)
+        fail(strfmt("%s: file is truncated: tensor data would start at byte %llu, file has %zu", path,
+                    (unsigned long long)data_start, size));
+    const uint64_t data_size = size - data_start;
+    for (size_t i = 0; i < tensors.size(); ++i) {
+        Tensor& t = tensors[i];
+        const uint64_t off = offsets[i];
+        if (off > data_size || t.nbytes > data_size - off)
+            fail(strfmt("%s: tensor '%s' (%zu bytes at data offset %llu) extends past the end of the file "
+                        "(%llu bytes of tensor data): the file is truncated or corrupt", path, t.name.c_str(),
+                        t.nbytes, (unsigned long long)off, (unsigned long long)data_size));
+        t.data = base + data_start + off;
+    }
+}
+
+}  // namespace
+
+GGUFFile::GGUFFile(const std::string& path) : path_(path) {
+    const char* p = path_.c_str();
+    map_file(p, &base_, &size_);
     // The constructor has not finished, so the destructor will not run: unmap on any error.
     try {
         Reader r(base_, size_, path_);
+        const Counts counts = read_header(r, p, &powerinfer_, &version_);
 
-        if (size_ < 4) r.bad("file is too small to be a GGUF file");
-        const uint32_t magic = r.read<uint32_t>("the magic");
-        if (magic == kMagicPWRI) powerinfer_ = true;
-        else if (magic != kMagicGGUF)
-            fail(strfmt("%s: not a GGUF file (starts with bytes %02x %02x %02x %02x, expected \"GGUF\")",
-                        p, base_[0], base_[1], base_[2], base_[3]));
-
-        version_ = r.read<uint32_t>("the version");
-        if (version_ != 2 && version_ != 3) {
-            if (version_ == 1) fail(strfmt("%s: GGUF version 1 is not supported (only 2 and 3)", p));
-            // A big-endian file (allowed from v3) has its version bytes reversed.
-            if (version_ == 0x02000000u || version_ == 0x03000000u)
-                fail(strfmt("%s: big-endian GGUF files are not supported", p));
-            fail(strfmt("%s: unsupported GGUF version %u (only 2 and 3)", p, version_));
+        kv_.reserve(size_t(counts.n_kv));
+        kv_index_.reserve(size_t(counts.n_kv));
+        for (uint64_t k = 0; k < counts.n_kv; ++k) {
+            auto kv = read_kv(r, k, kv_index_);
+            kv_index_.emplace(kv.first, kv_.size());
+            kv_.push_back(std::move(kv));
         }
+        const uint64_t alignment = alignment_of(find("general.alignment"), p);
 
-        const uint64_t n_tensors = r.read<uint64_t>("the tensor count");
-        const uint64_t n_kv = r.read<uint64_t>("the metadata count");
-        if (n_kv > r.remaining() / kMinKVBytes)
-            r.bad(strfmt("metadata count %llu is more than the file can hold (truncated or corrupt)",
-                         (unsigned long long)n_kv));
-        if (n_tensors > r.remaining() / kMinTensorInfoBytes)
-            r.bad(strfmt("tensor count %llu is more than the file can hold (truncated or corrupt)",
-                         (unsigned long long)n_tensors));
-
-        // ---- metadata ----
-        kv_.reserve(size_t(n_kv));
-        kv_index_.reserve(size_t(n_kv));
-        for (uint64_t k = 0; k < n_kv; ++k) {
-            const std::string_view key = r.read_string("a metadata key");
-            std::string skey(key);
-            if (!valid_utf8(key))
-                r.bad(strfmt("metadata key %llu is not valid UTF-8", (unsigned long long)k));
-            if (kv_index_.count(skey)) r.bad(strfmt("duplicate metadata key '%s'", skey.c_str()));
-            const uint32_t t = r.read<uint32_t>("a metadata value type");
-            if (!is_known_type(t)) r.bad(strfmt("key '%s' has unknown value type %u", skey.c_str(), t));
-            GGUFValue v;
-            read_value(r, GGUFType(t), v, skey);
-            kv_index_.emplace(skey, kv_.size());
-            kv_.emplace_back(std::move(skey), std::move(v));
-        }
-
-        uint64_t alignment = kDefaultAlignment;
-        if (const GGUFValue* a = find("general.alignment")) {
-            if (!is_int_type(a->type))
-                fail(strfmt("%s: general.alignment has type %s, expected an integer", p,
-                            gguf_type_name(a->type)));
-            const uint64_t al = is_unsigned(a->type) ? a->u : (a->i > 0 ? uint64_t(a->i) : 0);
-            if (al == 0 || (al & (al - 1)) != 0)
-                fail(strfmt("%s: general.alignment is %s, not a positive power of two", p,
-                            is_unsigned(a->type) ? std::to_string(a->u).c_str()
-                                                 : std::to_string(a->i).c_str()));
-            alignment = al;
-        }
-
-        // ---- tensor infos ----
-        tensors_.reserve(size_t(n_tensors));
-        tensor_index_.reserve(size_t(n_tensors));
-        std::vector<uint64_t> offsets;
-        offsets.reserve(size_t(n_tensors));
-        for (uint64_t ti = 0; ti < n_tensors; ++ti) {
-            Tensor t;
-            t.name = std::string(r.read_string("a tensor name"));
-            const char* tn = t.name.c_str();
-            if (!valid_utf8(t.name))
-                r.bad(strfmt("the name of tensor %llu is not valid UTF-8", (unsigned long long)ti));
-            if (tensor_index_.count(t.name)) r.bad(strfmt("duplicate tensor name '%s'", tn));
-            const uint32_t nd = r.read<uint32_t>("a tensor's dimension count");
-            if (nd < 1 || nd > uint32_t(kMaxDims))
-                r.bad(strfmt("tensor '%s' has %u dimensions (must be 1 to %d)", tn, nd, kMaxDims));
-            t.n_dims = int(nd);
-            int64_t nelem = 1;
-            for (uint32_t d = 0; d < nd; ++d) {
-                const uint64_t ne = r.read<uint64_t>("a tensor dimension");
-                if (ne == 0 || ne > uint64_t(std::numeric_limits<int64_t>::max()))
-                    r.bad(strfmt("tensor '%s' has invalid dimension %u: %llu", tn, d,
-                                 (unsigned long long)ne));
-                t.ne[d] = int64_t(ne);
-                if (!mul_ok(nelem, t.ne[d], &nelem))
-                    r.bad(strfmt("tensor '%s' has too many elements (overflow)", tn));
-            }
-            const uint32_t type = r.read<uint32_t>("a tensor type");
-            const TypeInfo* info = type_info(type);
-            if (info == nullptr)
-                r.bad(strfmt("tensor '%s' has unknown type id %u", tn, type));
-            if (!info->supported)
-                fail(strfmt("%s: tensor '%s' has type %s, which prosparse-rt does not support "
-                            "(supported: f32, f16, bf16, q8_0, q4_0, q4_1)", p, tn, info->name));
-            t.type = GgmlType(type);
-            if (t.ne[0] % info->block_size != 0)
-                r.bad(strfmt("tensor '%s' of type %s has rows of %lld elements, not a multiple of "
-                             "the block size %lld", tn, info->name, (long long)t.ne[0],
-                             (long long)info->block_size));
-            int64_t nbytes = 0;
-            if (!mul_ok(nelem / info->block_size, int64_t(info->block_bytes), &nbytes))
-                r.bad(strfmt("tensor '%s' is too large (overflow)", tn));
-            t.nbytes = size_t(nbytes);
-            const uint64_t off = r.read<uint64_t>("a tensor data offset");
-            if (off % alignment != 0)
-                r.bad(strfmt("tensor '%s' has data offset %llu, not a multiple of the alignment %llu",
-                             tn, (unsigned long long)off, (unsigned long long)alignment));
-            offsets.push_back(off);
+        tensors_.reserve(size_t(counts.n_tensors));
+        tensor_index_.reserve(size_t(counts.n_tensors));
+        std::vector<uint64_t> offsets(size_t(counts.n_tensors));
+        for (uint64_t ti = 0; ti < counts.n_tensors; ++ti) {
+            Tensor t = read_tensor_info(r, ti, alignment, p, tensor_index_, &offsets[size_t(ti)]);
             tensor_index_.emplace(t.name, tensors_.size());
             tensors_.push_back(std::move(t));
         }
-
-        // ---- tensor data: starts at the next multiple of the alignment ----
-        const uint64_t header_end = r.pos();
-        const uint64_t data_start = header_end + (alignment - header_end % alignment) % alignment;
-        if (!tensors_.empty() && (data_start < header_end || data_start > size_))
-            fail(strfmt("%s: file is truncated: tensor data would start at byte %llu, file has %zu",
-                        p, (unsigned long long)data_start, size_));
-        const uint64_t data_size = tensors_.empty() ? 0 : size_ - data_start;
-        for (size_t i = 0; i < tensors_.size(); ++i) {
-            Tensor& t = tensors_[i];
-            const uint64_t off = offsets[i];
-            if (off > data_size || t.nbytes > data_size - off)
-                fail(strfmt("%s: tensor '%s' (%zu bytes at data offset %llu) extends past the end of "
-                            "the file (%llu bytes of tensor data): the file is truncated or corrupt",
-                            p, t.name.c_str(), t.nbytes, (unsigned long long)off,
-                            (unsigned long long)data_size));
-            t.data = base_ + data_start + off;
-        }
+        place_tensor_data(tensors_, offsets, base_, size_, r.pos(), alignment, p);
     } catch (...) {
         ::munmap(base_, size_);
         base_ = nullptr;
@@ -381,7 +412,6 @@ GGUFFile::GGUFFile(const std::string& path) : path_(path) {
 
 GGUFFile::~GGUFFile() {
     if (base_ != nullptr) ::munmap(base_, size_);
-    if (fd_ >= 0) ::close(fd_);
 }
 
 const GGUFValue* GGUFFile::find(std::string_view key) const {
@@ -418,20 +448,37 @@ double as_float(const std::string& path, std::string_view key, const GGUFValue& 
     wrong_type(path, key, v, "a number");
 }
 
+// A string the runtime uses as text (architecture, activation, tokenizer kind...) must be UTF-8,
+// as the spec says; refusing it here names the key, where it would otherwise surface as an
+// unreadable name in another error message, or a decoding error in Python.
+std::string as_str(const std::string& path, std::string_view key, const GGUFValue& v) {
+    if (v.type != GGUFType::STRING) wrong_type(path, key, v, "string");
+    if (!valid_utf8(v.str))
+        fail(strfmt("%s: metadata key '%.*s' holds a string that is not valid UTF-8", path.c_str(),
+                    int(key.size()), key.data()));
+    return std::string(v.str);
+}
+
+// Element i of a numeric array value, decoded as a scalar of the array's element type.
+GGUFValue array_element(const GGUFValue& v, size_t i) {
+    GGUFValue e;
+    e.type = v.arr_type;
+    decode_scalar(v.arr_type, v.arr_data + i * value_size(v.arr_type), e);
+    return e;
+}
+
 }  // namespace
 
 std::string GGUFFile::get_str(std::string_view key) const {
     const GGUFValue* v = find(key);
     if (!v) missing(path_, key);
-    if (v->type != GGUFType::STRING) wrong_type(path_, key, *v, "string");
-    return std::string(v->str);
+    return as_str(path_, key, *v);
 }
 
 std::optional<std::string> GGUFFile::get_str_opt(std::string_view key) const {
     const GGUFValue* v = find(key);
     if (!v) return std::nullopt;
-    if (v->type != GGUFType::STRING) wrong_type(path_, key, *v, "string");
-    return std::string(v->str);
+    return as_str(path_, key, *v);
 }
 
 int64_t GGUFFile::get_int(std::string_view key) const {
@@ -477,13 +524,7 @@ std::vector<float> GGUFFile::get_float_array(std::string_view key) const {
     if (v->type != GGUFType::ARRAY || !(is_float_type(v->arr_type) || is_int_type(v->arr_type)))
         wrong_type(path_, key, *v, "array of numbers");
     std::vector<float> out(size_t(v->arr_n));
-    const size_t es = value_size(v->arr_type);
-    for (size_t i = 0; i < out.size(); ++i) {
-        GGUFValue e;
-        e.type = v->arr_type;
-        decode_scalar(v->arr_type, v->arr_data + i * es, e);
-        out[i] = float(as_float(path_, key, e));
-    }
+    for (size_t i = 0; i < out.size(); ++i) out[i] = float(as_float(path_, key, array_element(*v, i)));
     return out;
 }
 
@@ -493,13 +534,7 @@ std::vector<int64_t> GGUFFile::get_int_array(std::string_view key) const {
     if (v->type != GGUFType::ARRAY || !is_int_type(v->arr_type))
         wrong_type(path_, key, *v, "array of integers");
     std::vector<int64_t> out(size_t(v->arr_n));
-    const size_t es = value_size(v->arr_type);
-    for (size_t i = 0; i < out.size(); ++i) {
-        GGUFValue e;
-        e.type = v->arr_type;
-        decode_scalar(v->arr_type, v->arr_data + i * es, e);
-        out[i] = as_int(path_, key, e);
-    }
+    for (size_t i = 0; i < out.size(); ++i) out[i] = as_int(path_, key, array_element(*v, i));
     return out;
 }
 

@@ -55,6 +55,7 @@ public:
 
     // Typed getters. The plain ones throw if the key is missing; all throw if the stored type
     // cannot represent the request (e.g. a string where a number is wanted), naming the key.
+    // get_str/get_str_opt also refuse a string that is not UTF-8; string arrays stay raw bytes.
     std::string get_str(std::string_view key) const;
     std::optional<std::string> get_str_opt(std::string_view key) const;
     int64_t get_int(std::string_view key) const;  // any integer type
@@ -72,7 +73,6 @@ public:
 
 private:
     std::string path_;
-    int fd_ = -1;
     uint8_t* base_ = nullptr;
     size_t size_ = 0;
     uint32_t version_ = 0;

@@ -10,6 +10,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
+#include <functional>
 #include <thread>
 
 #include "attention.h"
@@ -23,13 +25,49 @@ namespace ps {
 
 namespace {
 
-// f32 copy of a 1-D tensor (norm weights), whatever its stored type.
-std::vector<float> to_f32(const Tensor& t) {
+// Whether n floats are all finite. Tests the exponent bits rather than calling std::isfinite, so
+// the loop has no branch and vectorises: it runs over every row of logits an eval returns.
+bool all_finite(const float* x, size_t n) {
+    uint32_t bad = 0;
+    for (size_t i = 0; i < n; ++i) {
+        uint32_t bits;
+        std::memcpy(&bits, x + i, sizeof bits);
+        bad |= uint32_t((bits & 0x7F800000u) == 0x7F800000u);
+    }
+    return bad == 0;
+}
+
+// f32 copy of a 1-D tensor (norm weights), whatever its stored type. A NaN or Inf here is a damaged
+// file (one in a norm turns every logit into NaN), so it is refused at load, naming the tensor.
+std::vector<float> to_f32(const GGUFFile& f, const Tensor& t) {
     std::vector<float> v(size_t(t.ne[0]) * size_t(t.nrows()));
     for (int64_t r = 0; r < t.nrows(); ++r)
         dequantize_row(t.type, t.row(r), v.data() + size_t(r) * size_t(t.ne[0]), t.ne[0]);
+    for (size_t i = 0; i < v.size(); ++i)
+        if (!std::isfinite(v[i]))
+            fail(strfmt("%s: tensor '%s' holds a non-finite value (%g at element %zu): the file is "
+                        "damaged", f.path().c_str(), t.name.c_str(), double(v[i]), i));
     return v;
 }
+
+// Leaves the cached positions as they were when an eval exits by an exception, so that a failed
+// eval leaves no half-written (possibly NaN) positions for the next one to attend to.
+class RestorePastOnThrow {
+public:
+    explicit RestorePastOnThrow(int& n_past)
+        : n_past_(n_past), saved_(n_past), exceptions_(std::uncaught_exceptions()) {}
+    ~RestorePastOnThrow() {
+        if (std::uncaught_exceptions() > exceptions_) n_past_ = saved_;
+    }
+    void rewind() const { n_past_ = saved_; }  // to run the same eval again
+    RestorePastOnThrow(const RestorePastOnThrow&) = delete;
+    RestorePastOnThrow& operator=(const RestorePastOnThrow&) = delete;
+
+private:
+    int& n_past_;
+    int saved_;
+    int exceptions_;
+};
 
 }  // namespace
 
@@ -64,6 +102,7 @@ struct Model::Impl {
     // its raw gate pre-activations for every token of the last eval.
     bool capture = false;
     std::vector<std::vector<float>> cap_x, cap_gate;  // attention, norms, output head, one embedding row
+    bool trace_non_finite = false;  // re-running an eval to locate non-finite logits
 };
 
 namespace {
@@ -136,12 +175,16 @@ HParams read_hparams(const GGUFFile& f) {
         hp.logit_scale = float(f.get_float(key(a, Key::LOGIT_SCALE), 1.0));
         if (!(hp.logit_scale != 0.0f) || !std::isfinite(hp.logit_scale))
             fail(strfmt("%s: invalid logit scale", f.path().c_str()));
+        if (!std::isfinite(hp.embedding_scale) || !std::isfinite(hp.residual_scale))
+            fail(strfmt("%s: the embedding and residual scales must be finite", f.path().c_str()));
     }
     // Activation: ours from prosparse.*; a PowerInfer file is ReLU; a plain llama.cpp file SiLU.
     if (auto act = f.get_str_opt(key(a, Key::PS_ACTIVATION))) {
         if (!activation_from_name(*act, &hp.act))
             fail(strfmt("%s: unknown activation '%s' (supported: silu, relu, fatrelu)", f.path().c_str(), act->c_str()));
         hp.act_threshold = float(f.get_float(key(a, Key::PS_ACTIVATION_THRESHOLD), 0.0));
+        if (!std::isfinite(hp.act_threshold))
+            fail(strfmt("%s: %s must be finite", f.path().c_str(), key(a, Key::PS_ACTIVATION_THRESHOLD).c_str()));
     } else if (f.is_powerinfer()) {
         hp.act = Activation::RELU;
     }
@@ -199,7 +242,7 @@ Model::Model(const std::string& path, const ModelParams& params)
     check_shape(f, m.output, E, hp_.n_vocab);
     const Tensor* onorm = require(f, tensor_name(TensorName::OUTPUT_NORM));
     check_shape(f, onorm, E, 1);
-    m.output_norm = to_f32(*onorm);
+    m.output_norm = to_f32(f, *onorm);
 
     m.layers.resize(size_t(hp_.n_layer));
     for (int il = 0; il < hp_.n_layer; ++il) {
@@ -226,8 +269,8 @@ Model::Model(const std::string& path, const ModelParams& params)
         L.act_t = hp_.act == Activation::SILU
                       ? (hp_.layer_thresholds.empty() ? 0.0f : hp_.layer_thresholds[size_t(il)])
                       : hp_.act_threshold;
-        m.attn_norm.push_back(to_f32(*L.attn_norm));
-        m.ffn_norm.push_back(to_f32(*L.ffn_norm));
+        m.attn_norm.push_back(to_f32(f, *L.attn_norm));
+        m.ffn_norm.push_back(to_f32(f, *L.ffn_norm));
     }
 
     if (params.n_ctx < 0) fail(strfmt("n_ctx must be >= 0, got %d", params.n_ctx));
@@ -458,6 +501,50 @@ void Model::rewind(int n) {
 
 namespace {
 
+// The steps of the forward after which the residual stream is checked while an eval is traced.
+enum class Step { EMBEDDING, ATTENTION, FFN };
+
+// While an eval is traced (fail_non_finite_logits): throws, naming the step and the tensors it
+// read, if the residual stream x (n floats) holds NaN or Inf after that step.
+void check_step(bool tracing, const float* x, size_t n, Step step, int layer) {
+    if (!tracing || all_finite(x, n)) return;
+    switch (step) {
+        case Step::EMBEDDING:
+            throw NumericError("the token embedding (token_embd.weight) gives non-finite values (NaN or "
+                               "Inf) for these tokens: the file is damaged");
+        case Step::ATTENTION:
+            throw NumericError(strfmt("layer %d's attention output is non-finite (NaN or Inf): its weights "
+                                      "(blk.%d.attn_*) are damaged or its activations overflow", layer, layer));
+        case Step::FFN:
+            throw NumericError(strfmt("layer %d's feed-forward output is non-finite (NaN or Inf): its weights "
+                                      "(blk.%d.ffn_*) are damaged or its activations overflow", layer, layer));
+    }
+}
+
+// Called when an eval's logits hold NaN or Inf, which no caller can use (greedy decoding would
+// return the first id, sampling garbage). Re-runs the eval traced, so that check_step names the
+// first step whose output went non-finite; untraced, those checks cost one branch a step. The
+// forward is deterministic, so the re-run computes the same numbers. The error names the file.
+[[noreturn]] void fail_non_finite_logits(bool& tracing, const GGUFFile& f,
+                                         const std::function<void()>& rerun) {
+    if (tracing)  // within the re-run, after every layer came out finite
+        throw NumericError("the output head (output_norm.weight, output.weight) gives non-finite logits "
+                           "(NaN or Inf) from finite hidden states: the file is damaged");
+    tracing = true;
+    try {
+        rerun();
+    } catch (const NumericError& e) {
+        tracing = false;
+        throw NumericError(f.path() + ": " + e.what());
+    } catch (...) {
+        tracing = false;
+        throw;
+    }
+    tracing = false;
+    throw NumericError(f.path() + ": the logits are non-finite (NaN or Inf), and re-running the tokens "
+                       "did not show where");
+}
+
 // One layer for the batch in m.x: attention (RMSNorm, q/k/v, RoPE, the cache, softmax, wo) and
 // the FFN (RMSNorm, the strategy on its executors), each added to the residual stream.
 void layer_forward(Model::Impl& m, const HParams& hp, int il, const TokenBatch& batch, FfnLayerStats& st) {
@@ -479,7 +566,8 @@ void layer_forward(Model::Impl& m, const HParams& hp, int il, const TokenBatch& 
     }
     attention(pool, hp, *m.kv, il, batch, m.q.data(), m.attn.data(), m.attn_scratch);
     matmul(pool, *L.wo, m.attn.data(), nb, m.branch.data(), m.act_buf);
-    vec_add_scaled(m.x.data(), m.branch.data(), hp.residual_scale, int64_t(nb) * E);
+    vec_axpy(m.x.data(), hp.residual_scale, m.branch.data(), int64_t(nb) * E);
+    check_step(m.trace_non_finite, m.x.data(), size_t(nb) * E, Step::ATTENTION, il);
 
     for (int t = 0; t < nb; ++t)
         rms_norm(m.xn.data() + size_t(t) * E, m.x.data() + size_t(t) * E, m.ffn_norm[size_t(il)].data(), E, hp.rms_eps);
@@ -493,7 +581,8 @@ void layer_forward(Model::Impl& m, const HParams& hp, int il, const TokenBatch& 
     }
     ffn_forward(pool, hp, L, m.ffn_opt, m.x.data(), m.xn.data(), nb, m.branch.data(), *m.cpu_ffn, m.hot_ffn.get(),
                 m.n_hot[size_t(il)], m.ffn, st);
-    vec_add_scaled(m.x.data(), m.branch.data(), hp.residual_scale, int64_t(nb) * E);
+    vec_axpy(m.x.data(), hp.residual_scale, m.branch.data(), int64_t(nb) * E);
+    check_step(m.trace_non_finite, m.x.data(), size_t(nb) * E, Step::FFN, il);
 }
 
 }  // namespace
@@ -507,6 +596,7 @@ void Model::eval(const int32_t* tokens, int n, bool all_logits, float* logits) {
             fail(strfmt("token id %d is out of range [0, %d)", tokens[i], hp_.n_vocab));
 
     Impl& m = *impl_;
+    const RestorePastOnThrow restore_past(n_past_);
     const auto t0 = std::chrono::steady_clock::now();
     if (m.capture) {
         m.cap_x.assign(size_t(hp_.n_layer), {});
@@ -533,6 +623,7 @@ void Model::eval(const int32_t* tokens, int n, bool all_logits, float* logits) {
             rope_table(m.rope_cs.data() + size_t(t) * size_t(hp_.n_rot), hp_.n_rot, batch.pos[t], hp_.rope_theta,
                        hp_.rope_freq_scale);
         }
+        check_step(m.trace_non_finite, m.x.data(), size_t(nb) * E, Step::EMBEDDING, -1);
         for (int il = 0; il < hp_.n_layer; ++il) layer_forward(m, hp_, il, batch, stats_.layers[size_t(il)]);
         n_past_ += nb;
 
@@ -545,6 +636,9 @@ void Model::eval(const int32_t* tokens, int n, bool all_logits, float* logits) {
             float* dst = logits + (all_logits ? size_t(b0) * V : 0);
             matmul(*m.pool, *m.output, m.xn.data(), n_out, dst, m.act_buf);
             if (hp_.logit_scale != 1.0f) vec_scale(dst, 1.0f / hp_.logit_scale, int64_t(n_out) * V);
+            if (!all_finite(dst, size_t(n_out) * V))
+                fail_non_finite_logits(m.trace_non_finite, *file_,
+                                       [&] { restore_past.rewind(); eval(tokens, n, all_logits, logits); });
         }
     }
 

@@ -66,7 +66,9 @@ public:
 
     // Runs n tokens at positions n_past .. n_past+n-1 and appends them to the KV cache.
     // Writes n_vocab logits for the last token, or for every token when all_logits, to `logits`
-    // (sized n_vocab or n * n_vocab). Throws if the context would overflow or an id is invalid.
+    // (sized n_vocab or n * n_vocab). Throws if the context would overflow or an id is invalid,
+    // and NumericError, naming the first layer that went non-finite, if the logits hold NaN or
+    // Inf. An eval that throws leaves n_past as it was.
     void eval(const int32_t* tokens, int n, bool all_logits, float* logits);
 
     // Calibration: while on, every eval records per layer the residual stream entering the FFN

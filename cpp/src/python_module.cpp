@@ -27,6 +27,15 @@ using ps::py::utf8_str;
 
 namespace {
 
+// Raises type with msg. Messages may quote bytes from a file (a token's text) that are not
+// UTF-8; PyErr_SetString would then raise a UnicodeDecodeError instead of the error itself.
+void set_error(PyObject* type, const char* msg) {
+    PyObject* s = PyUnicode_DecodeUTF8(msg, Py_ssize_t(std::strlen(msg)), "backslashreplace");
+    if (!s) return;  // the decoding error is set instead
+    PyErr_SetObject(type, s);
+    Py_DECREF(s);
+}
+
 nb::object gguf_value_to_py(const ps::GGUFValue& v) {
     using T = ps::GGUFType;
     switch (v.type) {
@@ -113,8 +122,10 @@ NB_MODULE(_core, m) {
     nb::register_exception_translator([](const std::exception_ptr& p, void*) {
         try {
             std::rethrow_exception(p);
+        } catch (const ps::NumericError& e) {
+            set_error(PyExc_RuntimeError, e.what());
         } catch (const ps::Error& e) {
-            PyErr_SetString(PyExc_ValueError, e.what());
+            set_error(PyExc_ValueError, e.what());
         }
     });
 

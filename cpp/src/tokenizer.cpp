@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstring>
 #include <deque>
 #include <queue>
@@ -190,6 +191,15 @@ protected:
     // starts the text or follows a special token (SentencePiece adds its space prefix then).
     virtual void encode_text(std::string_view text, bool after_special, std::vector<int32_t>& out) const = 0;
 
+    // tokenizer.ggml.add_bos_token (default: the model kind's) and add_eos_token (default false);
+    // each needs its token to exist.
+    void read_add_special(const GGUFFile& f, bool add_bos_default) {
+        add_bos_ = f.get_bool(kKeyAddBos, add_bos_default);
+        add_eos_ = f.get_bool(kKeyAddEos, false);
+        if (add_bos_ && bos_ < 0) fail(strfmt("%s: %s is true but there is no BOS token", f.path().c_str(), kKeyAddBos));
+        if (add_eos_ && eos_ < 0) fail(strfmt("%s: %s is true but there is no EOS token", f.path().c_str(), kKeyAddEos));
+    }
+
     int32_t find_token(std::string_view text) const {
         auto it = text_to_id_.find(text);
         return it == text_to_id_.end() ? -1 : it->second;
@@ -210,9 +220,40 @@ private:
         size_t begin, end;
     };
     std::vector<Fragment> partition(std::string_view text, bool parse_special) const;
+
+    // The construction steps: the token table and its text index, the special ids and the
+    // end-of-generation set, the special tokens the partition cuts out.
+    void load_tokens(const GGUFFile& f);
+    int32_t read_special_id(const GGUFFile& f, const char* key, int32_t def) const;
+    void load_special_ids(const GGUFFile& f, bool spm);
+    void collect_specials();
 };
 
 VocabTokenizer::VocabTokenizer(const GGUFFile& f, bool spm) : spm_(spm) {
+    load_tokens(f);
+    load_special_ids(f, spm);
+    // The defaults until the subclass reads the file's add_bos/add_eos (read_add_special).
+    add_bos_ = spm;
+    add_eos_ = false;
+    add_space_prefix_ = spm;
+    collect_specials();
+}
+
+// The attribute bits of one of llama.cpp's token types; false for a type it does not have.
+bool token_attr(int64_t type, uint8_t* a) {
+    switch (type) {
+        case TT_UNDEFINED: *a = 0; return true;
+        case TT_NORMAL: *a = A_NORMAL; return true;
+        case TT_UNKNOWN: *a = A_UNKNOWN; return true;
+        case TT_CONTROL: *a = A_CONTROL; return true;
+        case TT_USER_DEFINED: *a = A_USER; return true;
+        case TT_UNUSED: *a = A_UNUSED; return true;
+        case TT_BYTE: *a = A_BYTE; return true;
+        default: return false;
+    }
+}
+
+void VocabTokenizer::load_tokens(const GGUFFile& f) {
     const std::vector<std::string_view> tokens = f.get_str_array(kKeyTokens);
     if (tokens.empty()) fail(strfmt("%s: %s is missing or empty", f.path().c_str(), kKeyTokens));
     if (tokens.size() > size_t(INT32_MAX - 1))
@@ -231,18 +272,9 @@ VocabTokenizer::VocabTokenizer(const GGUFFile& f, bool spm) : spm_(spm) {
         tokens_.emplace_back(tokens[i]);
         const int64_t t = types.empty() ? TT_NORMAL : types[i];
         uint8_t a;
-        switch (t) {
-            case TT_UNDEFINED: a = 0; break;
-            case TT_NORMAL: a = A_NORMAL; break;
-            case TT_UNKNOWN: a = A_UNKNOWN; break;
-            case TT_CONTROL: a = A_CONTROL; break;
-            case TT_USER_DEFINED: a = A_USER; break;
-            case TT_UNUSED: a = A_UNUSED; break;
-            case TT_BYTE: a = A_BYTE; break;
-            default:
-                fail(strfmt("%s: token %zu has token type %lld, not one of llama.cpp's 0..6", f.path().c_str(), i,
-                            (long long)t));
-        }
+        if (!token_attr(t, &a))
+            fail(strfmt("%s: token %zu has token type %lld, not one of llama.cpp's 0..6", f.path().c_str(), i,
+                        (long long)t));
         if (a == A_BYTE && parse_byte_token(tokens[i]) < 0)
             fail(strfmt("%s: token %zu has type BYTE but its text '%.*s' is not of the form <0xNN>",
                         f.path().c_str(), i, int(std::min<size_t>(tokens[i].size(), 64)), tokens[i].data()));
@@ -254,37 +286,38 @@ VocabTokenizer::VocabTokenizer(const GGUFFile& f, bool spm) : spm_(spm) {
             fail(strfmt("%s: duplicate token '%.*s' (ids %d and %zu)", f.path().c_str(),
                         int(std::min<size_t>(tokens[i].size(), 64)), tokens[i].data(), ins.first->second, i));
     }
+}
 
-    // Special ids: llama.cpp's defaults per model kind, overridden by the file; an id outside the
-    // vocabulary is inconsistent metadata.
-    auto read_id = [&](const char* key, int32_t def) -> int32_t {
-        const GGUFValue* v = f.find(key);
-        if (!v) return def < int32_t(n) ? def : -1;
-        const int64_t id = f.get_int(key);
-        if (id < 0 || id >= int64_t(n))
-            fail(strfmt("%s: %s = %lld is outside the vocabulary [0, %zu)", f.path().c_str(), key, (long long)id, n));
-        return int32_t(id);
-    };
-    bos_ = read_id(kKeyBos, spm ? 1 : -1);
-    eos_ = read_id(kKeyEos, spm ? 2 : -1);
-    unk_ = read_id(kKeyUnk, spm ? 0 : -1);
-    const int32_t eot = read_id(kKeyEot, -1), eom = read_id(kKeyEom, -1);
-    int32_t fim_pad = read_id(kKeyFimPad, -1), fim_rep = read_id(kKeyFimRep, -1), fim_sep = read_id(kKeyFimSep, -1);
+// Special ids: llama.cpp's defaults per model kind, overridden by the file; an id outside the
+// vocabulary is inconsistent metadata.
+int32_t VocabTokenizer::read_special_id(const GGUFFile& f, const char* key, int32_t def) const {
+    const int32_t n = n_vocab();
+    if (!f.find(key)) return def < n ? def : -1;
+    const int64_t id = f.get_int(key);
+    if (id < 0 || id >= int64_t(n))
+        fail(strfmt("%s: %s = %lld is outside the vocabulary [0, %d)", f.path().c_str(), key, (long long)id, n));
+    return int32_t(id);
+}
 
-    // EOG set, as llama.cpp builds it: tokens whose text marks an end of turn (forced to control
-    // type, as llama.cpp does), FIM pad/repo/sep tokens, and the EOS/EOT/EOM ids.
-    auto find_any = [&](const auto& texts) -> int32_t {
-        for (const char* t : texts) {
-            auto it = text_to_id_.find(t);
-            if (it != text_to_id_.end()) return it->second;
-        }
-        return -1;
-    };
-    // Detected by text, they are forced to control type, as llama.cpp does.
+void VocabTokenizer::load_special_ids(const GGUFFile& f, bool spm) {
+    bos_ = read_special_id(f, kKeyBos, spm ? 1 : -1);
+    eos_ = read_special_id(f, kKeyEos, spm ? 2 : -1);
+    unk_ = read_special_id(f, kKeyUnk, spm ? 0 : -1);
+    const int32_t eot = read_special_id(f, kKeyEot, -1), eom = read_special_id(f, kKeyEom, -1);
+    int32_t fim_pad = read_special_id(f, kKeyFimPad, -1), fim_rep = read_special_id(f, kKeyFimRep, -1),
+            fim_sep = read_special_id(f, kKeyFimSep, -1);
+
+    // EOG set, as llama.cpp builds it: tokens whose text marks an end of turn, FIM pad/repo/sep
+    // tokens, and the EOS/EOT/EOM ids. Tokens detected by their text are forced to control type,
+    // as llama.cpp does.
     auto detect = [&](int32_t& id, const auto& texts) {
-        if (id >= 0) return;
-        id = find_any(texts);
-        if (id >= 0) attr_[size_t(id)] |= A_CONTROL;
+        for (const char* t : texts) {
+            if (id >= 0) break;
+            auto it = text_to_id_.find(t);
+            if (it == text_to_id_.end()) continue;
+            id = it->second;
+            attr_[size_t(id)] |= A_CONTROL;
+        }
     };
     detect(fim_pad, kFimPadTexts);
     detect(fim_rep, kFimRepTexts);
@@ -299,15 +332,11 @@ VocabTokenizer::VocabTokenizer(const GGUFFile& f, bool spm) : spm_(spm) {
     }
     std::sort(eog_ids_.begin(), eog_ids_.end());
     eog_ids_.erase(std::unique(eog_ids_.begin(), eog_ids_.end()), eog_ids_.end());
+}
 
-    // add_bos defaults: SentencePiece vocabularies add BOS, byte-level ones only for the Llama-3
-    // pre-tokenizer family (set by the subclass before the key override in BpeTokenizer).
-    add_bos_ = spm;
-    add_eos_ = false;
-    add_space_prefix_ = spm;
-
-    // Special tokens for the partition, longest first so that e.g. "<|im_start|>" wins over "<".
-    for (size_t i = 0; i < n; ++i)
+// Special tokens for the partition, longest first so that e.g. "<|im_start|>" wins over "<".
+void VocabTokenizer::collect_specials() {
+    for (size_t i = 0; i < tokens_.size(); ++i)
         if ((attr_[i] & (A_CONTROL | A_USER | A_UNKNOWN)) && !tokens_[i].empty()) specials_.push_back(int32_t(i));
     std::stable_sort(specials_.begin(), specials_.end(), [&](int32_t a, int32_t b) {
         return tokens_[size_t(a)].size() > tokens_[size_t(b)].size();
@@ -425,11 +454,13 @@ SpmTokenizer::SpmTokenizer(const GGUFFile& f) : VocabTokenizer(f, true) {
     if (scores_.empty()) scores_.assign(n, 0.0f);
     if (scores_.size() != n)
         fail(strfmt("%s: %s has %zu entries but %s has %zu", f.path().c_str(), kKeyScores, scores_.size(), kKeyTokens, n));
-    add_bos_ = f.get_bool(kKeyAddBos, true);
-    add_eos_ = f.get_bool(kKeyAddEos, false);
+    // The merge queue orders by score, and NaN has no order (undefined behaviour in the queue);
+    // infinities do order, and some converters write -inf for pieces never to merge.
+    for (size_t i = 0; i < n; ++i)
+        if (std::isnan(scores_[i]))
+            fail(strfmt("%s: %s[%zu] is NaN: the file is damaged", f.path().c_str(), kKeyScores, i));
+    read_add_special(f, true);
     add_space_prefix_ = f.get_bool(kKeyAddSpacePrefix, true);
-    if (add_bos_ && bos_ < 0) fail(strfmt("%s: %s is true but there is no BOS token", f.path().c_str(), kKeyAddBos));
-    if (add_eos_ && eos_ < 0) fail(strfmt("%s: %s is true but there is no EOS token", f.path().c_str(), kKeyAddEos));
 
     static const char hex[] = "0123456789ABCDEF";
     for (int b = 0; b < 256; ++b) {
@@ -606,6 +637,24 @@ private:
     }
     static uint64_t pair_key(int32_t a, int32_t b) { return (uint64_t(uint32_t(a)) << 32) | uint32_t(b); }
 
+    // Buffers for merge_word, reused across the words of one text.
+    struct MergeScratch {
+        struct Sym { int32_t id; int prev, next; bool alive; };
+        struct Cand { int32_t rank; int left, right; int32_t lid, rid, result; };
+        struct Cmp {  // lowest rank first, leftmost on ties
+            bool operator()(const Cand& a, const Cand& b) const {
+                return a.rank > b.rank || (a.rank == b.rank && a.left > b.left);
+            }
+        };
+        std::vector<Sym> sym;
+        std::string spelled;
+    };
+    // ignore_merges: a word that is itself a token is that token; false if it is not one.
+    bool emit_whole_word(std::string_view word, std::string& spelled, std::vector<int32_t>& out) const;
+    // BPE over one word: one symbol per byte, then merges, lowest rank first, leftmost on ties.
+    void merge_word(std::string_view word, MergeScratch& scratch, std::vector<int32_t>& out) const;
+    void emit_symbol(int32_t id, std::vector<int32_t>& out) const;
+
     std::vector<Split> steps_;
     bool ignore_merges_ = false;
     // Symbols are interned strings: ids below n_vocab are tokens, the rest (merge parts that are
@@ -636,11 +685,8 @@ BpeTokenizer::BpeTokenizer(const GGUFFile& f) : VocabTokenizer(f, false) {
     }
     steps_ = p->steps;
     ignore_merges_ = p->ignore_merges;
-    add_bos_ = f.get_bool(kKeyAddBos, p->add_bos);
-    add_eos_ = f.get_bool(kKeyAddEos, false);
+    read_add_special(f, p->add_bos);
     add_space_prefix_ = false;  // byte-level BPE spells spaces itself
-    if (add_bos_ && bos_ < 0) fail(strfmt("%s: %s is true but there is no BOS token", f.path().c_str(), kKeyAddBos));
-    if (add_eos_ && eos_ < 0) fail(strfmt("%s: %s is true but there is no EOS token", f.path().c_str(), kKeyAddEos));
 
     const std::vector<std::string_view> merges = f.get_str_array(kKeyMerges);
     if (merges.empty()) fail(strfmt("%s: byte-level BPE needs %s, which is missing or empty", f.path().c_str(), kKeyMerges));
@@ -710,65 +756,109 @@ void split_isolated(const std::vector<std::pair<uint32_t, uint32_t>>& in, std::v
     }
 }
 
-void BpeTokenizer::encode_text(std::string_view text, bool, std::vector<int32_t>& out) const {
-    // Units: code points of valid UTF-8, or single invalid bytes, which we classify like U+FFFD
-    // (a symbol; llama.cpp replaces them by U+FFFD) but keep as their own byte.
-    std::vector<uint32_t> cps, offs;
-    std::vector<uint8_t> fl;
-    cps.reserve(text.size());
-    offs.reserve(text.size() + 1);
-    fl.reserve(text.size());
-    for (size_t i = 0; i < text.size();) {
-        uint32_t cp;
-        const size_t len = uc::decode_utf8(text.data(), text.size(), i, cp);
-        cps.push_back(cp);
-        offs.push_back(uint32_t(i));
-        fl.push_back(uc::flags(cp == uc::kInvalid ? 0xFFFD : cp));
-        i += len;
-    }
-    offs.push_back(uint32_t(text.size()));
+// Text as the pre-tokenizer regexes see it. Units: code points of valid UTF-8, or single invalid
+// bytes, which are classified like U+FFFD (a symbol; llama.cpp replaces them by U+FFFD) but keep
+// their own byte.
+class PreTokenizerText {
+public:
+    using Range = std::pair<uint32_t, uint32_t>;  // units [first, second)
 
-    const auto cls = [&](uint32_t p) { return fl[p] & uc::kClassMask; };
-    const auto is_l = [&](uint32_t p) { return cls(p) == uc::kLetter; };
-    const auto is_n = [&](uint32_t p) { return cls(p) == uc::kNumber; };
-    const auto is_ws = [&](uint32_t p) { return (fl[p] & uc::kWhitespace) != 0; };
-    const auto is_nl = [&](uint32_t p) { return cps[p] == '\r' || cps[p] == '\n'; };
-    const auto is_dollar_etc = [](uint32_t c) {
+    explicit PreTokenizerText(std::string_view text) {
+        cps_.reserve(text.size());
+        offs_.reserve(text.size() + 1);
+        fl_.reserve(text.size());
+        for (size_t i = 0; i < text.size();) {
+            uint32_t cp;
+            const size_t len = uc::decode_utf8(text.data(), text.size(), i, cp);
+            cps_.push_back(cp);
+            offs_.push_back(uint32_t(i));
+            fl_.push_back(uc::flags(cp == uc::kInvalid ? 0xFFFD : cp));
+            i += len;
+        }
+        offs_.push_back(uint32_t(text.size()));
+    }
+
+    uint32_t byte_offset(uint32_t unit) const { return offs_[unit]; }
+
+    // The words: the whole text cut by each split step in turn.
+    std::vector<Range> split(const std::vector<Split>& steps) const {
+        std::vector<Range> words, tmp;
+        if (!cps_.empty()) words.push_back({0u, uint32_t(cps_.size())});
+        for (Split st : steps) {
+            split_isolated(words, tmp, [&](uint32_t p, uint32_t e) { return match(st, p, e); });
+            words.swap(tmp);
+        }
+        return words;
+    }
+
+private:
+    // Length of step's match at pos (< e), 0 if none.
+    uint32_t match(Split step, uint32_t pos, uint32_t e) const {
+        switch (step) {
+            case Split::NUMBER_EACH: return is_n(pos) ? 1 : 0;
+            case Split::NUMBER_RUN: {
+                uint32_t q = pos;
+                while (q < e && is_n(q)) ++q;
+                return q - pos;
+            }
+            case Split::PUNCT_RUN: {
+                uint32_t q = pos;
+                while (q < e && (cls(q) == uc::kPunct || is_dollar_etc(cps_[q]))) ++q;
+                return q - pos;
+            }
+            case Split::ASCII_DIGIT3:
+                for (uint32_t k = 0; k < 3; ++k)
+                    if (pos + k >= e || cps_[pos + k] < '0' || cps_[pos + k] > '9') return 0;
+                return 3;
+            case Split::GPT2: return gpt2(pos, e);
+            case Split::LLAMA3: return llama3(pos, e, 3);
+            case Split::QWEN2: return llama3(pos, e, 1);
+        }
+        return 0;
+    }
+
+    uint8_t cls(uint32_t p) const { return fl_[p] & uc::kClassMask; }
+    bool is_l(uint32_t p) const { return cls(p) == uc::kLetter; }
+    bool is_n(uint32_t p) const { return cls(p) == uc::kNumber; }
+    bool is_ws(uint32_t p) const { return (fl_[p] & uc::kWhitespace) != 0; }
+    bool is_nl(uint32_t p) const { return cps_[p] == '\r' || cps_[p] == '\n'; }
+    static bool is_dollar_etc(uint32_t c) {
         return c == '$' || c == '+' || c == '<' || c == '=' || c == '>' || c == '^' || c == '~' || c == '|';
-    };
-    const auto lower = [&](uint32_t p) { uint32_t c = cps[p]; return (c >= 'A' && c <= 'Z') ? c + 32 : c; };
+    }
+    uint32_t lower(uint32_t p) const { const uint32_t c = cps_[p]; return (c >= 'A' && c <= 'Z') ? c + 32 : c; }
 
     // 's 't 're 've 'm 'll 'd at pos (case-insensitive for the Llama-3 family): its length or 0.
-    const auto contraction = [&](uint32_t pos, uint32_t e, bool ci) -> uint32_t {
-        if (cps[pos] != '\'' || pos + 1 >= e) return 0;
-        const uint32_t a = ci ? lower(pos + 1) : cps[pos + 1];
+    uint32_t contraction(uint32_t pos, uint32_t e, bool ci) const {
+        if (cps_[pos] != '\'' || pos + 1 >= e) return 0;
+        const uint32_t a = ci ? lower(pos + 1) : cps_[pos + 1];
         if (a == 's' || a == 't' || a == 'm' || a == 'd') return 2;
         if (pos + 2 >= e) return 0;
-        const uint32_t b = ci ? lower(pos + 2) : cps[pos + 2];
+        const uint32_t b = ci ? lower(pos + 2) : cps_[pos + 2];
         if ((a == 'r' && b == 'e') || (a == 'v' && b == 'e') || (a == 'l' && b == 'l')) return 3;
         return 0;
-    };
+    }
+
     // \s+(?!\S) | \s+ at pos (pos is white space): leave the last space of a run for the word
     // that follows it.
-    const auto spaces = [&](uint32_t pos, uint32_t e) -> uint32_t {
+    uint32_t spaces(uint32_t pos, uint32_t e) const {
         uint32_t w = 0;
         while (pos + w < e && is_ws(pos + w)) ++w;
         if (w > 1 && pos + w < e) return w - 1;
         return w;
-    };
+    }
 
-    const auto gpt2 = [&](uint32_t pos, uint32_t e) -> uint32_t {
+    uint32_t gpt2(uint32_t pos, uint32_t e) const {
         if (uint32_t m = contraction(pos, e, false)) return m;
-        const uint32_t q = (cps[pos] == ' ' && pos + 1 < e) ? pos + 1 : pos;  // " ?"
+        const uint32_t q = (cps_[pos] == ' ' && pos + 1 < e) ? pos + 1 : pos;  // " ?"
         uint32_t p = q;
         if (is_l(q)) { while (p < e && is_l(p)) ++p; return p - pos; }
         if (is_n(q)) { while (p < e && is_n(p)) ++p; return p - pos; }
         if (!is_ws(q)) { while (p < e && !is_ws(p) && !is_l(p) && !is_n(p)) ++p; return p - pos; }
         const uint32_t w = spaces(pos, e);
         return w ? w : 1;
-    };
+    }
 
-    const auto llama3 = [&](uint32_t pos, uint32_t e, uint32_t max_digits) -> uint32_t {
+    uint32_t llama3(uint32_t pos, uint32_t e, uint32_t max_digits) const {
         if (uint32_t m = contraction(pos, e, true)) return m;
         // [^\r\n\p{L}\p{N}]?\p{L}+
         if (!is_nl(pos) && !is_n(pos)) {
@@ -783,7 +873,7 @@ void BpeTokenizer::encode_text(std::string_view text, bool, std::vector<int32_t>
             return p - pos;
         }
         //  ?[^\s\p{L}\p{N}]+[\r\n]*
-        const uint32_t q = (cps[pos] == ' ' && pos + 1 < e) ? pos + 1 : pos;
+        const uint32_t q = (cps_[pos] == ' ' && pos + 1 < e) ? pos + 1 : pos;
         if (!is_ws(q) && !is_l(q) && !is_n(q)) {
             uint32_t p = q;
             while (p < e && !is_ws(p) && !is_l(p) && !is_n(p)) ++p;
@@ -799,110 +889,76 @@ void BpeTokenizer::encode_text(std::string_view text, bool, std::vector<int32_t>
         if (last_nl) return last_nl;
         if (w > 1 && pos + w < e) return w - 1;
         return w ? w : 1;
-    };
-
-    std::vector<std::pair<uint32_t, uint32_t>> words{{0u, uint32_t(cps.size())}}, tmp;
-    if (cps.empty()) words.clear();
-    for (Split st : steps_) {
-        switch (st) {
-            case Split::NUMBER_EACH:
-                split_isolated(words, tmp, [&](uint32_t p, uint32_t) -> uint32_t { return is_n(p) ? 1 : 0; });
-                break;
-            case Split::NUMBER_RUN:
-                split_isolated(words, tmp, [&](uint32_t p, uint32_t e) -> uint32_t {
-                    uint32_t q = p;
-                    while (q < e && is_n(q)) ++q;
-                    return q - p;
-                });
-                break;
-            case Split::PUNCT_RUN:
-                split_isolated(words, tmp, [&](uint32_t p, uint32_t e) -> uint32_t {
-                    uint32_t q = p;
-                    while (q < e && (cls(q) == uc::kPunct || is_dollar_etc(cps[q]))) ++q;
-                    return q - p;
-                });
-                break;
-            case Split::ASCII_DIGIT3:
-                split_isolated(words, tmp, [&](uint32_t p, uint32_t e) -> uint32_t {
-                    for (uint32_t k = 0; k < 3; ++k)
-                        if (p + k >= e || cps[p + k] < '0' || cps[p + k] > '9') return 0;
-                    return 3;
-                });
-                break;
-            case Split::GPT2:
-                split_isolated(words, tmp, gpt2);
-                break;
-            case Split::LLAMA3:
-                split_isolated(words, tmp, [&](uint32_t p, uint32_t e) { return llama3(p, e, 3); });
-                break;
-            case Split::QWEN2:
-                split_isolated(words, tmp, [&](uint32_t p, uint32_t e) { return llama3(p, e, 1); });
-                break;
-        }
-        words.swap(tmp);
     }
 
-    // BPE over each word: one symbol per byte, then merges, lowest rank first, leftmost on ties.
-    struct Sym { int32_t id; int prev, next; bool alive; };
-    struct Cand { int32_t rank; int left, right; int32_t lid, rid, result; };
-    struct Cmp {
-        bool operator()(const Cand& a, const Cand& b) const {
-            return a.rank > b.rank || (a.rank == b.rank && a.left > b.left);
-        }
-    };
-    std::vector<Sym> sym;
-    std::vector<Cand> heap_storage;
-    const ByteAlphabet& ab = byte_alphabet();
-    std::string spelled;
+    std::vector<uint32_t> cps_, offs_;
+    std::vector<uint8_t> fl_;
+};
 
-    for (const auto& w : words) {
-        const uint32_t b0 = offs[w.first], b1 = offs[w.second];
-        if (ignore_merges_) {
-            spelled.clear();
-            for (uint32_t k = b0; k < b1; ++k) uc::append_utf8(spelled, ab.byte_to_cp[uint8_t(text[k])]);
-            const int32_t id = find_token(spelled);
-            if (id >= 0) { out.push_back(id); continue; }
-        }
-        sym.clear();
-        for (uint32_t k = b0; k < b1; ++k) {
-            const int idx = int(sym.size());
-            sym.push_back({byte_sym_[uint8_t(text[k])], idx - 1, k + 1 < b1 ? idx + 1 : -1, true});
-        }
-        heap_storage.clear();
-        std::priority_queue<Cand, std::vector<Cand>, Cmp> heap(Cmp(), std::move(heap_storage));
-        auto try_add = [&](int l, int r) {
-            if (l < 0 || r < 0) return;
-            auto it = merges_.find(pair_key(sym[size_t(l)].id, sym[size_t(r)].id));
-            if (it == merges_.end()) return;
-            heap.push({it->second.rank, l, r, sym[size_t(l)].id, sym[size_t(r)].id, it->second.result});
-        };
-        for (size_t i = 1; i < sym.size(); ++i) try_add(int(i - 1), int(i));
-        while (!heap.empty()) {
-            const Cand c = heap.top();
-            heap.pop();
-            Sym& L = sym[size_t(c.left)];
-            Sym& R = sym[size_t(c.right)];
-            if (!L.alive || !R.alive || L.next != c.right || L.id != c.lid || R.id != c.rid) continue;  // stale
-            L.id = c.result;
-            R.alive = false;
-            L.next = R.next;
-            if (R.next >= 0) sym[size_t(R.next)].prev = c.left;
-            try_add(L.prev, c.left);
-            try_add(c.left, L.next);
-        }
-        for (int i = sym.empty() ? -1 : 0; i >= 0; i = sym[size_t(i)].next) {
-            const int32_t id = sym[size_t(i)].id;
-            if (id < n_vocab()) { out.push_back(id); continue; }
-            // A symbol that is not a token (inconsistent merges): its bytes one by one, as llama.cpp.
-            const std::string& t = sym_text(id);
-            for (size_t k = 0; k < t.size();) {
-                uint32_t cp;
-                const size_t len = uc::decode_utf8(t.data(), t.size(), k, cp);
-                if (cp != uc::kInvalid && cp < 324 && ab.cp_to_byte[cp] >= 0 && byte_tok_[ab.cp_to_byte[cp]] >= 0)
-                    out.push_back(byte_tok_[ab.cp_to_byte[cp]]);
-                k += len;
-            }
-        }
+void BpeTokenizer::encode_text(std::string_view text, bool, std::vector<int32_t>& out) const {
+    const PreTokenizerText units(text);
+    MergeScratch scratch;
+    for (const auto& w : units.split(steps_)) {
+        const uint32_t b0 = units.byte_offset(w.first), b1 = units.byte_offset(w.second);
+        const std::string_view word = text.substr(b0, b1 - b0);
+        if (ignore_merges_ && emit_whole_word(word, scratch.spelled, out)) continue;
+        merge_word(word, scratch, out);
+    }
+}
+
+bool BpeTokenizer::emit_whole_word(std::string_view word, std::string& spelled, std::vector<int32_t>& out) const {
+    const ByteAlphabet& ab = byte_alphabet();
+    spelled.clear();
+    for (char c : word) uc::append_utf8(spelled, ab.byte_to_cp[uint8_t(c)]);
+    const int32_t id = find_token(spelled);
+    if (id < 0) return false;
+    out.push_back(id);
+    return true;
+}
+
+void BpeTokenizer::merge_word(std::string_view word, MergeScratch& scratch, std::vector<int32_t>& out) const {
+    std::vector<MergeScratch::Sym>& sym = scratch.sym;
+    sym.clear();
+    for (size_t k = 0; k < word.size(); ++k) {
+        const int idx = int(k);
+        sym.push_back({byte_sym_[uint8_t(word[k])], idx - 1, k + 1 < word.size() ? idx + 1 : -1, true});
+    }
+    using Cand = MergeScratch::Cand;
+    std::priority_queue<Cand, std::vector<Cand>, MergeScratch::Cmp> heap;
+    auto try_add = [&](int l, int r) {
+        if (l < 0 || r < 0) return;
+        auto it = merges_.find(pair_key(sym[size_t(l)].id, sym[size_t(r)].id));
+        if (it == merges_.end()) return;
+        heap.push({it->second.rank, l, r, sym[size_t(l)].id, sym[size_t(r)].id, it->second.result});
+    };
+    for (size_t i = 1; i < sym.size(); ++i) try_add(int(i - 1), int(i));
+    while (!heap.empty()) {
+        const Cand c = heap.top();
+        heap.pop();
+        MergeScratch::Sym& L = sym[size_t(c.left)];
+        MergeScratch::Sym& R = sym[size_t(c.right)];
+        if (!L.alive || !R.alive || L.next != c.right || L.id != c.lid || R.id != c.rid) continue;  // stale
+        L.id = c.result;
+        R.alive = false;
+        L.next = R.next;
+        if (R.next >= 0) sym[size_t(R.next)].prev = c.left;
+        try_add(L.prev, c.left);
+        try_add(c.left, L.next);
+    }
+    for (int i = sym.empty() ? -1 : 0; i >= 0; i = sym[size_t(i)].next) emit_symbol(sym[size_t(i)].id, out);
+}
+
+void BpeTokenizer::emit_symbol(int32_t id, std::vector<int32_t>& out) const {
+    if (id < n_vocab()) { out.push_back(id); return; }
+    // A symbol that is not a token (inconsistent merges): its bytes one by one, as llama.cpp.
+    const ByteAlphabet& ab = byte_alphabet();
+    const std::string& t = sym_text(id);
+    for (size_t k = 0; k < t.size();) {
+        uint32_t cp;
+        const size_t len = uc::decode_utf8(t.data(), t.size(), k, cp);
+        if (cp != uc::kInvalid && cp < 324 && ab.cp_to_byte[cp] >= 0 && byte_tok_[ab.cp_to_byte[cp]] >= 0)
+            out.push_back(byte_tok_[ab.cp_to_byte[cp]]);
+        k += len;
     }
 }
 

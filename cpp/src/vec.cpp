@@ -30,10 +30,6 @@ PS_CLONES void vec_scale(float* y, float a, int64_t n) {
     for (int64_t i = 0; i < n; ++i) y[i] *= a;
 }
 
-PS_CLONES void vec_add_scaled(float* y, const float* x, float a, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
-}
-
 PS_CLONES void rms_norm(float* y, const float* x, const float* w, int64_t n, float eps) {
     double ss = 0.0;  // double: the mean of squares over thousands of elements
     for (int64_t i = 0; i < n; ++i) ss += double(x[i]) * double(x[i]);

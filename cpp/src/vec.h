@@ -8,9 +8,8 @@
 namespace ps {
 
 float vec_dot(const float* a, const float* b, int64_t n);
-void vec_axpy(float* y, float a, const float* x, int64_t n);       // y += a * x
-void vec_scale(float* y, float a, int64_t n);                      // y *= a
-void vec_add_scaled(float* y, const float* x, float a, int64_t n); // y += a * x (residual adds)
+void vec_axpy(float* y, float a, const float* x, int64_t n);  // y += a * x (BLAS's order)
+void vec_scale(float* y, float a, int64_t n);                 // y *= a
 // y = x / sqrt(mean(x^2) + eps) * w   (RMSNorm, as LLaMA and transformers compute it)
 void rms_norm(float* y, const float* x, const float* w, int64_t n, float eps);
 // x = softmax(x) in place; returns nothing. Max-subtracted for stability.
