@@ -137,6 +137,8 @@ nb::dict hparams_dict(const ps::HParams& hp) {
 
 }  // namespace
 
+void bind_placement(nb::module_& m);  // python_placement.cpp
+
 NB_MODULE(_core, m) {
     m.doc() = "prosparse-rt native core (use prosparse_rt.Model instead)";
     nb::register_exception_translator([](const std::exception_ptr& p, void*) {
@@ -308,6 +310,7 @@ NB_MODULE(_core, m) {
     m.def("cuda_devices", [cuda_status]() { return nb::borrow<nb::list>(cuda_status()["devices"]); },
           "The usable GPUs: [{'index', 'name', 'compute_capability' ('8.9'), 'total_memory', "
           "'free_memory' (bytes)}]; [] without a driver or device (cuda_status()['reason'] says why).");
+    bind_placement(m);
 
     // Low-level hooks for the tests, which compare our kernels and loader against the gguf
     // package and numpy. Not part of the API.
