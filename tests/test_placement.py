@@ -343,4 +343,4 @@ def test_llama2_7b_shape_at_4_8_24_gib():
 
 
 if __name__ == "__main__":
-    print(placement_table((2, 4, 5, 8, 24))[0])
+    print(placement_table((2, 4, 8, 24))[0])
