@@ -243,6 +243,12 @@ def test_unordered_file_is_an_error_naming_the_fix():
     assert _core.placement([layer], 0, 100, group=1)["layers"][0]["n_hot"] == 3
 
 
+def test_freq_may_be_any_one_dimensional_sequence():
+    for freq in ([0.5, 0.2], np.array([0.5, 0.2]), np.array([0.9, 0.5, 0.2], np.float32)[::2]):
+        layer = {"neuron_bytes_fired": 1, "freq": freq}
+        assert _core.placement([layer], 0, 10, group=1)["layers"][0]["n_hot"] == 2
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(budget_bytes=-1), "budget_bytes must be >= 0"),
     (dict(budget_bytes=1.5), "budget_bytes must be an int"),
@@ -253,6 +259,8 @@ def test_unordered_file_is_an_error_naming_the_fix():
     (dict(layers=[{"attn_bytes": 1}]), "unknown key 'attn_bytes'"),
     (dict(layers=[{"freq": np.array([1.5], np.float32)}]), r"frequency 1\.5, outside \[0, 1\]"),
     (dict(layers=[{"freq": np.array([np.nan], np.float32)}]), "outside"),
+    (dict(layers=[{"freq": np.ones((2, 64), np.float32)}]), "freq must be one-dimensional"),
+    (dict(layers=[7]), "layer 0 is not a dict"),
 ])
 def test_bad_parameters_raise(kwargs, match):
     args = dict(layers=[], output_bytes=0, budget_bytes=0, group=64)

@@ -48,7 +48,11 @@ ps::PlacementLayer layer_from(nb::handle h, size_t l) {
     L.neuron_bytes_always = get("neuron_bytes_always");
     L.neuron_bytes_fired = get("neuron_bytes_fired");
     if (d.contains("freq")) {
-        auto f = nb::cast<nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu>>(d["freq"]);
+        // any sequence of numbers: numpy converts it (a float32 C-contiguous array is not copied)
+        nb::object a = nb::module_::import_("numpy").attr("ascontiguousarray")(d["freq"], "dtype"_a = "float32");
+        nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> f;
+        if (!nb::try_cast(a, f))
+            throw ps::Error(ps::strfmt("placement: layer %zu's freq must be one-dimensional", l));
         L.freq.assign(f.data(), f.data() + f.shape(0));
     }
     return L;
