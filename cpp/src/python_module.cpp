@@ -11,6 +11,7 @@
 
 #include "common.h"
 #include "cpu/kernels.h"
+#include "cuda/device.h"
 #include "gguf.h"
 #include "model.h"
 #include "python_bindings.h"
@@ -116,6 +117,8 @@ nb::dict hparams_dict(const ps::HParams& hp) {
 }
 
 }  // namespace
+
+void bind_placement(nb::module_& m);  // python_placement.cpp
 
 NB_MODULE(_core, m) {
     m.doc() = "prosparse-rt native core (use prosparse_rt.Model instead)";
@@ -282,4 +285,30 @@ NB_MODULE(_core, m) {
           "The instruction set whose kernels run: scalar, avx2 or avx512 (chosen at start-up from the CPU).");
 
     ps::py::register_test_hooks(m);
+
+    auto cuda_status = []() {
+        ps::cuda::Status st;
+        {
+            nb::gil_scoped_release r;  // the first query initialises the driver: can take seconds
+            st = ps::cuda::status();
+        }
+        nb::list devs;
+        for (const auto& d : st.devices) {
+            nb::dict x;
+            x["index"] = d.index; x["name"] = d.name;
+            x["compute_capability"] = ps::strfmt("%d.%d", d.cc_major, d.cc_minor);
+            x["total_memory"] = d.total_memory; x["free_memory"] = d.free_memory;
+            devs.append(x);
+        }
+        nb::dict r;
+        r["compiled"] = st.compiled; r["devices"] = devs; r["reason"] = st.reason;
+        return r;
+    };
+    m.def("cuda_status", cuda_status,
+          "{'compiled': this build has CUDA, 'devices': the usable GPUs, 'reason': why there is no "
+          "usable GPU (no driver, no device, too old, built without CUDA), or '' when all are usable}");
+    m.def("cuda_devices", [cuda_status]() { return nb::borrow<nb::list>(cuda_status()["devices"]); },
+          "The usable GPUs: [{'index', 'name', 'compute_capability' ('8.9'), 'total_memory', "
+          "'free_memory' (bytes)}]; [] without a driver or device (cuda_status()['reason'] says why).");
+    bind_placement(m);
 }

@@ -1,0 +1,181 @@
+// Device query and device memory, compiled by nvcc when the build has CUDA (PROSPARSE_HAVE_CUDA).
+// cudart is linked statically, so nothing here runs at load: a machine without a driver imports
+// the module and gets "no driver" from status().
+#include "cuda/device.h"
+
+#include <cuda_runtime.h>
+
+#include "common.h"
+
+namespace ps::cuda {
+
+namespace {
+
+std::string describe(cudaError_t e) {
+    return strfmt("%s (error %d: %s)", cudaGetErrorName(e), int(e), cudaGetErrorString(e));
+}
+
+void check(cudaError_t e, const char* what) {
+    if (e != cudaSuccess) {
+        cudaGetLastError();  // clear it, so the next call does not report it again
+        throw CudaError("CUDA: " + std::string(what) + " failed: " + describe(e));
+    }
+}
+
+// Sets the current device for the duration of a scope and restores the caller's afterwards, so a
+// query or an allocation on device N does not move the caller's work to N.
+class DeviceScope {
+public:
+    explicit DeviceScope(int device) {
+        check(cudaGetDevice(&prev_), "cudaGetDevice");
+        check(cudaSetDevice(device), "cudaSetDevice");
+    }
+    ~DeviceScope() { cudaSetDevice(prev_); }
+    DeviceScope(const DeviceScope&) = delete;
+    DeviceScope& operator=(const DeviceScope&) = delete;
+
+private:
+    int prev_ = 0;
+};
+
+constexpr unsigned kProbeValue = 0x70737274u;
+
+// One thread writes a known word: the device can run this build's machine code (or JIT its PTX).
+// A device the fat binary has no code for fails here with cudaErrorNoKernelImageForDevice, a driver
+// too old for the PTX with cudaErrorUnsupportedPtxVersion, before any model is loaded.
+__global__ void probe_kernel(unsigned* out) { *out = kProbeValue; }
+
+// "" when the device is usable, else why not. The caller has made `device` current.
+std::string probe(int device) {
+    unsigned* d = nullptr;
+    cudaError_t e = cudaMalloc(&d, sizeof(unsigned));
+    if (e != cudaSuccess) {
+        cudaGetLastError();
+        return "cannot allocate device memory: " + describe(e);
+    }
+    probe_kernel<<<1, 1>>>(d);
+    e = cudaGetLastError();
+    unsigned h = 0;
+    if (e == cudaSuccess) e = cudaMemcpy(&h, d, sizeof h, cudaMemcpyDeviceToHost);
+    cudaFree(d);
+    cudaGetLastError();
+    if (e != cudaSuccess) return "cannot run this build's code: " + describe(e);
+    if (h != kProbeValue) return "a test kernel wrote a wrong value";
+    return "";
+}
+
+}  // namespace
+
+bool compiled() { return true; }
+
+Status status() {
+    Status st;
+    st.compiled = true;
+    int n = 0;
+    cudaError_t e = cudaGetDeviceCount(&n);
+    if (e == cudaErrorInsufficientDriver || e == cudaErrorNoDevice) {
+        cudaGetLastError();
+        st.reason = e == cudaErrorNoDevice
+            ? "no CUDA device found (" + describe(e) + ")"
+            : "no usable NVIDIA driver: none is installed or it is older than this build's CUDA "
+              "runtime (" + describe(e) + ")";
+        return st;
+    }
+    check(e, "cudaGetDeviceCount");
+    std::string why;
+    for (int i = 0; i < n; ++i) {
+        DeviceInfo info;
+        info.index = i;
+        cudaDeviceProp prop;
+        check(cudaGetDeviceProperties(&prop, i), "cudaGetDeviceProperties");
+        info.name = prop.name;
+        info.cc_major = prop.major;
+        info.cc_minor = prop.minor;
+        std::string bad;
+        if (info.cc_major * 10 + info.cc_minor < kMinComputeCapability) {
+            bad = strfmt("compute capability %d.%d is older than %d.%d, the oldest this build supports",
+                         info.cc_major, info.cc_minor, kMinComputeCapability / 10,
+                         kMinComputeCapability % 10);
+        } else {
+            // Free memory needs a context: this creates the device's primary context, which the
+            // model would create anyway to use the device.
+            DeviceScope scope(i);
+            e = cudaMemGetInfo(&info.free_memory, &info.total_memory);
+            if (e != cudaSuccess) {
+                cudaGetLastError();
+                bad = "cannot query its memory: " + describe(e);
+            } else {
+                bad = probe(i);
+            }
+        }
+        if (bad.empty()) {
+            st.devices.push_back(std::move(info));
+        } else {
+            why += strfmt("%sGPU %d (%s) is not usable: %s", why.empty() ? "" : "; ", i,
+                          info.name.c_str(), bad.c_str());
+        }
+    }
+    st.reason = why;
+    return st;
+}
+
+DeviceBuffer::DeviceBuffer(int device, size_t bytes) : bytes_(bytes), device_(device) {
+    if (bytes == 0) return;
+    DeviceScope scope(device);
+    check(cudaMalloc(&ptr_, bytes), strfmt("cudaMalloc of %zu bytes on GPU %d", bytes, device).c_str());
+}
+
+DeviceBuffer::~DeviceBuffer() { release(); }
+
+DeviceBuffer::DeviceBuffer(DeviceBuffer&& o) noexcept
+    : ptr_(o.ptr_), bytes_(o.bytes_), device_(o.device_) {
+    o.ptr_ = nullptr;
+    o.bytes_ = 0;
+    o.device_ = -1;
+}
+
+DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& o) noexcept {
+    if (this != &o) {
+        release();
+        ptr_ = o.ptr_; bytes_ = o.bytes_; device_ = o.device_;
+        o.ptr_ = nullptr; o.bytes_ = 0; o.device_ = -1;
+    }
+    return *this;
+}
+
+void DeviceBuffer::release() noexcept {
+    if (ptr_) {
+        int prev = 0;
+        if (cudaGetDevice(&prev) == cudaSuccess && cudaSetDevice(device_) == cudaSuccess) {
+            cudaFree(ptr_);
+            cudaSetDevice(prev);
+        }
+        cudaGetLastError();
+    }
+    ptr_ = nullptr;
+    bytes_ = 0;
+}
+
+static void check_range(size_t offset, size_t bytes, size_t size) {
+    if (offset > size || bytes > size - offset)
+        throw CudaError(strfmt("device copy of %zu bytes at offset %zu outside a buffer of %zu bytes",
+                               bytes, offset, size));
+}
+
+void DeviceBuffer::upload(const void* src, size_t bytes, size_t offset) {
+    check_range(offset, bytes, bytes_);
+    if (bytes == 0) return;
+    DeviceScope scope(device_);
+    check(cudaMemcpy(static_cast<char*>(ptr_) + offset, src, bytes, cudaMemcpyHostToDevice),
+          "cudaMemcpy to the device");
+}
+
+void DeviceBuffer::download(void* dst, size_t bytes, size_t offset) const {
+    check_range(offset, bytes, bytes_);
+    if (bytes == 0) return;
+    DeviceScope scope(device_);
+    check(cudaMemcpy(dst, static_cast<const char*>(ptr_) + offset, bytes, cudaMemcpyDeviceToHost),
+          "cudaMemcpy from the device");
+}
+
+}  // namespace ps::cuda
