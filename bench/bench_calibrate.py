@@ -49,7 +49,7 @@ def offline_texts(out_dir: Path):
 
 def _worker_args(args):
     return SimpleNamespace(threads=args.threads, pp=0, tg=args.decode_tokens, reps=args.reps, batch=512,
-                           timeout=args.timeout, cache_type="f16")
+                           timeout=args.timeout, cache_type="f16", device="cpu", vram_budget=None)
 
 
 def _tg(r: dict) -> dict:

@@ -205,6 +205,16 @@ def test_n_hot_is_rounded_down_to_the_group():
     assert p["layers"][0]["n_hot"] == 96
 
 
+def test_a_layer_without_ffn_down_t_moves_its_ffn_whole():
+    # ffn.h: only ffn_down_t splits a layer's neurons, so such a layer's n_hot is 0 or n_ff
+    layer = {"neuron_bytes_always": 10, "freq": np.ones(1000, np.float32), "whole_ffn": True}
+    assert _core.placement([layer], 0, 9_999)["layers"][0]["n_hot"] == 0
+    p = _core.placement([layer], 0, 10_000)
+    assert p["layers"][0]["n_hot"] == 1000 and p["gpu_bytes"] == 10_000
+    split = dict(layer, whole_ffn=False)
+    assert _core.placement([split], 0, 9_999)["layers"][0]["n_hot"] == 960
+
+
 def test_prefers_attention_over_rare_neurons():
     # Per byte, attention (read every token) beats neurons that fire 5% of the time, even when the
     # neurons are in an earlier layer and fit in the budget while the attention just fits.

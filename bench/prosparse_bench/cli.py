@@ -104,6 +104,8 @@ def run_worker(python, runtime, model, args, sparsity=None, extra_bufts=False, o
            "--cache-type", args.cache_type]
     if flash_attn:
         cmd.append("--flash-attn")
+    if runtime == "ours":
+        cmd += ["--device", args.device] + (["--vram-budget", str(args.vram_budget)] if args.vram_budget is not None else [])
     if sparsity:
         cmd += ["--sparsity", sparsity]
     if extra_bufts and runtime == "llama.cpp":
@@ -185,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "every test runs at every depth")
     ap.add_argument("--cache-type", default="f16", choices=["f16", "f32", "q8_0"],
                     help="the KV cache's type, both runtimes (llama.cpp's -ctk/-ctv)")
+    ap.add_argument("--device", default="cpu",
+                    help="ours: cpu (default), auto, cuda or cuda:N (the GPU kernels are not built yet: a "
+                         "GPU gets a placement, reported in the results, and the work stays on the CPU)")
+    ap.add_argument("--vram-budget", type=float, default=None, help="ours: GiB of GPU memory to place weights in")
     ap.add_argument("--no-ours", action="store_true", help="run only llama.cpp")
     ap.add_argument("-o", "--output", choices=["md", "json"], default="md", help="stdout format")
     ap.add_argument("--results", default=str(BENCH_DIR / "results"),

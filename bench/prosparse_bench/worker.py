@@ -26,9 +26,11 @@ import numpy as np
 class Ours:
     name = "prosparse-rt"
 
-    def __init__(self, path, n_ctx, n_threads, n_batch, sparsity, extra_bufts, cache_type="f16", flash_attn=False):
+    def __init__(self, path, n_ctx, n_threads, n_batch, sparsity, extra_bufts, cache_type="f16", flash_attn=False,
+                 device="cpu", vram_budget=None):
         from prosparse_rt import _core
-        kw = dict(n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch, kv_type=cache_type)
+        kw = dict(n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch, kv_type=cache_type, device=device,
+                  vram_budget=-1.0 if vram_budget is None else vram_budget)
         if sparsity:
             kw["sparsity"] = sparsity
         self.m = _core.Model(str(path), **kw)
@@ -151,6 +153,8 @@ def run(rt, pp, tg, reps, depth=0, batch=512, seed=0):
                      "tokens_first_rep": res[0][2][:16]}
         out["stats_after_tg"] = {k: v for k, v in rt.stats().items()
                                  if isinstance(v, (int, float, str))}
+        if "placement" in rt.stats():  # ours: where the weights are, per device
+            out["placement"] = rt.stats()["placement"]
     out["logits_finite"] = finite
     return out
 
@@ -169,12 +173,14 @@ def main(argv=None):
     ap.add_argument("--depth", type=int, default=0)
     ap.add_argument("--cache-type", default="f16", choices=sorted(GGML_TYPES))
     ap.add_argument("--flash-attn", action="store_true")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--vram-budget", type=float, default=None)
     a = ap.parse_args(argv)
-    cls = Ours if a.runtime == "ours" else LlamaCpp
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
-    rt = cls(a.model, a.depth + a.pp + a.tg + 16, a.threads, a.batch, a.sparsity, a.extra_bufts, a.cache_type,
-             a.flash_attn)
+    args = (a.model, a.depth + a.pp + a.tg + 16, a.threads, a.batch, a.sparsity, a.extra_bufts, a.cache_type,
+            a.flash_attn)
+    rt = Ours(*args, a.device, a.vram_budget) if a.runtime == "ours" else LlamaCpp(*args)
     load_s = time.perf_counter() - t0
     res = run(rt, a.pp, a.tg, a.reps, a.depth, a.batch)
     res.update(runtime=rt.name, version=rt.version, strategy=rt.strategy, threads=a.threads,

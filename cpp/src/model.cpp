@@ -16,6 +16,7 @@
 
 #include "attention.h"
 #include "common.h"
+#include "cuda/device.h"
 #include "ffn.h"
 #include "kv_cache.h"
 #include "ops.h"
@@ -309,6 +310,7 @@ Model::Model(const std::string& path, const ModelParams& params)
 
     m.kv = std::make_unique<KvCache>(hp_.n_layer, hp_.n_head_kv, hp_.head_dim, n_ctx_, 1, kv_type);
     stats_.kv_cache_bytes = double(m.kv->bytes());
+    place_weights(params, m.kv->bytes());
     stats_.kv_type = kv_type_name(kv_type);
     m.cpu_ffn = std::make_unique<CpuFfnExecutor>(*m.pool);
     m.n_hot.assign(size_t(hp_.n_layer), 0);
@@ -468,6 +470,101 @@ void Model::interleave_weights(int64_t avail) {
     m.interleaved = interleave(*m.pool, src);
     for (size_t i = 0; i < slots.size(); ++i) *slots[i] = &m.interleaved->tensors[i];
     stats_.n_interleaved = int64_t(slots.size());
+}
+
+namespace {
+
+// The placement's view of one layer under the strategy: which rows it reads every token and which
+// only when a neuron fires (placement.h), and the neurons' firing frequencies (ffn_act_freq; 1
+// where the file has none, which places them as rows read every token).
+PlacementLayer placement_layer(const LayerWeights& L, FfnStrategy s, int64_t n_ff, uint64_t kv_bytes) {
+    PlacementLayer pl;
+    for (const Tensor* t : {L.wq, L.wk, L.wv, L.wo, L.attn_norm, L.ffn_norm}) pl.attention_bytes += t->nbytes;
+    pl.kv_bytes = kv_bytes;
+    const uint64_t gate = L.ffn_gate->nbytes / uint64_t(n_ff), up = L.ffn_up->nbytes / uint64_t(n_ff);
+    const uint64_t down = (L.ffn_down_t ? L.ffn_down_t->nbytes : L.ffn_down->nbytes) / uint64_t(n_ff);
+    switch (s) {
+        case FfnStrategy::DENSE: pl.neuron_bytes_always = gate + up + down; break;
+        case FfnStrategy::EXACT: pl.neuron_bytes_always = gate; pl.neuron_bytes_fired = up + down; break;
+        case FfnStrategy::PREDICT:
+            pl.neuron_bytes_fired = gate + up + down;
+            pl.predictor_bytes = L.fc1->nbytes + L.fc2->nbytes;
+            break;
+    }
+    pl.whole_ffn = L.ffn_down_t == nullptr;  // ffn.h: only ffn_down_t splits a layer's FFN
+    pl.freq.assign(size_t(n_ff), 1.0f);
+    if (L.act_freq && s != FfnStrategy::DENSE)
+        for (int64_t i = 0; i < n_ff; ++i) {
+            float f;
+            dequantize_row(L.act_freq->type, L.act_freq->data + row_bytes(L.act_freq->type, i), &f, 1);
+            pl.freq[size_t(i)] = std::min(1.0f, std::max(0.0f, f));
+        }
+    return pl;
+}
+
+}  // namespace
+
+// device: "cpu", or a GPU ("auto" where there is one, "cuda", "cuda:N"), whose budget places the
+// weights read most per byte (placement.h). The GPU's kernels are the hybrid's part 2: until they
+// exist a GPU placement is computed and reported, and everything runs on the CPU.
+void Model::place_weights(const ModelParams& params, size_t kv_bytes) {
+    Impl& m = *impl_;
+    const std::string& want = params.device;
+    if (!(params.vram_budget_gib < 0.0) && !std::isfinite(params.vram_budget_gib))
+        fail("vram_budget must be a finite number of GiB");
+    int asked = -1;  // a device ordinal asked for by "cuda:N"
+    if (want.rfind("cuda:", 0) == 0) {
+        const std::string n = want.substr(5);
+        if (n.empty() || n.size() > 4 || n.find_first_not_of("0123456789") != std::string::npos)
+            fail(strfmt("unknown device '%s' (auto, cpu, cuda, cuda:N)", want.c_str()));
+        asked = std::stoi(n);
+    } else if (want != "auto" && want != "cpu" && want != "cuda") {
+        fail(strfmt("unknown device '%s' (auto, cpu, cuda, cuda:N)", want.c_str()));
+    }
+    PlacementInput in;
+    const uint64_t kv_layer = uint64_t(kv_bytes) / uint64_t(hp_.n_layer);
+    for (const LayerWeights& L : m.layers) in.layers.push_back(placement_layer(L, m.ffn_opt.strategy, hp_.n_ff, kv_layer));
+    const Tensor* onorm = file_->tensor(tensor_name(TensorName::OUTPUT_NORM));
+    in.output_bytes = m.output->nbytes + (onorm ? onorm->nbytes : 0);
+    bool ordered = true;
+    for (const PlacementLayer& pl : in.layers) ordered = ordered && is_frequency_ordered(pl.freq);
+
+    const cuda::DeviceInfo* gpu = nullptr;
+    cuda::Status st;
+    if (want != "cpu") {
+        st = cuda::status();
+        for (const cuda::DeviceInfo& d : st.devices)
+            if (asked < 0 || d.index == asked) {
+                gpu = &d;
+                break;
+            }
+        if (!gpu && want != "auto") {
+            if (st.devices.empty()) fail(strfmt("device '%s': no usable GPU: %s", want.c_str(), st.reason.c_str()));
+            fail(strfmt("device '%s': there is no such GPU (%zu usable)", want.c_str(), st.devices.size()));
+        }
+        if (!gpu) stats_.device_note = "no usable GPU: " + st.reason;
+        if (gpu && !ordered) {
+            const std::string why = "the file's neurons are not in frequency order, so no layer has a hot prefix: "
+                                    "rewrite it with prosparse-calibrate --neuron-order frequency";
+            if (want != "auto") fail(strfmt("device '%s': %s", want.c_str(), why.c_str()));
+            stats_.device_note = why;
+            gpu = nullptr;
+        }
+    }
+    if (!gpu) {
+        // everything on the CPU; the accounting does not depend on the neurons' order
+        for (PlacementLayer& pl : in.layers) std::sort(pl.freq.begin(), pl.freq.end(), std::greater<float>());
+        stats_.placement = place(in, 0);
+        return;
+    }
+    const double margin = 0.1 * double(gpu->free_memory) + double(size_t(512) << 20);  // scratch, CUDA context
+    const double budget = params.vram_budget_gib >= 0.0 ? params.vram_budget_gib * double(size_t(1) << 30)
+                                                         : std::max(0.0, double(gpu->free_memory) - margin);
+    stats_.placement = place(in, uint64_t(budget));
+    stats_.device = strfmt("cuda:%d", gpu->index);
+    stats_.vram_budget_bytes = budget;
+    stats_.device_note = "the GPU kernels are not built yet (the hybrid's part 2): the placement is computed and "
+                         "everything runs on the CPU";
 }
 
 int Model::n_threads() const { return impl_->pool->size(); }

@@ -10,6 +10,7 @@
 
 #include "gguf.h"
 #include "hparams.h"
+#include "placement.h"
 #include "threadpool.h"
 #include "tokenizer.h"
 
@@ -24,6 +25,8 @@ struct ModelParams {
     float pred_threshold = NAN;     // overrides the file's predictor cut-off when not NaN
     bool diag_recall = false;       // predict: also compute the full gate to report recall
     std::string kv_type = "f16";    // the KV cache's type: f16, f32, q8_0 (kv_cache.h)
+    std::string device = "cpu";     // auto | cpu | cuda | cuda:N
+    double vram_budget_gib = -1.0;  // GPU memory to place weights in; < 0: free memory less a margin
     // Per-layer |SiLU(gate)| thresholds that replace the file's prosparse.layer_thresholds (SiLU
     // models; empty: keep the file's). A file without ffn_down_t then gets one built at load.
     std::vector<float> layer_thresholds;
@@ -42,6 +45,14 @@ struct ModelStats {
     double kv_bytes_per_token = 0.0;      // bytes of the cache the last decode step read
     std::string kv_type;                  // its type
     std::vector<FfnLayerStats> layers;    // FFN counters per layer since load
+    // Where the weights are (docs/design.md, "The CPU/GPU hybrid"): the device asked for as
+    // resolved, the placement from its budget (everything on the CPU for "cpu"), and whether the
+    // GPU side runs (not yet: its kernels are the hybrid's part 2).
+    std::string device = "cpu";
+    std::string device_note;              // why the GPU is not used, where it is not
+    double vram_budget_bytes = 0.0;
+    Placement placement;
+    bool gpu_active = false;
 };
 
 class Model {
@@ -86,6 +97,7 @@ public:
 private:
     void choose_strategy(const ModelParams& params);
     void build_down_t(int64_t reserved);  // reserved: bytes of available memory already promised
+    void place_weights(const ModelParams& params, size_t kv_bytes);
     void interleave_weights(int64_t avail);  // avail: bytes the copies may take from, -1 unknown
 
     std::unique_ptr<GGUFFile> file_;

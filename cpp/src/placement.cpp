@@ -67,8 +67,9 @@ Placement place(const PlacementInput& in, uint64_t budget_bytes) {
         const uint64_t per_neuron = add(L.neuron_bytes_always, L.neuron_bytes_fired);
         total = add(total, mul(per_neuron, n_ff));
         double prev_density = 1.0;
-        for (uint64_t g0 = 0, g = 0; g0 < n_ff; g0 += G, ++g) {
-            const uint64_t n = std::min(G, n_ff - g0);
+        const uint64_t Gl = L.whole_ffn ? std::max<uint64_t>(n_ff, 1) : G;
+        for (uint64_t g0 = 0, g = 0; g0 < n_ff; g0 += Gl, ++g) {
+            const uint64_t n = std::min(Gl, n_ff - g0);
             double fired = 0;  // expected number of firing neurons in the group
             for (uint64_t i = g0; i < g0 + n; ++i) fired += L.freq[i];
             const uint64_t bytes = n * per_neuron;
@@ -104,8 +105,11 @@ Placement place(const PlacementInput& in, uint64_t budget_bytes) {
     }
     for (; k < blocks.size(); ++k) p.cpu_bytes_per_token += blocks[k].expected;
     p.cpu_bytes = total - p.gpu_bytes;
-    for (size_t l = 0; l < in.layers.size(); ++l)
-        p.layers[l].n_hot = int(std::min(hot_groups[l] * G, uint64_t(in.layers[l].freq.size())));
+    for (size_t l = 0; l < in.layers.size(); ++l) {
+        const uint64_t n_ff = in.layers[l].freq.size();
+        const uint64_t Gl = in.layers[l].whole_ffn ? std::max<uint64_t>(n_ff, 1) : G;
+        p.layers[l].n_hot = int(std::min(hot_groups[l] * Gl, n_ff));
+    }
     return p;
 }
 

@@ -1,4 +1,4 @@
-// Which weights go to the GPU, given a VRAM budget (the CPU/GPU hybrid, DESIGN.md). A pure
+// Which weights go to the GPU, given a VRAM budget (docs/design.md, "The CPU/GPU hybrid"). A pure
 // function of byte sizes and read probabilities: no CUDA, no model.
 //
 // Every placeable block has a probability of being read per token: 1 for a layer's attention
@@ -24,6 +24,7 @@ struct PlacementLayer {
     uint64_t neuron_bytes_always = 0;  // per neuron, rows read every token
     uint64_t neuron_bytes_fired = 0;   // per neuron, rows read only when it fires
     std::vector<float> freq;           // n_ff firing (or predicted) frequencies in [0, 1]
+    bool whole_ffn = false;  // the FFN moves as one block (n_hot 0 or n_ff): a layer without ffn_down_t
 };
 
 struct PlacementInput {

@@ -172,22 +172,26 @@ NB_MODULE(_core, m) {
         .def("__init__", [](ps::Model* self, const std::string& path, int n_ctx, int n_threads,
                             int n_batch, const std::string& sparsity, float act_threshold,
                             float pred_threshold, bool diag_recall, std::vector<float> layer_thresholds,
-                            const std::string& kv_type, int64_t test_split_hot) {
+                            const std::string& kv_type, const std::string& device, double vram_budget,
+                            int64_t test_split_hot) {
             ps::ModelParams p;
             p.n_ctx = n_ctx; p.n_threads = n_threads; p.n_batch = n_batch;
             p.sparsity = sparsity; p.act_threshold = act_threshold;
             p.pred_threshold = pred_threshold; p.diag_recall = diag_recall;
             p.layer_thresholds = std::move(layer_thresholds);
             p.kv_type = kv_type;
+            p.device = device;
+            p.vram_budget_gib = vram_budget;
             p.test_split_hot = test_split_hot;
             nb::gil_scoped_release r;
             new (self) ps::Model(path, p);
         }, "path"_a, "n_ctx"_a = 0, "n_threads"_a = 0, "n_batch"_a = 256,
            "sparsity"_a = "auto", "act_threshold"_a = NAN, "pred_threshold"_a = NAN,
            "diag_recall"_a = false, "layer_thresholds"_a = std::vector<float>(), "kv_type"_a = "f16",
-           "test_split_hot"_a = -1,
+           "device"_a = "cpu", "vram_budget"_a = -1.0, "test_split_hot"_a = -1,
            "layer_thresholds: per-layer SiLU thresholds replacing the file's ([] = the file's). kv_type: the "
-           "KV cache's type (f16, f32, q8_0). test_split_hot: tests only, every layer's neurons [0, n) on a "
+           "KV cache's type (f16, f32, q8_0). device: auto, cpu, cuda, cuda:N. vram_budget: GiB to place "
+           "weights in on the GPU (< 0: its free memory less a margin). test_split_hot: tests only, every layer's neurons [0, n) on a "
            "second CPU executor (-1: none).")
         .def("eval", [](ps::Model& mdl, const std::vector<int32_t>& tokens, bool all_logits) {
             const int n_vocab = mdl.hparams().n_vocab;
@@ -243,6 +247,33 @@ NB_MODULE(_core, m) {
             d["weight_bytes_per_token"] = s.weight_bytes_per_token;
             d["n_interleaved"] = s.n_interleaved;
             d["n_down_t_built"] = s.n_down_t_built;
+            {
+                // where the weights are, and what each device reads and spends per token
+                nb::dict pd;
+                nb::list layers;
+                for (const auto& l : s.placement.layers) {
+                    nb::dict x;
+                    x["attention_on_gpu"] = l.attention_on_gpu;
+                    x["n_hot"] = l.n_hot;
+                    layers.append(x);
+                }
+                pd["device"] = s.device;
+                pd["gpu_active"] = s.gpu_active;
+                pd["note"] = s.device_note;
+                pd["vram_budget_bytes"] = s.vram_budget_bytes;
+                pd["layers"] = layers;
+                pd["output_on_gpu"] = s.placement.output_on_gpu;
+                pd["bytes"] = nb::dict();
+                pd["bytes"]["gpu"] = s.placement.gpu_bytes;
+                pd["bytes"]["cpu"] = s.placement.cpu_bytes;
+                pd["bytes_read_per_token"] = nb::dict();
+                pd["bytes_read_per_token"]["gpu"] = s.placement.gpu_bytes_per_token;
+                pd["bytes_read_per_token"]["cpu"] = s.placement.cpu_bytes_per_token;
+                pd["seconds"] = nb::dict();
+                pd["seconds"]["gpu"] = 0.0;  // no GPU work yet (gpu_active)
+                pd["seconds"]["cpu"] = s.prompt_seconds + s.decode_seconds;
+                d["placement"] = pd;
+            }
             d["kv_type"] = s.kv_type;
             d["kv_cache_bytes"] = s.kv_cache_bytes;
             d["kv_bytes_per_token"] = s.kv_bytes_per_token;

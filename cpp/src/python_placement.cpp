@@ -32,7 +32,7 @@ ps::PlacementLayer layer_from(nb::handle h, size_t l) {
     if (!nb::isinstance<nb::dict>(h)) throw ps::Error(ps::strfmt("placement: layer %zu is not a dict", l));
     nb::dict d = nb::borrow<nb::dict>(h);
     static const char* const keys[] = {"attention_bytes", "kv_bytes", "predictor_bytes",
-                                       "neuron_bytes_always", "neuron_bytes_fired", "freq"};
+                                       "neuron_bytes_always", "neuron_bytes_fired", "freq", "whole_ffn"};
     for (auto k : d) {
         const std::string key = nb::cast<std::string>(k.first);
         if (std::find(std::begin(keys), std::end(keys), key) == std::end(keys))
@@ -47,6 +47,7 @@ ps::PlacementLayer layer_from(nb::handle h, size_t l) {
     L.predictor_bytes = get("predictor_bytes");
     L.neuron_bytes_always = get("neuron_bytes_always");
     L.neuron_bytes_fired = get("neuron_bytes_fired");
+    L.whole_ffn = d.contains("whole_ffn") && nb::cast<bool>(d["whole_ffn"]);
     if (d.contains("freq")) {
         // any sequence of numbers: numpy converts it (a float32 C-contiguous array is not copied)
         nb::object a = nb::module_::import_("numpy").attr("ascontiguousarray")(d["freq"], "dtype"_a = "float32");

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import sys
 import time
 
@@ -44,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the predictor's logit cut-off (predict)")
     p.add_argument("--diag-recall", action="store_true",
                    help="predict: also compute the full gate to report the predictor's recall")
+    p.add_argument("--cache-type", default="f16", choices=["f16", "f32", "q8_0"],
+                   help="the KV cache's type (default f16, as llama.cpp's -ctk/-ctv)")
+    p.add_argument("--device", default="auto",
+                   help="auto (a GPU where there is one), cpu, cuda or cuda:N; the GPU kernels are not "
+                        "built yet, so a GPU gets a placement and the work stays on the CPU")
+    p.add_argument("--vram-budget", type=float, default=None,
+                   help="GiB of GPU memory for weights and KV cache (default: its free memory less a margin)")
     p.add_argument("-v", "--verbose", action="store_true", help="log loading details")
     return p
 
@@ -73,6 +82,10 @@ def _check_args(args) -> None:
         raise ValueError(f"-c must be >= 0 (0 = the model's own context), got {args.ctx_size}")
     if args.batch_size < 1:
         raise ValueError(f"-b must be >= 1, got {args.batch_size}")
+    if args.vram_budget is not None and not (args.vram_budget >= 0 and math.isfinite(args.vram_budget)):
+        raise ValueError(f"--vram-budget must be a number of GiB >= 0, got {args.vram_budget}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d{1,4})?", args.device):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
     if args.target_sparsity is not None and not 0.0 < args.target_sparsity < 1.0:
         raise ValueError(f"--target-sparsity must be in (0, 1), got {args.target_sparsity}")
 
@@ -132,7 +145,8 @@ def main(argv=None) -> int:
             model = Model(path, n_ctx=args.ctx_size, n_threads=args.threads, sparsity=args.sparsity,
                           verbose=args.verbose, n_batch=args.batch_size, activation_threshold=args.act_threshold,
                           predictor_threshold=args.pred_threshold, diag_recall=args.diag_recall,
-                          layer_thresholds=thresholds)
+                          layer_thresholds=thresholds, kv_type=args.cache_type, device=args.device,
+                          vram_budget=args.vram_budget)
         for w in caught:
             print(f"prosparse-run: warning: {w.message}", file=sys.stderr)
         hp = model.hparams
@@ -158,6 +172,12 @@ def main(argv=None) -> int:
               f"decode: {s['n_decode_tokens']} tokens, {s['decode_tokens_per_second']:.1f} tok/s | "
               f"total {time.perf_counter() - t0:.2f} s", file=sys.stderr)
         print(_sparsity_line(s), file=sys.stderr)
+        pl = s["placement"]
+        if pl["device"] != "cpu":
+            on_gpu = sum(x["attention_on_gpu"] for x in pl["layers"])
+            hot = sum(x["n_hot"] for x in pl["layers"]) / max(1, len(pl["layers"]))
+            print(f"device {pl['device']}: placement {pl['bytes']['gpu'] / 2**30:.2f} GiB on the GPU (attention of "
+                  f"{on_gpu}/{len(pl['layers'])} layers, mean n_hot {hot:.0f}); {pl['note']}", file=sys.stderr)
         return 0
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

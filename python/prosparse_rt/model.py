@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import random
+import re
 import threading
 import time
 import uuid
@@ -151,6 +152,14 @@ class Model:
             only llama.cpp's ``ffn_down``, its neuron-major F16 copy is built in memory at load, as
             ``prosparse-calibrate`` would write it, so every strategy computes the same model.
             ``prosparse_rt.presets`` holds the thresholds shipped for the default model.
+        device: where the weights go: ``"cpu"``, ``"cuda"``/``"cuda:N"`` (a GPU; a ValueError naming
+            why where there is none usable), or ``"auto"`` (a GPU where there is one, else the CPU).
+            A GPU gets the weights read most per byte of its budget (attention, then each layer's
+            most frequently firing neurons); ``stats["placement"]`` says where everything is and
+            what each device reads. The GPU kernels are not built yet: with a GPU the placement is
+            computed and reported, and everything still runs on the CPU (``gpu_active`` False).
+        vram_budget: GiB of GPU memory for weights and the KV cache (None: the GPU's free memory
+            less a margin for scratch and the CUDA context).
         kv_type: the KV cache's type, ``"f16"`` (default, as llama.cpp), ``"f32"`` (what the
             references compare against) or ``"q8_0"`` (half of f16's bytes; the head size must be a
             multiple of 32). Deep in a context the cache is most of what decode reads.
@@ -174,6 +183,8 @@ class Model:
         diag_recall: bool = False,
         layer_thresholds: Optional[Sequence[float]] = None,
         kv_type: str = "f16",
+        device: str = "auto",
+        vram_budget: Optional[float] = None,
     ):
         if not _is_int(n_ctx, 0, _INT32_MAX):
             raise ValueError(f"n_ctx must be an int in [0, {_INT32_MAX}] (0 = the model's own), got {n_ctx!r}")
@@ -194,6 +205,10 @@ class Model:
             raise ValueError(f"sparsity must be one of {SPARSITY_CHOICES}, got {sparsity!r}")
         if kv_type not in KV_TYPES:
             raise ValueError(f"kv_type must be one of {KV_TYPES}, got {kv_type!r}")
+        if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d{1,4})?", device):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+        if vram_budget is not None and not (_is_number(vram_budget) and vram_budget >= 0):
+            raise ValueError(f"vram_budget must be a finite number of GiB >= 0 or None, got {vram_budget!r}")
         for name, v in (("activation_threshold", activation_threshold), ("predictor_threshold", predictor_threshold)):
             if v is not None and not _is_number(v):
                 raise ValueError(f"{name} must be a finite number, got {v!r}")
@@ -228,6 +243,8 @@ class Model:
             diag_recall=bool(diag_recall),
             layer_thresholds=layer_thresholds or [],
             kv_type=kv_type,
+            device=device,
+            vram_budget=-1.0 if vram_budget is None else float(vram_budget),
         )
         self._cache: List[int] = []  # token ids whose keys/values are in the native KV cache
         self.n_batch = n_batch
@@ -240,6 +257,8 @@ class Model:
             self.model_path, hp["arch"], hp["n_layer"], hp["n_embd"], hp["n_ff"], hp["activation"],
             self._core.strategy, f" (ffn_down_t built for {built} layers)" if built else "",
             self._core.n_threads, _core.active_isa(), time.perf_counter() - t0)
+        placement = self._core.stats()["placement"]
+        logger.info("device %s%s", placement["device"], f": {placement['note']}" if placement["note"] else "")
 
     # ----------------------------------------------------------------- lifecycle
     def close(self) -> None:
