@@ -319,3 +319,23 @@ def powerinfer_file(ours: Path, dest: Path, sparse_threshold: float) -> Path:
     data[:4] = b"PWRI"
     dest.write_bytes(bytes(data))
     return dest
+
+
+def exact_predictor_dir(model, d):
+    """PowerInfer-format predictors whose logit is the gate scaled by a positive factor:
+    rank 2*n_embd, fc1 = [I; -I], fc2 = [W_gate diag(ffn_norm), -W_gate diag(ffn_norm)], so that
+    fc2 relu(fc1 x) = W_gate diag(w) x = gate(rmsnorm(x)) * rms(x)."""
+    import torch
+
+    d = Path(d)
+    d.mkdir(parents=True, exist_ok=True)
+    for i, layer in enumerate(model.model.layers):
+        wg = layer.mlp.gate_proj.weight.detach().float()
+        w = layer.post_attention_layernorm.weight.detach().float()
+        e = wg.shape[1]
+        eye = torch.eye(e)
+        fc1 = torch.cat([eye, -eye], 0)
+        g = wg * w[None, :]
+        fc2 = torch.cat([g, -g], 1)
+        torch.save({"fc1.weight": fc1, "fc2.weight": fc2}, d / f"model_{i}.pt")
+    return d

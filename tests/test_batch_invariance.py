@@ -34,23 +34,6 @@ def dirs(root):
     return {"fatrelu": (fat_model, fat_dir), "silu": (None, silu_dir)}
 
 
-def _exact_predictor(model, d):
-    """Predictors whose logit is the gate times a positive factor (see test_sparse.py): with a
-    cut-off just below zero they select a superset of the active neurons, so predict reads a
-    different, per-token row list from exact's but must give each token the same result."""
-    import torch
-
-    d.mkdir(parents=True, exist_ok=True)
-    for i, layer in enumerate(model.model.layers):
-        wg = layer.mlp.gate_proj.weight.detach().float()
-        w = layer.post_attention_layernorm.weight.detach().float()
-        eye = torch.eye(wg.shape[1])
-        g = wg * w[None, :]
-        torch.save({"fc1.weight": torch.cat([eye, -eye], 0), "fc2.weight": torch.cat([g, -g], 1)},
-                   d / f"model_{i}.pt")
-    return d
-
-
 _FILES = {}
 
 
@@ -60,7 +43,7 @@ def _file(root, dirs, kind, outtype):
         return _FILES[key]
     out = root / f"{kind}-{outtype}.gguf"
     if kind == "fatrelu":
-        pred = _exact_predictor(dirs["fatrelu"][0], root / "pred")
+        pred = H.exact_predictor_dir(dirs["fatrelu"][0], root / "pred")
         convert(dirs["fatrelu"][1], out, outtype=outtype, predictor=pred, predictor_type="f32", progress=False)
     elif kind == "silu":
         convert(dirs["silu"][1], out, outtype=outtype, progress=False)

@@ -10,7 +10,6 @@ import pytest
 import helpers_models as H
 from prosparse_convert import convert
 from prosparse_rt import _core
-from test_batch_invariance import _exact_predictor
 
 N_FF = 320  # five groups of 64
 PROMPT = H.prompt_ids(24, seed=5)
@@ -20,7 +19,7 @@ PROMPT = H.prompt_ids(24, seed=5)
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("split")
     model, d = H.make_fatrelu_dir(root / "fat", 0.1, seed=51, n_ff=N_FF)
-    pred = _exact_predictor(model, root / "pred")
+    pred = H.exact_predictor_dir(model, root / "pred")
     out = {}
     for t in ("f32", "q4_0"):
         out[t] = convert(d, root / f"fat-{t}.gguf", outtype=t, predictor=pred, predictor_type="f32", progress=False)

@@ -105,23 +105,6 @@ def test_exact_reads_fewer_bytes_than_dense(checkpoints):
 
 # --- predict -------------------------------------------------------------------------------------
 
-def _exact_predictor_dir(model, d):
-    """PowerInfer-format predictors whose logit is the gate scaled by a positive factor:
-    rank 2*n_embd, fc1 = [I; -I], fc2 = [W_gate diag(ffn_norm), -W_gate diag(ffn_norm)], so that
-    fc2 relu(fc1 x) = W_gate diag(w) x = gate(rmsnorm(x)) * rms(x)."""
-    d.mkdir(parents=True, exist_ok=True)
-    for i, layer in enumerate(model.model.layers):
-        wg = layer.mlp.gate_proj.weight.detach().float()
-        w = layer.post_attention_layernorm.weight.detach().float()
-        e = wg.shape[1]
-        eye = torch.eye(e)
-        fc1 = torch.cat([eye, -eye], 0)
-        g = wg * w[None, :]
-        fc2 = torch.cat([g, -g], 1)
-        torch.save({"fc1.weight": fc1, "fc2.weight": fc2}, d / f"model_{i}.pt")
-    return d
-
-
 def _random_predictor_dir(model, d, rank=8, seed=0):
     d.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
@@ -135,7 +118,7 @@ def _random_predictor_dir(model, d, rank=8, seed=0):
 @pytest.mark.parametrize("kind", ["relu", "fatrelu"])
 def test_predict_with_an_exact_predictor_equals_exact(checkpoints, kind):
     model = checkpoints[kind][0]
-    pred = _exact_predictor_dir(model, checkpoints["root"] / f"pred-exact-{kind}")
+    pred = H.exact_predictor_dir(model, checkpoints["root"] / f"pred-exact-{kind}")
     path = _gguf(checkpoints, kind, "f32", predictor=pred, predictor_type="f32")
     exact, _ = _logits(path, "exact")
     # a slightly negative cut-off: every neuron with gate >= 0 is predicted, so none is missed
@@ -165,7 +148,7 @@ def test_powerinfer_file_loads_as_relu_and_matches_ours(checkpoints):
     """A PWRI file (PowerInfer's magic and tensors, no prosparse keys) runs as ReLU with t = 0,
     sparsely, with powerinfer.sparse_threshold as the predictor cut-off."""
     model = checkpoints["relu"][0]
-    pred = _exact_predictor_dir(model, checkpoints["root"] / "pred-exact-relu")
+    pred = H.exact_predictor_dir(model, checkpoints["root"] / "pred-exact-relu")
     ours = _gguf(checkpoints, "relu", "f32", predictor=pred, predictor_type="f32")
     pwri = H.powerinfer_file(ours, checkpoints["root"] / "pwri.gguf", -1e-6)
     with Model(pwri, n_ctx=64) as m:
