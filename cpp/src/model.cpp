@@ -55,18 +55,18 @@ std::vector<float> to_f32(const GGUFFile& f, const Tensor& t) {
 // eval leaves no half-written (possibly NaN) positions for the next one to attend to.
 class RestorePastOnThrow {
 public:
-    explicit RestorePastOnThrow(int& n_past)
-        : n_past_(n_past), saved_(n_past), exceptions_(std::uncaught_exceptions()) {}
+    explicit RestorePastOnThrow(std::vector<int>& seq_len)
+        : seq_len_(seq_len), saved_(seq_len), exceptions_(std::uncaught_exceptions()) {}
     ~RestorePastOnThrow() {
-        if (std::uncaught_exceptions() > exceptions_) n_past_ = saved_;
+        if (std::uncaught_exceptions() > exceptions_) seq_len_ = saved_;
     }
-    void rewind() const { n_past_ = saved_; }  // to run the same eval again
+    void rewind() const { seq_len_ = saved_; }  // to run the same eval again
     RestorePastOnThrow(const RestorePastOnThrow&) = delete;
     RestorePastOnThrow& operator=(const RestorePastOnThrow&) = delete;
 
 private:
-    int& n_past_;
-    int saved_;
+    std::vector<int>& seq_len_;
+    std::vector<int> saved_;
     int exceptions_;
 };
 
@@ -86,7 +86,6 @@ struct Model::Impl {
     std::vector<float> x, xn, q, k, v, attn, branch, logits_rows;
     std::vector<float> rope_cs;  // [n_batch][n_rot]: (cos, sin) pairs per position of the batch
     AttnScratch attn_scratch;
-    std::vector<int32_t> pos, seq;  // the batch's positions and sequences
     std::vector<uint8_t> act_buf;
     FfnScratch ffn;
     // The FFN's executors (ffn.h): every layer's neurons [n_hot[l], n_ff) on the CPU, [0, n_hot[l])
@@ -288,10 +287,12 @@ Model::Model(const std::string& path, const ModelParams& params)
     KvType kv_type;
     if (!kv_type_from_name(params.kv_type, &kv_type))
         fail(strfmt("unknown KV cache type '%s' (f16, f32, q8_0)", params.kv_type.c_str()));
-    const size_t kv_bytes = kv_cache_bytes(kv_type, hp_.n_layer, hp_.n_head_kv, hp_.head_dim, n_ctx_, 1);
+    if (params.n_seq < 1 || params.n_seq > 4096) fail(strfmt("n_seq must be in [1, 4096], got %d", params.n_seq));
+    seq_len_.assign(size_t(params.n_seq), 0);
+    const size_t kv_bytes = kv_cache_bytes(kv_type, hp_.n_layer, hp_.n_head_kv, hp_.head_dim, n_ctx_, params.n_seq);
     const int64_t avail = available_memory_bytes();
     if (avail >= 0 && double(kv_bytes) > 0.9 * double(avail)) {
-        const size_t per_pos = kv_cache_bytes(kv_type, hp_.n_layer, hp_.n_head_kv, hp_.head_dim, 1, 1);
+        const size_t per_pos = kv_cache_bytes(kv_type, hp_.n_layer, hp_.n_head_kv, hp_.head_dim, 1, params.n_seq);
         fail(strfmt("n_ctx = %d needs a %s KV cache of %zu MB, more than 90%% of the %lld MB available; the "
                     "largest n_ctx that fits is %lld", n_ctx_, kv_type_name(kv_type), kv_bytes >> 20,
                     (long long)(avail >> 20), (long long)(0.9 * double(avail) / double(per_pos))));
@@ -308,7 +309,7 @@ Model::Model(const std::string& path, const ModelParams& params)
                                double(m.tok_embd->row_stride());
     stats_.layers.resize(size_t(hp_.n_layer));
 
-    m.kv = std::make_unique<KvCache>(hp_.n_layer, hp_.n_head_kv, hp_.head_dim, n_ctx_, 1, kv_type);
+    m.kv = std::make_unique<KvCache>(hp_.n_layer, hp_.n_head_kv, hp_.head_dim, n_ctx_, params.n_seq, kv_type);
     stats_.kv_cache_bytes = double(m.kv->bytes());
     place_weights(params, m.kv->bytes());
     stats_.kv_type = kv_type_name(kv_type);
@@ -324,7 +325,6 @@ Model::Model(const std::string& path, const ModelParams& params)
     m.x.resize(nb * E); m.xn.resize(nb * E); m.attn.resize(nb * H); m.branch.resize(nb * E);
     m.q.resize(nb * H); m.k.resize(nb * KV); m.v.resize(nb * KV);
     m.rope_cs.resize(nb * size_t(hp_.n_rot));
-    m.pos.resize(nb); m.seq.resize(nb);
 }
 
 Model::~Model() = default;
@@ -591,9 +591,16 @@ void Model::set_layer_thresholds(const std::vector<float>& t) {
     for (size_t il = 0; il < impl_->layers.size(); ++il) impl_->layers[il].act_t = t.empty() ? 0.0f : t[il];
 }
 
-void Model::rewind(int n) {
-    if (n < 0 || n > n_past_) fail(strfmt("cannot rewind to %d: %d positions are cached", n, n_past_));
-    n_past_ = n;
+int Model::seq_len(int seq) const {
+    if (seq < 0 || seq >= n_seq()) fail(strfmt("sequence %d is out of range [0, %d)", seq, n_seq()));
+    return seq_len_[size_t(seq)];
+}
+
+void Model::rewind(int seq, int n) {
+    const int len = seq_len(seq);
+    if (n < 0 || n > len)
+        fail(strfmt("cannot rewind sequence %d to %d: %d positions are cached", seq, n, len));
+    seq_len_[size_t(seq)] = n;
 }
 
 namespace {
@@ -686,14 +693,43 @@ void layer_forward(Model::Impl& m, const HParams& hp, int il, const TokenBatch& 
 
 void Model::eval(const int32_t* tokens, int n, bool all_logits, float* logits) {
     if (n <= 0) fail("eval needs at least one token");
-    if (int64_t(n_past_) + n > n_ctx_)
-        fail(strfmt("context overflow: %d cached + %d new tokens exceed n_ctx = %d", n_past_, n, n_ctx_));
-    for (int i = 0; i < n; ++i)
-        if (tokens[i] < 0 || tokens[i] >= hp_.n_vocab)
-            fail(strfmt("token id %d is out of range [0, %d)", tokens[i], hp_.n_vocab));
+    if (int64_t(seq_len_[0]) + n > n_ctx_)
+        fail(strfmt("context overflow: %d cached + %d new tokens exceed n_ctx = %d", seq_len_[0], n, n_ctx_));
+    std::vector<int32_t> pos(static_cast<size_t>(n)), seq(static_cast<size_t>(n), 0);
+    for (int i = 0; i < n; ++i) pos[size_t(i)] = seq_len_[0] + i;
+    TokenBatch batch;
+    batch.token = tokens;
+    batch.pos = pos.data();
+    batch.seq = seq.data();
+    batch.n = n;
+    eval(batch, all_logits, logits);
+}
+
+void Model::eval(const TokenBatch& in, bool all_logits, float* logits) {
+    const int n = in.n;
+    if (n <= 0) fail("eval needs at least one token");
+    // each sequence's tokens in order, from its length so far; which token is its last here
+    std::vector<int> next(seq_len_);
+    std::vector<int> last(seq_len_.size(), -1);
+    for (int i = 0; i < n; ++i) {
+        if (in.token[i] < 0 || in.token[i] >= hp_.n_vocab)
+            fail(strfmt("token id %d is out of range [0, %d)", in.token[i], hp_.n_vocab));
+        const int s = in.seq[i];
+        if (s < 0 || s >= n_seq()) fail(strfmt("sequence %d is out of range [0, %d)", s, n_seq()));
+        if (in.pos[i] != next[size_t(s)])
+            fail(strfmt("token %d of the batch is at position %d of sequence %d, which holds %d: a sequence's "
+                        "tokens come in order, after what it holds", i, in.pos[i], s, next[size_t(s)]));
+        if (in.pos[i] >= n_ctx_)
+            fail(strfmt("context overflow: sequence %d would need position %d, n_ctx = %d", s, in.pos[i], n_ctx_));
+        next[size_t(s)] += 1;
+        last[size_t(s)] = i;
+    }
+    std::vector<uint8_t> wanted(size_t(n), all_logits ? 1 : 0);
+    for (int i : last)
+        if (i >= 0) wanted[size_t(i)] = 1;
 
     Impl& m = *impl_;
-    const RestorePastOnThrow restore_past(n_past_);
+    const RestorePastOnThrow restore_past(seq_len_);
     const auto t0 = std::chrono::steady_clock::now();
     if (m.capture) {
         m.cap_x.assign(size_t(hp_.n_layer), {});
@@ -703,16 +739,15 @@ void Model::eval(const int32_t* tokens, int n, bool all_logits, float* logits) {
     for (const auto& ls : stats_.layers) ffn_bytes0 += ls.bytes;
     const int E = hp_.n_embd, V = hp_.n_vocab;
 
+    float* dst = logits;  // the next logits row to write
     for (int b0 = 0; b0 < n; b0 += m.n_batch) {
         const int nb = std::min(m.n_batch, n - b0);
         TokenBatch batch;
-        batch.token = tokens + b0;
-        batch.pos = m.pos.data();
-        batch.seq = m.seq.data();
+        batch.token = in.token + b0;
+        batch.pos = in.pos + b0;
+        batch.seq = in.seq + b0;
         batch.n = nb;
         for (int t = 0; t < nb; ++t) {
-            m.pos[size_t(t)] = n_past_ + t;
-            m.seq[size_t(t)] = 0;
             float* xt = m.x.data() + size_t(t) * E;
             dequantize_row(m.tok_embd->type, m.tok_embd->row(batch.token[t]), xt, E);
             if (hp_.embedding_scale != 1.0f) vec_scale(xt, hp_.embedding_scale, E);
@@ -722,20 +757,21 @@ void Model::eval(const int32_t* tokens, int n, bool all_logits, float* logits) {
         }
         check_step(m.trace_non_finite, m.x.data(), size_t(nb) * E, Step::EMBEDDING, -1);
         for (int il = 0; il < hp_.n_layer; ++il) layer_forward(m, hp_, il, batch, stats_.layers[size_t(il)]);
-        n_past_ += nb;
+        for (int t = 0; t < nb; ++t) seq_len_[size_t(batch.seq[t])] = batch.pos[t] + 1;
 
         // output head, only for the rows the caller wants
-        const int first = all_logits ? 0 : (b0 + nb == n ? nb - 1 : nb);
-        const int n_out = nb - first;
+        int n_out = 0;
+        for (int t = 0; t < nb; ++t)
+            if (wanted[size_t(b0 + t)])
+                rms_norm(m.xn.data() + size_t(n_out++) * E, m.x.data() + size_t(t) * E, m.output_norm.data(), E,
+                         hp_.rms_eps);
         if (n_out > 0) {
-            for (int t = first; t < nb; ++t)
-                rms_norm(m.xn.data() + size_t(t - first) * E, m.x.data() + size_t(t) * E, m.output_norm.data(), E, hp_.rms_eps);
-            float* dst = logits + (all_logits ? size_t(b0) * V : 0);
             matmul(*m.pool, *m.output, m.xn.data(), n_out, dst, m.act_buf);
             if (hp_.logit_scale != 1.0f) vec_scale(dst, 1.0f / hp_.logit_scale, int64_t(n_out) * V);
             if (!all_finite(dst, size_t(n_out) * V))
                 fail_non_finite_logits(m.trace_non_finite, *file_,
-                                       [&] { restore_past.rewind(); eval(tokens, n, all_logits, logits); });
+                                       [&] { restore_past.rewind(); eval(in, all_logits, logits); });
+            dst += size_t(n_out) * V;
         }
     }
 
@@ -744,7 +780,8 @@ void Model::eval(const int32_t* tokens, int n, bool all_logits, float* logits) {
         double ffn_bytes = -ffn_bytes0;
         for (const auto& ls : stats_.layers) ffn_bytes += ls.bytes;
         stats_.weight_bytes_per_token = m.fixed_bytes_per_token + ffn_bytes;
-        stats_.kv_bytes_per_token = 2.0 * hp_.n_layer * hp_.n_head_kv * double(n_past_) * double(m.kv->row_bytes());
+        stats_.kv_bytes_per_token =
+            2.0 * hp_.n_layer * hp_.n_head_kv * double(seq_len_[size_t(in.seq[0])]) * double(m.kv->row_bytes());
         stats_.n_decode_tokens += 1;
         stats_.decode_seconds += secs;
     } else {

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "batch.h"
 #include "gguf.h"
 #include "hparams.h"
 #include "placement.h"
@@ -25,6 +26,7 @@ struct ModelParams {
     float pred_threshold = NAN;     // overrides the file's predictor cut-off when not NaN
     bool diag_recall = false;       // predict: also compute the full gate to report recall
     std::string kv_type = "f16";    // the KV cache's type: f16, f32, q8_0 (kv_cache.h)
+    int n_seq = 1;                  // sequences the KV cache holds, n_ctx positions each
     std::string device = "cpu";     // auto | cpu | cuda | cuda:N
     double vram_budget_gib = -1.0;  // GPU memory to place weights in; < 0: free memory less a margin
     // Per-layer |SiLU(gate)| thresholds that replace the file's prosparse.layer_thresholds (SiLU
@@ -66,14 +68,17 @@ public:
     const Tokenizer& tokenizer() const { return *tok_; }
     const GGUFFile& file() const { return *file_; }
     int n_ctx() const { return n_ctx_; }
-    int n_past() const { return n_past_; }
+    int n_past() const { return seq_len_[0]; }
+    int n_seq() const { return int(seq_len_.size()); }
+    int seq_len(int seq) const;
     int n_threads() const;
     const std::string& strategy() const { return strategy_; }
     const ModelStats& stats() const { return stats_; }
 
     // Drops the cached positions from n onwards (n <= n_past), so that the next eval continues
     // from position n. This is how a new prompt reuses the prefix it shares with the last one.
-    void rewind(int n);
+    void rewind(int n) { rewind(0, n); }
+    void rewind(int seq, int n);  // the same for one sequence
 
     // Runs n tokens at positions n_past .. n_past+n-1 and appends them to the KV cache.
     // Writes n_vocab logits for the last token, or for every token when all_logits, to `logits`
@@ -81,6 +86,14 @@ public:
     // and NumericError, naming the first layer that went non-finite, if the logits hold NaN or
     // Inf. An eval that throws leaves n_past as it was.
     void eval(const int32_t* tokens, int n, bool all_logits, float* logits);
+
+    // Runs a batch of tokens of several sequences in one forward pass: token t at position
+    // batch.pos[t] of sequence batch.seq[t], where each sequence's tokens come in order and start at
+    // its length so far (seq_len); appends them to the cache. Writes n_vocab logits for every token
+    // (all_logits), or for the last token of each sequence in the batch, in the order of those last
+    // tokens. A token's logits are the same bits as if its sequence ran alone (docs/design.md,
+    // "Determinism"). Throws, leaving every sequence as it was, on a bad id, sequence or position.
+    void eval(const TokenBatch& batch, bool all_logits, float* logits);
 
     // Calibration: while on, every eval records per layer the residual stream entering the FFN
     // ([n][n_embd], the predictor's input) and the raw gate pre-activations ([n][n_ff], computed
@@ -104,7 +117,7 @@ private:
     std::unique_ptr<Tokenizer> tok_;
     HParams hp_;
     int n_ctx_ = 0;
-    int n_past_ = 0;
+    std::vector<int> seq_len_;  // positions cached per sequence
     std::string strategy_;
     ModelStats stats_;
     std::unique_ptr<Impl> impl_;

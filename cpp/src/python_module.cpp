@@ -6,6 +6,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <algorithm>
 #include <cstring>
 #include <memory>
 
@@ -172,7 +173,7 @@ NB_MODULE(_core, m) {
         .def("__init__", [](ps::Model* self, const std::string& path, int n_ctx, int n_threads,
                             int n_batch, const std::string& sparsity, float act_threshold,
                             float pred_threshold, bool diag_recall, std::vector<float> layer_thresholds,
-                            const std::string& kv_type, const std::string& device, double vram_budget,
+                            const std::string& kv_type, int n_seq, const std::string& device, double vram_budget,
                             int64_t test_split_hot) {
             ps::ModelParams p;
             p.n_ctx = n_ctx; p.n_threads = n_threads; p.n_batch = n_batch;
@@ -180,6 +181,7 @@ NB_MODULE(_core, m) {
             p.pred_threshold = pred_threshold; p.diag_recall = diag_recall;
             p.layer_thresholds = std::move(layer_thresholds);
             p.kv_type = kv_type;
+            p.n_seq = n_seq;
             p.device = device;
             p.vram_budget_gib = vram_budget;
             p.test_split_hot = test_split_hot;
@@ -188,9 +190,9 @@ NB_MODULE(_core, m) {
         }, "path"_a, "n_ctx"_a = 0, "n_threads"_a = 0, "n_batch"_a = 256,
            "sparsity"_a = "auto", "act_threshold"_a = NAN, "pred_threshold"_a = NAN,
            "diag_recall"_a = false, "layer_thresholds"_a = std::vector<float>(), "kv_type"_a = "f16",
-           "device"_a = "cpu", "vram_budget"_a = -1.0, "test_split_hot"_a = -1,
+           "n_seq"_a = 1, "device"_a = "cpu", "vram_budget"_a = -1.0, "test_split_hot"_a = -1,
            "layer_thresholds: per-layer SiLU thresholds replacing the file's ([] = the file's). kv_type: the "
-           "KV cache's type (f16, f32, q8_0). device: auto, cpu, cuda, cuda:N. vram_budget: GiB to place "
+           "KV cache's type (f16, f32, q8_0). n_seq: sequences the KV cache holds. device: auto, cpu, cuda, cuda:N. vram_budget: GiB to place "
            "weights in on the GPU (< 0: its free memory less a margin). test_split_hot: tests only, every layer's neurons [0, n) on a "
            "second CPU executor (-1: none).")
         .def("eval", [](ps::Model& mdl, const std::vector<int32_t>& tokens, bool all_logits) {
@@ -205,7 +207,36 @@ NB_MODULE(_core, m) {
             return owned_array(std::move(out), {size_t(n_vocab)});
         }, "tokens"_a, "all_logits"_a = false,
            "Run tokens after the cached ones; returns the last token's logits (or all rows).")
-        .def("rewind", &ps::Model::rewind, "n"_a)
+        .def("eval_batch", [](ps::Model& mdl, const std::vector<int32_t>& tokens, const std::vector<int32_t>& pos,
+                              const std::vector<int32_t>& seq, bool all_logits) {
+            const int n_vocab = mdl.hparams().n_vocab;
+            auto ids = checked_ids(tokens, n_vocab);
+            if (pos.size() != ids.size() || seq.size() != ids.size())
+                throw ps::Error(ps::strfmt("eval_batch: %zu tokens, %zu positions and %zu sequences", ids.size(),
+                                           pos.size(), seq.size()));
+            size_t rows = ids.size();
+            if (!all_logits) {  // the last token of each sequence in the batch
+                std::vector<int32_t> seen;
+                for (int32_t s : seq)
+                    if (std::find(seen.begin(), seen.end(), s) == seen.end()) seen.push_back(s);
+                rows = seen.size();
+            }
+            std::vector<float> out(rows * size_t(n_vocab));
+            ps::TokenBatch b;
+            b.token = ids.data();
+            b.pos = pos.data();
+            b.seq = seq.data();
+            b.n = int(ids.size());
+            {
+                nb::gil_scoped_release r;
+                mdl.eval(b, all_logits, out.data());
+            }
+            return owned_array(std::move(out), {rows, size_t(n_vocab)});
+        }, "tokens"_a, "pos"_a, "seq"_a, "all_logits"_a = false,
+           "Run a batch of several sequences' tokens (each at its sequence's next position); returns the "
+           "logits of every token (all_logits) or of each sequence's last token in the batch, in that order.")
+        .def("rewind", [](ps::Model& mdl, int n, int seq) { mdl.rewind(seq, n); }, "n"_a, "seq"_a = 0)
+        .def("seq_len", &ps::Model::seq_len, "seq"_a)
         .def("set_capture", &ps::Model::set_capture, "on"_a)
         .def("set_layer_thresholds", &ps::Model::set_layer_thresholds, "thresholds"_a,
              "Calibration: replace a SiLU model's per-layer thresholds in memory ([] = none).")
