@@ -1,6 +1,6 @@
 """Placement from a VRAM budget (cpp/src/placement.cpp), through `_core.placement`.
 
-The specification (issue 12, section 4): blocks are placed highest expected bytes read per byte
+The specification (docs/design.md, "The CPU/GPU hybrid"): blocks are placed highest expected bytes read per byte
 first, across all layers, until the next one does not fit; a layer's attention (with its KV cache
 and predictor) is one block read every token; a layer's FFN is placed in groups of 64 neurons from
 neuron 0 (a prefix, since files are in frequency order), each neuron's rows read every token
