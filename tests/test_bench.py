@@ -54,6 +54,15 @@ def test_dense_bytes_per_token_match_the_runtimes_count(dense_q4):
     assert report.weight_bytes_per_token(dense_q4)["bytes_per_token"] == m.stats()["weight_bytes_per_token"]
 
 
+@pytest.mark.parametrize("cache_type", ["f16", "f32", "q8_0"])
+def test_cache_bytes_per_token_from_the_file_equal_the_runtimes_count(dense_q4, cache_type):
+    from prosparse_rt import _core
+    m = _core.Model(str(dense_q4), n_ctx=32, n_threads=1, sparsity="dense", kv_type=cache_type)
+    m.eval([1, 2, 3, 4])
+    m.eval([5])  # a decode step at 5 cached positions
+    assert report.kv_bytes_per_token(dense_q4, 5, cache_type) == m.stats()["kv_bytes_per_token"]
+
+
 @pytest.mark.parametrize("depth", [0, 40])
 def test_worker_counts_processed_tokens_and_logits_are_finite(dense_q4, depth):
     rt = worker.Ours(dense_q4, n_ctx=96, n_threads=1, n_batch=32, sparsity="dense", extra_bufts=False,

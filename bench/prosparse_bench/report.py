@@ -1,6 +1,7 @@
 """Bytes read per token from a GGUF's tensor table, and the table / JSON / plot of a bench run."""
 from __future__ import annotations
 
+import functools
 import statistics
 from pathlib import Path
 
@@ -35,20 +36,27 @@ def weight_bytes_per_token(path) -> dict:
 KV_BYTES_PER_VALUE = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32}
 
 
-def kv_bytes_per_token(path, positions, cache_type) -> float:
-    """Bytes of KV cache one decode step reads at `positions` cached positions: keys and values
-    of every layer and KV head (llama.cpp and ours store the same values in the same types)."""
+@functools.lru_cache(maxsize=16)
+def _kv_values_per_position(path: str) -> int:
+    """Keys and values one position adds to the cache: 2 x layers x KV heads x head size (read once
+    per file: the gguf reader parses every metadata array, the vocabulary included)."""
     import gguf
-    r = gguf.GGUFReader(str(path))
+    r = gguf.GGUFReader(path)
+    arch = bytes(r.fields["general.architecture"].parts[-1]).decode()
 
     def key(suffix):
-        arch = bytes(r.fields["general.architecture"].parts[-1]).decode()
         f = r.fields.get(f"{arch}.{suffix}")
         return int(f.parts[-1][0]) if f else None
 
     n_layer, n_embd, n_head = key("block_count"), key("embedding_length"), key("attention.head_count")
     n_kv = key("attention.head_count_kv") or n_head
-    return 2.0 * n_layer * n_kv * (n_embd // n_head) * positions * KV_BYTES_PER_VALUE[cache_type]
+    return 2 * n_layer * n_kv * (n_embd // n_head)
+
+
+def kv_bytes_per_token(path, positions, cache_type) -> float:
+    """Bytes of KV cache one decode step reads at `positions` cached positions: keys and values
+    of every layer and KV head (llama.cpp and ours store the same values in the same types)."""
+    return _kv_values_per_position(str(path)) * positions * KV_BYTES_PER_VALUE[cache_type]
 
 
 def summarize(seconds, n_tokens):
