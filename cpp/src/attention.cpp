@@ -4,7 +4,6 @@
 #include <cmath>
 
 #include "cpu/kernels.h"
-#include "vec.h"
 
 namespace ps {
 
@@ -31,57 +30,36 @@ void rope(float* x, int n_heads, int head_dim, int n_rot, const float* cs) {
 
 namespace {
 
-// One tile's keys and values as f32 rows: the cache's own rows for an f32 cache, else converted
-// into buf ([2][kAttnTile][head_dim]).
+// One tile's keys, transposed ([head_dim][kAttnTile]: the attn_tile kernel's layout), and values
+// ([n][head_dim]) as f32, from the cache's rows of any type. tile: 2 * kAttnTile * head_dim floats.
 struct TileRows {
-    const float* k;
+    const float* kt;
     const float* v;
 };
 
-TileRows tile_rows(const KvCache& kv, int layer, int seq, int kvh, int p0, int n, float* buf) {
+TileRows tile_rows(const KvCache& kv, int layer, int seq, int kvh, int p0, int n, float* tile) {
     const int HD = kv.head_dim();
     const size_t rb = kv.row_bytes();
     const uint8_t* k = kv.keys(layer, seq, kvh) + size_t(p0) * rb;
     const uint8_t* v = kv.values(layer, seq, kvh) + size_t(p0) * rb;
-    if (kv.type() == KvType::F32) return {reinterpret_cast<const float*>(k), reinterpret_cast<const float*>(v)};
+    float* kt = tile;
+    float* vb = tile + size_t(kAttnTile) * HD;
+    const bool f32 = kv.type() == KvType::F32;
     const cpu::KernelSet& ks = cpu::kernels();
     const GgmlType t = kv_ggml_type(kv.type());
-    float* kb = buf;
-    float* vb = buf + size_t(kAttnTile) * HD;
     for (int p = 0; p < n; ++p) {
-        ks.dequant_row(t, k + size_t(p) * rb, kb + size_t(p) * HD, HD);
-        ks.dequant_row(t, v + size_t(p) * rb, vb + size_t(p) * HD, HD);
+        // the key row as floats (into the values' slot p, free until its value is converted)
+        const float* kr = f32 ? reinterpret_cast<const float*>(k + size_t(p) * rb) : vb + size_t(p) * HD;
+        if (!f32) ks.dequant_row(t, k + size_t(p) * rb, vb + size_t(p) * HD, HD);
+        for (int d = 0; d < HD; ++d) kt[size_t(d) * kAttnTile + p] = kr[d];
     }
-    return {kb, vb};
+    if (f32) return {kt, reinterpret_cast<const float*>(v)};
+    for (int p = 0; p < n; ++p) ks.dequant_row(t, v + size_t(p) * rb, vb + size_t(p) * HD, HD);
+    return {kt, vb};
 }
 
-// The softmax partial of one tile for one query head: (max m of the scores s, sum l of
-// exp(s - m), o = sum of exp(s - m) v in position order), stored as [head_dim + 2] = (m, l, o...).
-void tile_partial(const float* q, const TileRows& rows, int n, int HD, float scale, float* part) {
-    float sc[kAttnTile];
-    float m = -INFINITY;
-    for (int p = 0; p < n; ++p) {
-        sc[p] = vec_dot(q, rows.k + size_t(p) * HD, HD) * scale;
-        m = std::max(m, sc[p]);
-    }
-    float* o = part + 2;
-    std::fill(o, o + HD, 0.0f);
-    float l = 0.0f;
-    for (int p = 0; p < n; ++p) {
-        const float e = std::exp(sc[p] - m);
-        l += e;
-        vec_axpy(o, e, rows.v + size_t(p) * HD, HD);
-    }
-    part[0] = m;
-    part[1] = l;
-}
-
-// state = merge(state, partial) for one head ([head_dim + 2] each); first: state = partial.
-void merge(float* state, const float* part, int HD, bool first) {
-    if (first) {
-        std::copy(part, part + HD + 2, state);
-        return;
-    }
+// state = merge(state, partial) for one head ([head_dim + 2] each: max, sum, weighted values).
+void merge(float* state, const float* part, int HD) {
     const float m = std::max(state[0], part[0]);
     const float a = std::exp(state[0] - m), b = std::exp(part[0] - m);
     state[0] = m;
@@ -93,15 +71,19 @@ void finish(const float* state, int HD, float* out) {
     for (int i = 0; i < HD; ++i) out[i] = state[2 + i] / state[1];
 }
 
+constexpr int kQueryBlock = 16;  // a prompt's tokens of one sequence that share one conversion of a tile
+
 }  // namespace
 
 void attention(ThreadPool& pool, const HParams& hp, const KvCache& kv, int layer, const TokenBatch& batch,
                const float* q, float* out, AttnScratch& s) {
+    static_assert(kAttnTile == cpu::kAttnTileMax, "the kernel's tile");
     const int HD = hp.head_dim, NH = hp.n_head, NKV = hp.n_head_kv, G = NH / NKV, H = NH * HD;
     const float scale = 1.0f / std::sqrt(float(HD));
     const size_t tile_floats = size_t(2) * kAttnTile * HD;
     if (s.tiles.size() < tile_floats * size_t(pool.size())) s.tiles.resize(tile_floats * size_t(pool.size()));
     const size_t ps = size_t(HD) + 2;  // one head's partial or state
+    const cpu::KernelSet& ks = cpu::kernels();
 
     if (batch.n == 1) {
         // decode: every (KV head, tile) is a task; the partials are merged per head in tile order
@@ -112,34 +94,51 @@ void attention(ThreadPool& pool, const HParams& hp, const KvCache& kv, int layer
             const int p0 = j * kAttnTile, n = std::min(kAttnTile, n_keys - p0);
             const TileRows rows = tile_rows(kv, layer, seq, kvh, p0, n, s.tiles.data() + size_t(thread) * tile_floats);
             for (int h = kvh * G; h < (kvh + 1) * G; ++h)
-                tile_partial(q + size_t(h) * HD, rows, n, HD, scale, s.partials.data() + (size_t(h) * n_tiles + j) * ps);
+                ks.attn_tile(q + size_t(h) * HD, rows.kt, rows.v, n, HD, scale,
+                             s.partials.data() + (size_t(h) * n_tiles + j) * ps);
         });
         pool.parallel_for(NH, [&](int64_t h, int) {
             float* parts = s.partials.data() + size_t(h) * n_tiles * ps;  // merged into tile 0's slot
-            for (int j = 1; j < n_tiles; ++j) merge(parts, parts + size_t(j) * ps, HD, false);
+            for (int j = 1; j < n_tiles; ++j) merge(parts, parts + size_t(j) * ps, HD);
             finish(parts, HD, out + size_t(h) * HD);
         });
         return;
     }
 
-    // a batch: one task per (token, KV head), through its tiles in order
-    pool.parallel_for(int64_t(batch.n) * NKV, [&](int64_t task, int thread) {
-        const int t = int(task / NKV), kvh = int(task % NKV);
-        const int n_keys = batch.pos[t] + 1, n_tiles = (n_keys + kAttnTile - 1) / kAttnTile;
+    // a batch: runs of up to kQueryBlock consecutive tokens of one sequence; a task per (run, KV
+    // head) converts each tile once and runs every token of the run that reaches it through it, in
+    // tile order, into that token's running state
+    std::vector<int>& runs = s.runs;
+    runs.clear();
+    for (int t = 0; t < batch.n; ++t)
+        if (t == 0 || batch.seq[t] != batch.seq[t - 1] || t - runs.back() == kQueryBlock) runs.push_back(t);
+    const int n_runs = int(runs.size());
+    pool.parallel_for(int64_t(n_runs) * NKV, [&](int64_t task, int thread) {
+        const int r = int(task / NKV), kvh = int(task % NKV);
+        const int t0 = runs[size_t(r)], t1 = r + 1 < n_runs ? runs[size_t(r) + 1] : batch.n;
+        int max_keys = 0;
+        for (int t = t0; t < t1; ++t) max_keys = std::max(max_keys, batch.pos[t] + 1);
         thread_local std::vector<float> part, state;  // per thread: no allocation once warm
         part.resize(ps);
-        state.resize(size_t(G) * ps);
-        for (int j = 0; j < n_tiles; ++j) {
-            const int p0 = j * kAttnTile, n = std::min(kAttnTile, n_keys - p0);
-            const TileRows rows =
-                tile_rows(kv, layer, batch.seq[t], kvh, p0, n, s.tiles.data() + size_t(thread) * tile_floats);
-            for (int g = 0; g < G; ++g) {
-                tile_partial(q + size_t(t) * H + size_t(kvh * G + g) * HD, rows, n, HD, scale, part.data());
-                merge(state.data() + size_t(g) * ps, part.data(), HD, j == 0);
+        state.resize(size_t(kQueryBlock) * G * ps);
+        for (int j = 0; j * kAttnTile < max_keys; ++j) {
+            const int p0 = j * kAttnTile;
+            const TileRows rows = tile_rows(kv, layer, batch.seq[t0], kvh, p0, std::min(kAttnTile, max_keys - p0),
+                                            s.tiles.data() + size_t(thread) * tile_floats);
+            for (int t = t0; t < t1; ++t) {
+                const int n = std::min(kAttnTile, batch.pos[t] + 1 - p0);
+                if (n <= 0) continue;  // this token's keys ended in an earlier tile
+                for (int g = 0; g < G; ++g) {
+                    float* st = state.data() + (size_t(t - t0) * G + g) * ps;
+                    ks.attn_tile(q + size_t(t) * H + size_t(kvh * G + g) * HD, rows.kt, rows.v, n, HD, scale,
+                                 j == 0 ? st : part.data());
+                    if (j > 0) merge(st, part.data(), HD);
+                }
             }
         }
-        for (int g = 0; g < G; ++g)
-            finish(state.data() + size_t(g) * ps, HD, out + size_t(t) * H + size_t((kvh * G + g)) * HD);
+        for (int t = t0; t < t1; ++t)
+            for (int g = 0; g < G; ++g)
+                finish(state.data() + (size_t(t - t0) * G + g) * ps, HD, out + size_t(t) * H + size_t(kvh * G + g) * HD);
     });
 }
 

@@ -24,14 +24,16 @@ constexpr int kAttnTile = 128;
 // Scratch for attention, grown as needed and reused.
 struct AttnScratch {
     std::vector<float> partials;  // decode: [head][tile][head_dim + 2]
-    std::vector<float> tiles;     // [thread][2][kAttnTile][head_dim]: a tile's keys and values as f32
+    std::vector<float> tiles;     // [thread][2][kAttnTile][head_dim]: a tile's keys (transposed) and values
+    std::vector<int> runs;        // a batch's runs of one sequence's consecutive tokens
 };
 
 // out[t] (n_head * head_dim) = softmax(q[t] k / sqrt(d)) v over positions 0..pos[t] of token t's
 // sequence in the cache, for every token of the batch and every head. A task reads one KV head's
 // tile once for all the query heads that share it (grouped-query attention); one token splits its
-// tiles over the threads, a batch its (token, KV head) pairs, each then running through its tiles
-// in order with scratch independent of the context length. Either way a (token, head) gets the
+// tiles over the threads; a batch gives a task to each (run of up to 16 consecutive tokens of one
+// sequence, KV head), which converts each tile once for the run's tokens and runs them through the
+// tiles in order, with scratch independent of the context length. Either way a (token, head) gets the
 // same bits (docs/design.md, "Determinism").
 void attention(ThreadPool& pool, const HParams& hp, const KvCache& kv, int layer, const TokenBatch& batch,
                const float* q, float* out, AttnScratch& scratch);

@@ -186,6 +186,21 @@ void register_test_hooks(nb::module_& m) {
         ks->gemm_rows(w.t.type, k, w.t.data, w.t.row_stride(), rows.data(), n, xa.data(), xs, nc, Y.data(), n);
         return owned_array(std::move(Y), {size_t(nc), size_t(n)});
     }, "isa"_a, "type"_a, "W"_a, "nr"_a, "k"_a, "rows"_a, "X"_a);
+    t.def("attn_tile", [kset](const std::string& isa, nb::ndarray<const float, nb::ndim<1>, nb::c_contig> q,
+                              nb::ndarray<const float, nb::ndim<2>, nb::c_contig> K,
+                              nb::ndarray<const float, nb::ndim<2>, nb::c_contig> V, float scale) {
+        // one attention tile: K and V [n][hd] as the cache holds them; returns (m, l, o[hd])
+        const ps::cpu::KernelSet* ks = kset(isa);
+        const int n = int(K.shape(0)), hd = int(K.shape(1));
+        if (n < 1 || n > ps::cpu::kAttnTileMax || int(q.shape(0)) != hd || int(V.shape(0)) != n ||
+            int(V.shape(1)) != hd)
+            throw ps::Error("shape mismatch");
+        std::vector<float> kt(size_t(hd) * ps::cpu::kAttnTileMax, 0.0f), part(size_t(hd) + 2);
+        for (int p = 0; p < n; ++p)
+            for (int d = 0; d < hd; ++d) kt[size_t(d) * ps::cpu::kAttnTileMax + p] = K.data()[size_t(p) * hd + d];
+        ks->attn_tile(q.data(), kt.data(), V.data(), n, hd, scale, part.data());
+        return owned_array(std::move(part), {size_t(hd) + 2});
+    }, "isa"_a, "q"_a, "K"_a, "V"_a, "scale"_a);
     t.def("axpy_rows", [kset, check_rows](const std::string& isa, uint32_t type, nb::bytes W, int64_t nr,
                                           int64_t k, std::optional<std::vector<int32_t>> rows,
                                           nb::ndarray<const float, nb::ndim<2>, nb::c_contig> C,

@@ -88,6 +88,7 @@ void interleave_rows(GgmlType w, int64_t k, const uint8_t* src, size_t src_strid
 // kNeuronGroup neurons by absolute index, the groups added in index order: a token's sum then
 // depends only on its own rows, and a hot/cold split at a group boundary continues the chain.
 constexpr int kNeuronGroup = 64;
+constexpr int kAttnTileMax = 128;  // positions per attention tile (attention.h)
 
 struct KernelSet {
     const char* isa;  // "scalar", "avx2", "avx512"
@@ -118,6 +119,13 @@ struct KernelSet {
     // so callers may split them (at block boundaries, offsetting W by weight_bytes(w, j0)) freely.
     void (*axpy_rows)(GgmlType w, int64_t k, const void* W, size_t w_stride, const int32_t* rows,
                       int64_t n, const float* C, int64_t ldc, int64_t nc, float* Y, int64_t ldy);
+
+    // One tile of attention for one query head (attention.cpp): s_p = (q . k_p) * scale for the n
+    // (<= kAttnTileMax) keys of the tile, each dot an fma chain over the head's dimensions in order;
+    // m = max s_p, e_p = exp(s_p - m), l = sum of e_p in position order, o = sum of e_p v_p as an
+    // fma chain in position order. Kt holds the keys transposed, Kt[d * kAttnTileMax + p]; V the
+    // values, V[p * hd + d]. Writes part = (m, l, o[0..hd)). The same bits in every ISA.
+    void (*attn_tile)(const float* q, const float* Kt, const float* V, int n, int hd, float scale, float* part);
 
     // dst[0..n) = a row of n values of type w as floats, exactly as dequantize gives them (d * q;
     // Q4_1 fma(q, d, m)); n a multiple of the block size for the quantized types.

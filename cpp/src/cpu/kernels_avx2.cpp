@@ -63,7 +63,8 @@ inline void q4_to_f(const uint8_t* qs, bool minus8, VF* out) {
 
 }  // namespace
 
-const KernelSet kAvx2Kernels = {"avx2", quantize_act, gemm, gemm_rows, axpy_rows, dequant_row, gemm_interleaved};
+const KernelSet kAvx2Kernels = {"avx2", quantize_act, gemm, gemm_rows, axpy_rows, attn_tile, dequant_row,
+                                  gemm_interleaved};
 
 }  // namespace ps::cpu
 #endif

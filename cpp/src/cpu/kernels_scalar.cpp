@@ -344,6 +344,29 @@ void dequant_row(GgmlType w, const void* src, float* dst, int64_t n) {
     dequant(w, static_cast<const uint8_t*>(src), dst, n);
 }
 
+void attn_tile(const float* q, const float* Kt, const float* V, int n, int hd, float scale, float* part) {
+    float e[kAttnTileMax];
+    float m = -INFINITY;
+    for (int p = 0; p < n; ++p) {
+        float s = 0.0f;
+        for (int d = 0; d < hd; ++d) s = std::fma(q[d], Kt[d * kAttnTileMax + p], s);
+        e[p] = s * scale;
+        m = std::max(m, e[p]);
+    }
+    float l = 0.0f;
+    for (int p = 0; p < n; ++p) {
+        e[p] = std::exp(e[p] - m);
+        l += e[p];
+    }
+    for (int d = 0; d < hd; ++d) {
+        float o = 0.0f;
+        for (int p = 0; p < n; ++p) o = std::fma(e[p], V[p * hd + d], o);
+        part[2 + d] = o;
+    }
+    part[0] = m;
+    part[1] = l;
+}
+
 }  // namespace
 
 size_t act_row_bytes(GgmlType w, int64_t k) {
@@ -359,6 +382,7 @@ size_t act_row_bytes(GgmlType w, int64_t k) {
     }
 }
 
-const KernelSet kScalarKernels = {"scalar", quantize_act, gemm, gemm_rows, axpy_rows, dequant_row, gemm_interleaved};
+const KernelSet kScalarKernels = {"scalar", quantize_act, gemm, gemm_rows, axpy_rows, attn_tile, dequant_row,
+                                  gemm_interleaved};
 
 }  // namespace ps::cpu
