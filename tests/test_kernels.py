@@ -375,22 +375,21 @@ def test_axpy_rows_sums_in_neuron_groups_and_a_token_sees_only_its_own_rows(isa,
 
 
 @pytest.mark.parametrize("n, hd", [(1, 64), (37, 64), (128, 64), (100, 40), (128, 128)])
-def test_attention_tile_matches_numpy_and_is_the_same_in_every_isa(n, hd):
+def test_attention_tile_matches_numpy_in_every_isa(n, hd):
     rng = np.random.default_rng(n * 1000 + hd)
     q = rng.standard_normal(hd).astype(np.float32)
     K = rng.standard_normal((n, hd)).astype(np.float32)
     V = rng.standard_normal((n, hd)).astype(np.float32)
     scale = 1.0 / np.sqrt(hd)
-    outs = {isa: T.attn_tile(isa, q, K, V, scale) for isa in ISAS}
-    for isa in ISAS:
-        np.testing.assert_array_equal(outs[isa], outs["scalar"], err_msg=isa)
     s = (K.astype(np.float64) @ q) * scale
     m = s.max()
     e = np.exp(s - m)
-    got = outs["scalar"]
-    assert abs(got[0] - m) <= 1e-5 * max(1.0, abs(m))
-    assert abs(got[1] - e.sum()) <= 1e-5 * e.sum()
-    np.testing.assert_allclose(got[2:] / got[1], (e @ V) / e.sum(), rtol=0, atol=1e-5)
+    for isa in ISAS:  # a dot's lane order is the instruction set's own: compared with a bound
+        got = T.attn_tile(isa, q, K, V, scale)
+        np.testing.assert_array_equal(got, T.attn_tile(isa, q, K, V, scale))
+        assert abs(got[0] - m) <= 1e-5 * max(1.0, abs(m)), isa
+        assert abs(got[1] - e.sum()) <= 1e-5 * e.sum(), isa
+        np.testing.assert_allclose(got[2:] / got[1], (e @ V) / e.sum(), rtol=0, atol=1e-5, err_msg=isa)
 
 
 def test_axpy_rows_op_refuses_rows_out_of_order():

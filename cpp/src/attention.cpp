@@ -30,10 +30,10 @@ void rope(float* x, int n_heads, int head_dim, int n_rot, const float* cs) {
 
 namespace {
 
-// One tile's keys, transposed ([head_dim][kAttnTile]: the attn_tile kernel's layout), and values
-// ([n][head_dim]) as f32, from the cache's rows of any type. tile: 2 * kAttnTile * head_dim floats.
+// One tile's keys and values ([n][head_dim] each) as f32: the cache's own rows for an f32 cache,
+// else converted (KernelSet::dequant_row) into tile (2 * kAttnTile * head_dim floats).
 struct TileRows {
-    const float* kt;
+    const float* k;
     const float* v;
 };
 
@@ -42,20 +42,16 @@ TileRows tile_rows(const KvCache& kv, int layer, int seq, int kvh, int p0, int n
     const size_t rb = kv.row_bytes();
     const uint8_t* k = kv.keys(layer, seq, kvh) + size_t(p0) * rb;
     const uint8_t* v = kv.values(layer, seq, kvh) + size_t(p0) * rb;
-    float* kt = tile;
-    float* vb = tile + size_t(kAttnTile) * HD;
-    const bool f32 = kv.type() == KvType::F32;
+    if (kv.type() == KvType::F32) return {reinterpret_cast<const float*>(k), reinterpret_cast<const float*>(v)};
     const cpu::KernelSet& ks = cpu::kernels();
     const GgmlType t = kv_ggml_type(kv.type());
+    float* kb = tile;
+    float* vb = tile + size_t(kAttnTile) * HD;
     for (int p = 0; p < n; ++p) {
-        // the key row as floats (into the values' slot p, free until its value is converted)
-        const float* kr = f32 ? reinterpret_cast<const float*>(k + size_t(p) * rb) : vb + size_t(p) * HD;
-        if (!f32) ks.dequant_row(t, k + size_t(p) * rb, vb + size_t(p) * HD, HD);
-        for (int d = 0; d < HD; ++d) kt[size_t(d) * kAttnTile + p] = kr[d];
+        ks.dequant_row(t, k + size_t(p) * rb, kb + size_t(p) * HD, HD);
+        ks.dequant_row(t, v + size_t(p) * rb, vb + size_t(p) * HD, HD);
     }
-    if (f32) return {kt, reinterpret_cast<const float*>(v)};
-    for (int p = 0; p < n; ++p) ks.dequant_row(t, v + size_t(p) * rb, vb + size_t(p) * HD, HD);
-    return {kt, vb};
+    return {kb, vb};
 }
 
 // state = merge(state, partial) for one head ([head_dim + 2] each: max, sum, weighted values).
@@ -94,7 +90,7 @@ void attention(ThreadPool& pool, const HParams& hp, const KvCache& kv, int layer
             const int p0 = j * kAttnTile, n = std::min(kAttnTile, n_keys - p0);
             const TileRows rows = tile_rows(kv, layer, seq, kvh, p0, n, s.tiles.data() + size_t(thread) * tile_floats);
             for (int h = kvh * G; h < (kvh + 1) * G; ++h)
-                ks.attn_tile(q + size_t(h) * HD, rows.kt, rows.v, n, HD, scale,
+                ks.attn_tile(q + size_t(h) * HD, rows.k, rows.v, n, HD, scale,
                              s.partials.data() + (size_t(h) * n_tiles + j) * ps);
         });
         pool.parallel_for(NH, [&](int64_t h, int) {
@@ -130,7 +126,7 @@ void attention(ThreadPool& pool, const HParams& hp, const KvCache& kv, int layer
                 if (n <= 0) continue;  // this token's keys ended in an earlier tile
                 for (int g = 0; g < G; ++g) {
                     float* st = state.data() + (size_t(t - t0) * G + g) * ps;
-                    ks.attn_tile(q + size_t(t) * H + size_t(kvh * G + g) * HD, rows.kt, rows.v, n, HD, scale,
+                    ks.attn_tile(q + size_t(t) * H + size_t(kvh * G + g) * HD, rows.k, rows.v, n, HD, scale,
                                  j == 0 ? st : part.data());
                     if (j > 0) merge(st, part.data(), HD);
                 }

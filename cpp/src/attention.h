@@ -24,7 +24,7 @@ constexpr int kAttnTile = 128;
 // Scratch for attention, grown as needed and reused.
 struct AttnScratch {
     std::vector<float> partials;  // decode: [head][tile][head_dim + 2]
-    std::vector<float> tiles;     // [thread][2][kAttnTile][head_dim]: a tile's keys (transposed) and values
+    std::vector<float> tiles;     // [thread][2][kAttnTile][head_dim]: a tile's keys and values as f32
     std::vector<int> runs;        // a batch's runs of one sequence's consecutive tokens
 };
 

@@ -195,10 +195,8 @@ void register_test_hooks(nb::module_& m) {
         if (n < 1 || n > ps::cpu::kAttnTileMax || int(q.shape(0)) != hd || int(V.shape(0)) != n ||
             int(V.shape(1)) != hd)
             throw ps::Error("shape mismatch");
-        std::vector<float> kt(size_t(hd) * ps::cpu::kAttnTileMax, 0.0f), part(size_t(hd) + 2);
-        for (int p = 0; p < n; ++p)
-            for (int d = 0; d < hd; ++d) kt[size_t(d) * ps::cpu::kAttnTileMax + p] = K.data()[size_t(p) * hd + d];
-        ks->attn_tile(q.data(), kt.data(), V.data(), n, hd, scale, part.data());
+        std::vector<float> part(size_t(hd) + 2);
+        ks->attn_tile(q.data(), K.data(), V.data(), n, hd, scale, part.data());
         return owned_array(std::move(part), {size_t(hd) + 2});
     }, "isa"_a, "q"_a, "K"_a, "V"_a, "scale"_a);
     t.def("axpy_rows", [kset, check_rows](const std::string& isa, uint32_t type, nb::bytes W, int64_t nr,

@@ -121,11 +121,11 @@ struct KernelSet {
                       int64_t n, const float* C, int64_t ldc, int64_t nc, float* Y, int64_t ldy);
 
     // One tile of attention for one query head (attention.cpp): s_p = (q . k_p) * scale for the n
-    // (<= kAttnTileMax) keys of the tile, each dot an fma chain over the head's dimensions in order;
-    // m = max s_p, e_p = exp(s_p - m), l = sum of e_p in position order, o = sum of e_p v_p as an
-    // fma chain in position order. Kt holds the keys transposed, Kt[d * kAttnTileMax + p]; V the
-    // values, V[p * hd + d]. Writes part = (m, l, o[0..hd)). The same bits in every ISA.
-    void (*attn_tile)(const float* q, const float* Kt, const float* V, int n, int hd, float scale, float* part);
+    // (<= kAttnTileMax) keys of the tile (K[p * hd + d], V likewise); m = max s_p,
+    // e_p = exp(s_p - m), l = sum of e_p in position order, o = sum of e_p v_p as an fma chain in
+    // position order. Writes part = (m, l, o[0..hd)). A dot's lane order is fixed per instruction
+    // set (as for float weights), so results are the same for any batch and thread count.
+    void (*attn_tile)(const float* q, const float* K, const float* V, int n, int hd, float scale, float* part);
 
     // dst[0..n) = a row of n values of type w as floats, exactly as dequantize gives them (d * q;
     // Q4_1 fma(q, d, m)); n a multiple of the block size for the quantized types.

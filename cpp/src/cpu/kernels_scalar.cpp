@@ -344,12 +344,12 @@ void dequant_row(GgmlType w, const void* src, float* dst, int64_t n) {
     dequant(w, static_cast<const uint8_t*>(src), dst, n);
 }
 
-void attn_tile(const float* q, const float* Kt, const float* V, int n, int hd, float scale, float* part) {
+void attn_tile(const float* q, const float* K, const float* V, int n, int hd, float scale, float* part) {
     float e[kAttnTileMax];
     float m = -INFINITY;
     for (int p = 0; p < n; ++p) {
         float s = 0.0f;
-        for (int d = 0; d < hd; ++d) s = std::fma(q[d], Kt[d * kAttnTileMax + p], s);
+        for (int d = 0; d < hd; ++d) s = std::fma(q[d], K[p * hd + d], s);
         e[p] = s * scale;
         m = std::max(m, e[p]);
     }
