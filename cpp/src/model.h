@@ -84,7 +84,7 @@ public:
     // Writes n_vocab logits for the last token, or for every token when all_logits, to `logits`
     // (sized n_vocab or n * n_vocab). Throws if the context would overflow or an id is invalid,
     // and NumericError, naming the first layer that went non-finite, if the logits hold NaN or
-    // Inf. An eval that throws leaves n_past as it was.
+    // Inf. An eval that throws leaves every sequence as it was.
     void eval(const int32_t* tokens, int n, bool all_logits, float* logits);
 
     // Runs a batch of tokens of several sequences in one forward pass: token t at position
