@@ -32,7 +32,8 @@ void check_weight(const Tensor& W, const char* op) {
                     (long long)W.ne[0], QK));
 }
 
-void check_rows(const Tensor& W, const int32_t* rows, int64_t n, const char* op) {
+// Every listed row in range; with `ascending`, also strictly ascending (the axpy's neuron groups).
+void check_rows(const Tensor& W, const int32_t* rows, int64_t n, const char* op, bool ascending = false) {
     if (n < 0) fail(strfmt("%s: negative row count %lld", op, (long long)n));
     if (!rows) {
         if (n > W.ne[1])
@@ -40,10 +41,13 @@ void check_rows(const Tensor& W, const int32_t* rows, int64_t n, const char* op)
                         W.name.c_str(), (long long)W.ne[1]));
         return;
     }
-    for (int64_t i = 0; i < n; ++i)
+    for (int64_t i = 0; i < n; ++i) {
         if (rows[i] < 0 || rows[i] >= W.ne[1])
             fail(strfmt("%s: row index %d out of range [0, %lld) for '%s'", op, rows[i],
                         (long long)W.ne[1], W.name.c_str()));
+        if (ascending && i > 0 && rows[i] <= rows[i - 1])
+            fail(strfmt("%s: row indices for '%s' are not ascending", op, W.name.c_str()));
+    }
 }
 
 // Converts every token's activation row once into scratch; returns the converted row stride.
@@ -103,11 +107,7 @@ void axpy_rows(ThreadPool& pool, const Tensor& W, const int32_t* rows, int64_t n
     check_weight(W, "axpy_rows");
     if (W.layout != RowLayout::PLAIN)
         fail(strfmt("axpy_rows: tensor '%s' is stored interleaved", W.name.c_str()));
-    check_rows(W, rows, n, "axpy_rows");
-    if (rows)
-        for (int64_t i = 1; i < n; ++i)
-            if (rows[i] <= rows[i - 1])
-                fail(strfmt("axpy_rows: row indices for '%s' are not ascending", W.name.c_str()));
+    check_rows(W, rows, n, "axpy_rows", true);
     if (n_tokens <= 0) return;
     const cpu::KernelSet& ks = cpu::kernels();
     const int64_t k = W.ne[0];
