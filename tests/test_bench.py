@@ -175,6 +175,15 @@ def test_peer_configs_cover_every_build_buffer_and_policy():
     assert [g[0] for g in cli.peer_configs([("b", "p")], [False], ["active"])] == ["b"]
 
 
+@pytest.mark.parametrize("depth", ["x", "0,-5", ""])
+def test_a_bad_depth_list_is_refused_naming_the_option(depth, capsys):
+    from prosparse_bench import cli
+
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--depth", depth])
+    assert "--depth" in capsys.readouterr().err
+
+
 def test_every_model_gets_each_peer_configuration_and_our_strategies():
     from prosparse_bench import cli
 
