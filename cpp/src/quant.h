@@ -1,10 +1,12 @@
-// Weight types and llama.cpp's block layouts (ggml-common.h), plus reference (scalar)
+// Weight types (llama.cpp's block layouts are in blocks.h), plus reference (scalar)
 // conversion routines. The SIMD kernels live in cpu/; these are the definitions they are
 // tested against.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+
+#include "blocks.h"
 
 namespace ps {
 
@@ -18,19 +20,7 @@ enum class GgmlType : uint32_t {
     TQ1_0 = 34, TQ2_0 = 35, MXFP4 = 39,
 };
 
-constexpr int QK = 32;  // weights per block for Q4_0, Q4_1, Q8_0 (and our Q8_1 activations)
-
-#pragma pack(push, 1)
-struct block_q8_0 { uint16_t d; int8_t qs[QK]; };            // x = d * q
-struct block_q4_0 { uint16_t d; uint8_t qs[QK / 2]; };       // x = d * (q - 8); low nibble j, high j+16
-struct block_q4_1 { uint16_t d; uint16_t m; uint8_t qs[QK / 2]; };  // x = d * q + m
-// Activation format used against Q4_1 weights (internal, never in a file): s = d * sum(qs).
-struct block_q8_1 { float d; float s; int8_t qs[QK]; };
-
-#pragma pack(pop)
-static_assert(sizeof(block_q8_0) == 34, "block_q8_0 layout");
-static_assert(sizeof(block_q4_0) == 18, "block_q4_0 layout");
-static_assert(sizeof(block_q4_1) == 20, "block_q4_1 layout");
+// The block layouts (block_q8_0, block_q4_0, block_q4_1, block_q8_1, QK) are in blocks.h.
 
 struct TypeInfo {
     const char* name;      // llama.cpp's name: "f32", "q4_0", ...
