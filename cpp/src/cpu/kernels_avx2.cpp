@@ -29,6 +29,7 @@ inline VF vmul(VF a, VF b) { return _mm256_mul_ps(a, b); }
 inline VF vadd(VF a, VF b) { return _mm256_add_ps(a, b); }
 inline VF vfma(VF a, VF b, VF c) { return _mm256_fmadd_ps(a, b, c); }
 inline VF vsub(VF a, VF b) { return _mm256_sub_ps(a, b); }
+inline VF vmax(VF a, VF b) { return _mm256_max_ps(a, b); }
 inline VF vround(VF v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }  // to nearest, ties to even
 // 2^n for integral n in [-127, 127] (n = -127 gives 0)
 inline VF vpow2(VF n) {
