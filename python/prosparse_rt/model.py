@@ -454,6 +454,10 @@ class Model:
             if dec.finish:
                 break
             logits = self._advance(dec.ids)
+        if dec.finish == "length" and len(dec.ids) < self.n_ctx:
+            # the last token runs too: the cache then holds the whole text for the next call, and
+            # stats count a decode step for every generated token
+            self._advance(dec.ids)
         self.last_prompt_tokens = dec.n_prompt
         self.last_completion_tokens = dec.n_generated
         yield dec.flush(), dec.finish
