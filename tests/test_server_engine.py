@@ -237,6 +237,24 @@ def test_union_sparsity_is_reported_by_batch_size(fat, alone):
     assert per_token < stats["union_fraction_by_batch"][3] < 1.0
 
 
+def test_dense_reports_no_union(fat):
+    with Model(fat, n_ctx=N_CTX, n_threads=2, n_seq=2, sparsity="dense") as m:
+        m._native().eval_batch([1, 5, 1, 6], [0, 1, 0, 1], [0, 0, 1, 1])
+        assert m.stats["union_fraction_by_batch"] == {}  # dense reads every row: no union to report
+
+
+def test_a_small_step_budget_still_serves_every_prompt(fat, alone):
+    prompts = _prompts(alone)
+    want = [alone.generate(ids, max_tokens=8, temperature=0.0) for ids in prompts]
+    with Model(fat, n_ctx=N_CTX, n_threads=2, n_seq=4, n_batch=2) as m:
+        engine = Engine(m, step_tokens=2)  # fewer tokens per step than decoding slots
+        try:
+            got = _collect(engine, [(ids, GREEDY, 8) for ids in prompts])
+        finally:
+            engine.close()
+    assert [t for t, _ in got] == want
+
+
 def test_create_chat_completion_streams_openai_chunks(alone):
     messages = [{"role": "user", "content": "Say something"}]
     whole = alone.create_chat_completion(messages, max_tokens=20, temperature=0.0)

@@ -217,8 +217,8 @@ class Engine:
 
     def _plan(self, active: List[_Slot]) -> Dict[_Slot, List[int]]:
         """Each slot's tokens for this step: decoding slots one each, prefilling ones share the rest
-        of the step's budget in slot order."""
-        budget = max(self.step_tokens - sum(not s.pending for s in active), 0)
+        of the step's budget in slot order (at least one token, so that a prompt never starves)."""
+        budget = max(self.step_tokens - sum(not s.pending for s in active), 1)
         plan: Dict[_Slot, List[int]] = {}
         for s in active:
             if not s.pending:
