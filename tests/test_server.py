@@ -229,6 +229,7 @@ def test_a_resent_chat_history_pays_only_for_the_new_turn(server, ref):
     assert second.choices[0].message.content == ref.chat(history, max_tokens=12, temperature=0.0)
     reused = after["cached_prompt_tokens"] - before["cached_prompt_tokens"]
     assert reused >= first.usage.prompt_tokens
+    assert second.usage.prompt_tokens_details.cached_tokens == reused
     assert after["prompt_tokens"] - before["prompt_tokens"] == second.usage.prompt_tokens - reused
 
 

@@ -317,7 +317,10 @@ class Model:
         ``diag_recall=True``), ``ffn_bytes_per_token``; and ``n_interleaved``, the weight
         matrices re-laid out at load for faster matrix products (Q4_0, Q4_1 and Q8_0 matrices
         read whole; ``PROSPARSE_INTERLEAVE=0`` keeps the file's layout); ``n_down_t_built``, the
-        layers whose neuron-major ``ffn_down_t`` was built at load (see ``layer_thresholds``)."""
+        layers whose neuron-major ``ffn_down_t`` was built at load (see ``layer_thresholds``);
+        ``union_fraction_by_batch``, {n: the union of the active rows over a step's n tokens as a
+        fraction of n_ff, averaged over layers and steps} (exact, predict: what a batch of several
+        sequences reads, against the per-token ``active_fraction``)."""
         s = self._native().stats()
         s["prompt_tokens_per_second"] = s["n_prompt_tokens"] / s["prompt_seconds"] if s["prompt_seconds"] else 0.0
         s["decode_tokens_per_second"] = s["n_decode_tokens"] / s["decode_seconds"] if s["decode_seconds"] else 0.0

@@ -394,8 +394,10 @@ class Server:
                 self.engine.cancel(req)
 
 
-def _usage(ev: Event) -> Dict[str, int]:
-    return _openai.usage(ev.prompt_tokens, ev.completion_tokens)
+def _usage(ev: Event) -> Dict[str, Any]:
+    """OpenAI's usage, with the prompt tokens served from the slot's cache as its cached_tokens."""
+    return {**_openai.usage(ev.prompt_tokens, ev.completion_tokens),
+            "prompt_tokens_details": {"cached_tokens": ev.cached_tokens}}
 
 
 def _failed(message: str) -> ApiError:

@@ -44,6 +44,7 @@ class Event:
     error: Optional[str] = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the slot's cache already held (not run again)
 
     @property
     def last(self) -> bool:
@@ -61,6 +62,7 @@ class Request:
     max_tokens: Optional[int]
     on_event: Callable[[Event], None]
     cancelled: bool = False
+    cached_tokens: int = 0  # set when it gets a slot
 
 
 @dataclass(eq=False)
@@ -210,6 +212,7 @@ class Engine:
             self._core.rewind(keep, slot.seq)
             slot.cached = slot.cached[:keep]
             slot.request, slot.pending = req, list(req.ids[keep:])
+            req.cached_tokens = keep
             slot.decoder = SequenceDecoder(req.ids, Model.sampler(req.params), req.max_tokens, req.params.stop,
                                            self.n_ctx, self._core.is_eog, self._core.token_to_piece)
             self.counters["requests"] += 1
@@ -294,7 +297,7 @@ class Engine:
                 s.request.on_event(Event(text=piece))
             return
         self._finish(s, Event(text=piece + dec.flush(), finish=dec.finish, prompt_tokens=dec.n_prompt,
-                              completion_tokens=dec.n_generated))
+                              completion_tokens=dec.n_generated, cached_tokens=s.request.cached_tokens))
 
     def _finish(self, s: _Slot, event: Event) -> None:
         req = s.request
