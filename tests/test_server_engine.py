@@ -237,6 +237,18 @@ def test_union_sparsity_is_reported_by_batch_size(fat, alone):
     assert per_token < stats["union_fraction_by_batch"][3] < 1.0
 
 
+def test_the_model_generates_as_before_after_the_engine_closes(fat, alone):
+    ids = _prompts(alone)[0]
+    with Model(fat, n_ctx=N_CTX, n_threads=2, n_seq=1) as m:
+        m.generate(ids, max_tokens=4, temperature=0.0)  # cached in sequence 0 by the Model
+        engine = Engine(m)
+        try:
+            _collect(engine, [(_prompts(alone)[1], GREEDY, 8)])  # the engine overwrites sequence 0
+        finally:
+            engine.close()
+        assert m.generate(ids, max_tokens=12, temperature=0.0) == alone.generate(ids, max_tokens=12, temperature=0.0)
+
+
 def test_dense_reports_no_union(fat):
     with Model(fat, n_ctx=N_CTX, n_threads=2, n_seq=2, sparsity="dense") as m:
         m._native().eval_batch([1, 5, 1, 6], [0, 1, 0, 1], [0, 0, 1, 1])

@@ -141,6 +141,8 @@ class Engine:
             self._stopping = True
             self._cond.notify()
         self._thread.join()
+        with self.model._lock:  # sequence 0 no longer holds what the Model's own calls cached there
+            self.model._cache = []
 
     def status(self) -> Dict[str, int]:
         with self._cond:
