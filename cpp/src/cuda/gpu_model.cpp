@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <tuple>
 
 #include "common.h"
 #include "cuda/device.h"
@@ -75,16 +76,20 @@ struct GpuModel::Impl {
         int layer = -1;
         int64_t n_hot = 0;
     } pending;
-    bool busy = false;  // work queued that no wait has covered yet (the pinned buffers may be in use)
+    // Work queued that no wait has covered yet, so its pinned buffers may still be read or
+    // written by a copy: busy for the per-call buffers, batch_busy for begin_batch's. Every piece
+    // of work ends in a wait that covers everything queued before it, so these only matter after
+    // an exception left work unwaited (between prepare and accumulate, say).
+    bool busy = false, batch_busy = false;
 
-    // Before the host writes a pinned buffer: whatever is still queued (after an exception
-    // between prepare and accumulate, say) finishes first.
+    // Before the host writes a per-call pinned buffer.
     void drain() {
         if (!busy) return;
         stream.synchronize();
-        busy = false;
+        busy = batch_busy = false;
         pending.queued = false;
     }
+    void waited() { busy = batch_busy = false; }
 
     explicit Impl(const GpuModelConfig& c)
         : cfg(c), hp(*c.hp), dev(c.device), stream(c.device), start(c.device), done(c.device) {}
@@ -151,7 +156,7 @@ struct GpuModel::Impl {
         done.record(stream);
         const auto t0 = Clock::now();
         done.wait();
-        busy = false;
+        waited();
         stats.cpu_wait_seconds += since(t0);
         stats.gpu_busy_seconds += done.seconds_since(start);
     }
@@ -244,7 +249,13 @@ void GpuModel::Impl::alloc_scratch() {
 }
 
 GpuModel::GpuModel(const GpuModelConfig& cfg) : impl_(std::make_unique<Impl>(cfg)) { impl_->load(); }
-GpuModel::~GpuModel() = default;
+GpuModel::~GpuModel() {
+    // nothing queued may outlive the buffers it reads (cudaFree would wait, the pinned memory not)
+    try {
+        if (impl_ && (impl_->busy || impl_->batch_busy)) impl_->stream.synchronize();
+    } catch (...) {
+    }
+}
 
 bool GpuModel::resident() const { return impl_->resident; }
 bool GpuModel::attention_on_gpu(int layer) const { return impl_->layers.at(size_t(layer)).attention; }
@@ -259,8 +270,12 @@ void GpuModel::begin_batch(const TokenBatch& batch, const float* rope_cs) {
         if (batch.seq[t] < 0 || batch.seq[t] >= g.cfg.n_seq || batch.pos[t] < 0 || batch.pos[t] >= g.cfg.n_ctx)
             fail(strfmt("GPU: token %d at (sequence %d, position %d) is outside the cache", t, batch.seq[t], batch.pos[t]));
     cuda::ScopedDevice on(g.dev);
-    g.drain();
-    g.busy = true;
+    if (g.batch_busy || g.busy) {
+        g.stream.synchronize();
+        g.waited();
+        g.pending.queued = false;
+    }
+    g.batch_busy = true;
     const size_t n = size_t(batch.n);
     std::memcpy(g.h_pos.data(), batch.pos, n * 4);
     std::memcpy(g.h_seq.data(), batch.seq, n * 4);
@@ -280,9 +295,14 @@ void GpuModel::Impl::queue_attention(int il, int nt) {
     const int64_t H = int64_t(NH) * HD, KV = int64_t(NKV) * HD;
     void* s = stream.handle();
     cuda::rms_norm(f32(x), f32(d.attn_norm), nt, E, hp.rms_eps, f32(xn), s);
+    // q, k, v from one conversion of xn where their types agree (they do in every file we write)
     matmul(d.wq, f32(xn), nt, f32(q), H, xa_a.data());
-    matmul(d.wk, f32(xn), nt, f32(k), KV, xa_a.data());
-    matmul(d.wv, f32(xn), nt, f32(v), KV, xa_a.data());
+    for (const auto& [W, Y, ld] : {std::tuple{&d.wk, f32(k), KV}, std::tuple{&d.wv, f32(v), KV}}) {
+        if (W->type == d.wq.type)
+            cuda::gemm(W->type, W->k, W->data(), W->stride, W->nr, xa_a.data(), nt, Y, ld, s);
+        else
+            matmul(*W, f32(xn), nt, Y, ld, xa_b.data());
+    }
     cuda::rope(f32(q), nt, H, NH, HD, hp.n_rot, f32(rope_cs), s);
     cuda::rope(f32(k), nt, KV, NKV, HD, hp.n_rot, f32(rope_cs), s);
     cuda::kv_store(cfg.kv_type, NKV, HD, cfg.n_ctx, cfg.n_seq, f32(k), f32(v), KV, nt, as<int32_t>(seq),
@@ -458,7 +478,7 @@ void GpuModel::Impl::take_ffn(float* out) {
     cuda::ScopedDevice on(dev);
     const auto t0 = Clock::now();
     done.wait();
-    busy = false;
+    waited();
     pending.queued = false;
     stats.cpu_wait_seconds += since(t0);
     stats.gpu_busy_seconds += done.seconds_since(start);

@@ -9,7 +9,9 @@ struct GpuModel::Impl {};
 
 GpuModel::GpuModel(const GpuModelConfig&) { throw cuda::CudaError("built without CUDA: no GPU model"); }
 GpuModel::~GpuModel() = default;
+bool GpuModel::resident() const { return false; }
 bool GpuModel::attention_on_gpu(int) const { return false; }
+void GpuModel::forward_layers(const TokenBatch&, float*, FfnLayerStats*) {}
 int64_t GpuModel::n_hot(int) const { return 0; }
 bool GpuModel::output_on_gpu() const { return false; }
 void GpuModel::begin_batch(const TokenBatch&, const float*) {}
