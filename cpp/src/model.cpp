@@ -307,8 +307,6 @@ Model::Model(const std::string& path, const ModelParams& params)
 
     choose_strategy(params);
     build_down_t(int64_t(kv_bytes));
-    const int64_t avail_now = available_memory_bytes();  // the built copies are resident now
-    interleave_weights(avail_now >= 0 ? avail_now - int64_t(kv_bytes) : -1);
     for (const LayerWeights& L : m.layers)
         for (const Tensor* t : {L.attn_norm, L.wq, L.wk, L.wv, L.wo, L.ffn_norm})
             m.fixed_bytes_per_token += double(t->nbytes);
@@ -329,6 +327,9 @@ Model::Model(const std::string& path, const ModelParams& params)
         m.hot = m.hot_ffn.get();
     }
     start_gpu(params);
+    // after the GPU took its weights: the CPU copies only what it reads
+    const int64_t avail_now = available_memory_bytes();  // the built copies are resident now
+    interleave_weights(avail_now >= 0 ? avail_now - int64_t(kv_bytes) : -1);
 
     const size_t nb = size_t(m.n_batch);
     m.x.resize(nb * E); m.xn.resize(nb * E); m.attn.resize(nb * H); m.branch.resize(nb * E);
@@ -456,8 +457,10 @@ void Model::interleave_weights(int64_t avail) {
     const char* env = std::getenv("PROSPARSE_INTERLEAVE");
     if (env && std::string(env) == "0") return;
     std::vector<const Tensor**> slots;  // the pointers to redirect to the copies
+    const std::vector<const Tensor*> on_gpu = gpu_only_weights();
     auto want = [&](const Tensor*& t) {
-        if (t && can_interleave(*t)) slots.push_back(&t);
+        if (t && can_interleave(*t) && std::find(on_gpu.begin(), on_gpu.end(), t) == on_gpu.end())
+            slots.push_back(&t);
     };
     const FfnStrategy s = m.ffn_opt.strategy;
     for (LayerWeights& L : m.layers) {
@@ -639,6 +642,23 @@ void Model::start_gpu(const ModelParams& params) {
     m.hot = &m.gpu->ffn();
     stats_.gpu_active = true;
     stats_.gpu_resident_bytes = m.gpu->stats().resident_bytes;
+}
+
+// The weights only the GPU reads (the CPU then needs no interleaved copy of them): a GPU layer's
+// attention matrices, the FFN's gate and up of a layer whose neurons are all on the GPU, the
+// predictor where the GPU runs it (everything on the GPU), the output matrix if placed.
+std::vector<const Tensor*> Model::gpu_only_weights() const {
+    const Impl& m = *impl_;
+    std::vector<const Tensor*> out;
+    if (!m.gpu) return out;
+    for (size_t il = 0; il < m.layers.size(); ++il) {
+        const LayerWeights& L = m.layers[il];
+        if (m.gpu->attention_on_gpu(int(il))) out.insert(out.end(), {L.wq, L.wk, L.wv, L.wo});
+        if (m.gpu->n_hot(int(il)) == hp_.n_ff) out.insert(out.end(), {L.ffn_gate, L.ffn_up});
+        if (m.gpu->resident() && L.fc1) out.insert(out.end(), {L.fc1, L.fc2});
+    }
+    if (m.gpu->output_on_gpu()) out.push_back(m.output);  // (tied: the embedding rows stay in the file)
+    return out;
 }
 
 int Model::n_threads() const { return impl_->pool->size(); }

@@ -118,6 +118,7 @@ private:
     void build_down_t(int64_t reserved);  // reserved: bytes of available memory already promised
     void place_weights(const ModelParams& params, size_t kv_bytes);
     void start_gpu(const ModelParams& params);  // uploads what place_weights put on the GPU
+    std::vector<const Tensor*> gpu_only_weights() const;
     void interleave_weights(int64_t avail);  // avail: bytes the copies may take from, -1 unknown
 
     std::unique_ptr<GGUFFile> file_;
