@@ -49,13 +49,12 @@ def decode(path, sparsity: str, device: str, budget_gib: Optional[float], thread
     from prosparse_rt import _core
     m = _core.Model(str(path), n_ctx=n_ctx, n_threads=threads, sparsity=sparsity, device=device,
                     vram_budget=-1.0 if budget_gib is None else budget_gib)
-    logits = np.asarray(m.eval(PROMPT, False))
-    tok = int(np.argmax(logits[-1]))
+    tok = int(np.argmax(m.eval(PROMPT, False)))  # eval without all_logits: the last token's [n_vocab]
     m.eval([tok], False)  # warm-up step, untimed
     s0 = m.stats()
     t0 = time.perf_counter()
     for _ in range(n_tokens):
-        tok = int(np.argmax(np.asarray(m.eval([tok], False))[-1]))
+        tok = int(np.argmax(m.eval([tok], False)))
     secs = time.perf_counter() - t0
     s1 = m.stats()
     pl = s1["placement"]
@@ -219,7 +218,7 @@ def sanitize_target(path: Path) -> int:
             logits = np.asarray(m.eval(PROMPT, True))
             tok = int(np.argmax(logits[-1]))
             for _ in range(3):
-                tok = int(np.argmax(np.asarray(m.eval([tok], False))[-1]))
+                tok = int(np.argmax(m.eval([tok], False)))
             assert np.all(np.isfinite(logits))
             del m
     print("sanitize-target: done")

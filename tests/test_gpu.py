@@ -48,7 +48,7 @@ def _run(m, n_decode=8):
     tok = int(np.argmax(prompt[-1]))
     rows, toks = [], []
     for _ in range(n_decode):
-        row = np.asarray(m.eval([tok], False))[-1]
+        row = np.asarray(m.eval([tok], False))  # the token's logits, [n_vocab]
         rows.append(row)
         tok = int(np.argmax(row))
         toks.append(tok)
