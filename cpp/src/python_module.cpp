@@ -359,6 +359,7 @@ NB_MODULE(_core, m) {
           "The instruction set whose kernels run: scalar, avx2 or avx512 (chosen at start-up from the CPU).");
 
     ps::py::register_test_hooks(m);
+    ps::py::register_cuda_hooks(m);
 
     auto cuda_status = []() {
         ps::cuda::Status st;
