@@ -302,6 +302,4 @@ void fill_zero(void* dst, size_t bytes, CudaStream& s) {
     check(cudaMemsetAsync(dst, 0, bytes, static_cast<cudaStream_t>(s.handle())), "cudaMemsetAsync");
 }
 
-void check_launch(const char* what) { check(cudaGetLastError(), what); }
-
 }  // namespace ps::cuda

@@ -148,7 +148,5 @@ void copy_to_device(void* dst, const void* src, size_t bytes, CudaStream& s);
 void copy_to_host(void* dst, const void* src, size_t bytes, CudaStream& s);
 void copy_on_device(void* dst, const void* src, size_t bytes, CudaStream& s);
 void fill_zero(void* dst, size_t bytes, CudaStream& s);  // device memory
-// Throws CudaError naming `what` if a kernel launch (or an earlier asynchronous call) failed.
-void check_launch(const char* what);
 
 }  // namespace ps::cuda

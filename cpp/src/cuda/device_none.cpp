@@ -50,6 +50,5 @@ void copy_to_device(void*, const void*, size_t, CudaStream&) { throw CudaError(k
 void copy_to_host(void*, const void*, size_t, CudaStream&) { throw CudaError(kNoCuda); }
 void copy_on_device(void*, const void*, size_t, CudaStream&) { throw CudaError(kNoCuda); }
 void fill_zero(void*, size_t, CudaStream&) { throw CudaError(kNoCuda); }
-void check_launch(const char*) { throw CudaError(kNoCuda); }
 
 }  // namespace ps::cuda
