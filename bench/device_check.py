@@ -62,7 +62,9 @@ def decode(path, sparsity: str, device: str, budget_gib: Optional[float], thread
     out = dict(sparsity=sparsity, device=pl["device"], gpu_active=pl["gpu_active"], tokens=n_tokens,
                seconds=secs, tok_s=n_tokens / secs,
                bytes_read_per_token=dict(pl["bytes_read_per_token"]), bytes_resident=dict(pl["bytes"]),
-               note=pl["note"])
+               note=pl["note"], layers_attention_on_gpu=sum(x["attention_on_gpu"] for x in pl["layers"]),
+               mean_n_hot=sum(x["n_hot"] for x in pl["layers"]) / max(1, len(pl["layers"])),
+               output_on_gpu=pl["output_on_gpu"], measured_bytes_per_token=dict(pl["measured_bytes_per_token"]))
     for k in ("cpu_wait_seconds", "gpu_busy_seconds"):
         if k in pl:
             out[k] = (pl[k] - s0["placement"].get(k, 0.0)) / n_tokens

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -29,8 +30,7 @@ def _driver():
 @pytest.mark.skipif(bool(shutil.which("nvidia-smi")) or bool(prosparse_rt.cuda_devices()),
                     reason="this machine has a GPU: the script would run for real")
 def test_without_a_gpu_it_stops_at_the_gpu_step_with_exit_code_2_having_built_nothing(tmp_path):
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path), "OUT": str(tmp_path / "out"),
-           "DEVICE_CHECK_WORK": str(tmp_path / "work")}
+    env = dict(os.environ, OUT=str(tmp_path / "out"), DEVICE_CHECK_WORK=str(tmp_path / "work"))
     r = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode == 2, r.stdout + r.stderr
     assert "no usable GPU" in r.stderr and "nothing was built" in r.stderr
