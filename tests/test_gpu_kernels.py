@@ -165,7 +165,8 @@ def test_elementwise_ops():
     y = rng.standard_normal(1000).astype(np.float32)
     x = rng.standard_normal(1000).astype(np.float32)
     assert_same_bits(C.gpu_elementwise("add_scaled", y, 1.0, x), y + x)
-    fused = (np.float64(0.37) * x.astype(np.float64) + y).astype(np.float32)  # one rounding (fma), up to double rounding
+    a = np.float64(np.float32(0.37))  # the kernel's a is the float nearest 0.37
+    fused = (a * x.astype(np.float64) + y).astype(np.float32)  # one rounding (fma), but for double rounding
     assert np.all(np.abs(C.gpu_elementwise("add_scaled", y, 0.37, x) - fused) <= np.spacing(np.abs(fused)))
     assert_same_bits(C.gpu_elementwise("scale", y, 0.37, None), y * np.float32(0.37))
     z = y.copy()

@@ -28,6 +28,10 @@
 #include "quant.h"
 #include "threadpool.h"
 #if defined(PROSPARSE_HAVE_CUDA)
+#include <cuda_runtime.h>
+
+#include <chrono>
+
 #include "cuda/device.h"
 #include "cuda/kernels.h"
 #endif
@@ -282,6 +286,9 @@ std::vector<uint8_t> bytes_of(const cuda::DeviceBuffer& b, size_t n) {
     if (n) b.download(v.data(), n);
     return v;
 }
+void check_cuda(cudaError_t e, const char* what) {
+    if (e != cudaSuccess) throw cuda::CudaError(strfmt("CUDA: %s failed: %s", what, cudaGetErrorString(e)));
+}
 nb::bytes as_bytes(const std::vector<uint8_t>& v) { return nb::bytes(reinterpret_cast<const char*>(v.data()), v.size()); }
 
 // nt activation rows converted on the device (rows cuda::act_bytes apart).
@@ -331,7 +338,68 @@ void gpu_hot(const FfnIn& f, float* out, std::vector<float>* coef_out, std::vect
     }
 }
 
+// Seconds per call of one kernel on device 0 (bench/bench_gpu_kernels.py), repeated for at least
+// min_seconds. W holds n_copies matrices of nr x k used in turn, so that the working set exceeds
+// the GPU's L2 as a model's layers do. op: "gemm" (nr x k against n_tokens activations), "coef"
+// (ffn_hot_coef, exact, ReLU: gate of every row, up of the rows with a positive gate; W used as
+// both), "down" (ffn_hot_down over nr rows of k, a `frac` of them active).
+double gpu_bench(const std::string& op, uint32_t type, const nb::bytes& W, int64_t nr, int64_t k, int64_t n_copies,
+                 int nt, double frac, double min_seconds) {
+    if (n_copies < 1 || size_t(W.size()) % size_t(n_copies) != 0 || nt < 1 || !(frac >= 0 && frac <= 1))
+        fail("bad bench arguments");
+    const size_t per = size_t(W.size()) / size_t(n_copies);
+    const Tensor w = weight_view(type, nb::bytes(W.c_str(), per), nr, k, "W");
+    const cuda::DeviceBuffer dw = to_device(W.c_str(), W.size());
+    std::vector<float> x(size_t(nt) * size_t(k));
+    for (size_t i = 0; i < x.size(); ++i) x[i] = float(int(i * 2654435761u % 1000) - 500) * 1e-3f;
+    const cuda::DeviceBuffer xa = device_acts(w.type, x.data(), nt, k);
+    std::vector<uint8_t> active(static_cast<size_t>(nr));
+    for (size_t i = 0; i < active.size(); ++i) active[i] = double(i * 2654435761u % 1000) < frac * 1000.0;
+    const cuda::DeviceBuffer da = to_device(active.data(), active.size());
+    std::vector<float> coef(size_t(nt) * size_t(nr), 0.5f);
+    cuda::DeviceBuffer dc = to_device(coef.data(), coef.size() * 4);
+    cuda::DeviceBuffer dy(0, size_t(nt) * size_t(std::max(nr, k)) * 4);
+    cuda::DeviceBuffer scratch(0, cuda::ffn_down_scratch_bytes(k, nr) + 4);
+    const uint8_t* base = static_cast<const uint8_t*>(dw.data());
+    auto call = [&](int64_t i) {
+        const uint8_t* m = base + size_t(i % n_copies) * per;
+        if (op == "gemm") {
+            cuda::gemm(w.type, k, m, w.row_stride(), nr, xa.data(), nt, static_cast<float*>(dy.data()), nr, nullptr);
+        } else if (op == "coef") {
+            cuda::FfnHotArgs a;
+            a.strategy = FfnStrategy::EXACT; a.act = Activation::RELU;
+            a.n_embd = k; a.n_hot = nr; a.nt = nt;
+            a.gate_type = a.up_type = w.type;
+            a.gate = a.up = m; a.gate_stride = a.up_stride = w.row_stride();
+            a.xa_gate = a.xa_up = xa.data();
+            a.coef = static_cast<float*>(dc.data()); a.ldc = nr;
+            a.active = static_cast<uint8_t*>(da.data());
+            cuda::ffn_hot_coef(a, nullptr);
+        } else if (op == "down") {
+            cuda::ffn_hot_down(w.type, k, m, w.row_stride(), nr, static_cast<const float*>(dc.data()), nr,
+                               static_cast<const uint8_t*>(da.data()), nt, static_cast<float*>(dy.data()), k,
+                               scratch.data(), nullptr);
+        } else {
+            fail("unknown op " + op);
+        }
+    };
+    nb::gil_scoped_release r;
+    call(0);  // warm up (and fail early on a bad op)
+    check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    int64_t n = 0;
+    const auto t0 = std::chrono::steady_clock::now();
+    double secs = 0;
+    do {
+        for (int j = 0; j < 16; ++j) call(n++);
+        check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+        secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    } while (secs < min_seconds);
+    return secs / double(n);
+}
+
 void register_gpu_hooks(nb::module_& t) {
+    t.def("gpu_bench", &gpu_bench, "op"_a, "type"_a, "W"_a, "nr"_a, "k"_a, "n_copies"_a, "n_tokens"_a, "frac"_a,
+          "min_seconds"_a);
     t.def("gpu_quantize_act", [](uint32_t type, F32In2 X) {
         const GgmlType w = GgmlType(type);
         const int64_t k = int64_t(X.shape(1));

@@ -13,7 +13,8 @@
 //     Kernels check nothing the host could have checked; values the host cannot see (token ids,
 //     positions on the device) are bounds-checked in the kernel and never read out of range.
 //   - Weight rows are the GGUF row layout (blocks.h), `w_stride` bytes apart. Row starts must be
-//     aligned to 4 bytes for F32 and Q4_1, 2 bytes for F16, BF16, Q8_0 and Q4_0.
+//     aligned to 4 bytes for F32 and Q4_1, 2 bytes for F16, BF16, Q8_0 and Q4_0. Converted
+//     activations (xa) start 16-byte aligned (any cudaMalloc'd buffer is), float arrays 4-byte.
 //
 // The arithmetic is the CPU's (docs/design.md, "GPU kernels"): the block math lives in
 // block_math.h, which the CPU tests run. Quantized products give the same bits as the CPU's

@@ -34,6 +34,7 @@ template <GgmlType W>
 __device__ float rows_dot(const uint8_t* const* rows, unsigned row_mask, const uint8_t* xa, size_t xs, int ntk,
                           int64_t k, TermTile* tiles) {
     const int lane = threadIdx.x % kLanes;
+    if (row_mask == 0) return 0.0f;  // warp-uniform: no row of this warp is read
     if constexpr (quantized(W)) {
         TermTile& sh = tiles[threadIdx.x / kLanes];
         const int64_t nb = k / QK;
@@ -59,6 +60,7 @@ __device__ float rows_dot(const uint8_t* const* rows, unsigned row_mask, const u
             __syncwarp();
             if (chain_lane) {
                 const int n = int(nb - b0 < kLanes ? nb - b0 : kLanes);
+#pragma unroll 8
                 for (int i = 0; i < n; ++i) acc = bm::apply_term<W>(acc, sh[my_r][my_c][i]);
             }
             __syncwarp();

@@ -124,8 +124,8 @@ __global__ void kv_store_kernel(KvShape sh, const float* k, const float* v, int6
 // ---- attention ----
 // One block per (token, KV head, chunk of its query heads). Keys and values are visited in tiles of
 // kv_tile positions, converted to f32 in shared memory; per tile: scores (a warp per (head,
-// position)), then per head the running max and sum (online softmax), then o = o * alpha + sum of
-// e_p v_p per (head, dim) as an fma chain in position order.
+// position)), then per head (a warp each) the running max and sum (online softmax), then
+// o = o * alpha + sum of e_p v_p per (head, dim) as an fma chain in position order.
 
 constexpr int kAttnThreads = 128;
 constexpr int kAttnWarps = kAttnThreads / kLanes;
@@ -188,19 +188,26 @@ attention_kernel(KvShape sh, int n_head, int gq, int heads_per_block, int kv_til
             if (lane == 0) e[g * kv_tile + p] = s * scale;
         }
         __syncthreads();
-        if (tid < G) {
-            float mx = m[tid];
-            for (int p = 0; p < n; ++p) mx = fmaxf(mx, e[tid * kv_tile + p]);
-            const float a = expf(m[tid] - mx);  // 0 on the first tile (m = -inf)
+        for (int g = warp; g < G; g += kAttnWarps) {  // a warp per head: the tile's max and sum
+            float* eg = e + g * kv_tile;
+            const float m_old = m[g];
+            float mx = -INFINITY;
+            for (int p = lane; p < n; p += kLanes) mx = fmaxf(mx, eg[p]);
+            for (int off = kLanes / 2; off > 0; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, off));
+            mx = fmaxf(mx, m_old);
             float sum = 0.0f;
-            for (int p = 0; p < n; ++p) {
-                const float ep = expf(e[tid * kv_tile + p] - mx);
-                e[tid * kv_tile + p] = ep;
+            for (int p = lane; p < n; p += kLanes) {
+                const float ep = expf(eg[p] - mx);
+                eg[p] = ep;
                 sum += ep;
             }
-            l[tid] = l[tid] * a + sum;
-            m[tid] = mx;
-            alpha[tid] = a;
+            for (int off = kLanes / 2; off > 0; off /= 2) sum += __shfl_xor_sync(kFull, sum, off);
+            if (lane == 0) {
+                const float a = expf(m_old - mx);  // 0 on the first tile (m = -inf)
+                l[g] = l[g] * a + sum;
+                m[g] = mx;
+                alpha[g] = a;
+            }
         }
         __syncthreads();
         for (int i = tid; i < G * HD; i += kAttnThreads) {
