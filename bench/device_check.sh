@@ -6,7 +6,8 @@
 #      with the wheels carried in bench/wheels/ (gguf, pytest and its dependencies, sentencepiece);
 #   4. the GPU tests (tests/test_gpu.py, test_cuda_build.py);
 #   5. compute-sanitizer memcheck and racecheck on a tiny model ("unsupported" where refused);
-#   6. the benchmark: a LLaMA-2-7B-shaped Q4_0 FATReLU file generated here, decode tok/s at VRAM
+#   6. the benchmark: the kernels' GB/s (bench/bench_gpu_kernels.py), then
+#      a LLaMA-2-7B-shaped Q4_0 FATReLU file generated here, decode tok/s at VRAM
 #      budgets 0, 25%, 50%, 100% of the weights with 8 CPU threads, GB/s per device, the byte
 #      bound per budget, and transformers bf16 decode of the same shapes on the same GPU.
 # Prints a table and writes JSON to $OUT (or bench/results/device_check/).
@@ -119,6 +120,9 @@ echo "racecheck: $STATUS_RACECHECK"
 BENCH_RC=0
 if [ -z "${SKIP_BENCH:-}" ]; then
     step "6/6 benchmark"
+    # the kernels alone first (GB/s on 7B-shaped matrices, bench/bench_gpu_kernels.py), then the model
+    timeout 120 "$PY" bench/bench_gpu_kernels.py --json "$RESULTS/gpu_kernels.json" \
+        || echo "device_check: the kernel micro-benchmark failed (rc $?); the model benchmark follows"
     "$PY" bench/device_check.py bench --work "$WORK" --out "$RESULTS/device_check.json" \
         --threads 8 --tests "$STATUS_TESTS" --memcheck "$STATUS_MEMCHECK" --racecheck "$STATUS_RACECHECK"
     BENCH_RC=$?
