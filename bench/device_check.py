@@ -44,9 +44,11 @@ def write_tiny(path: Path) -> Path:
 
 
 def decode(path, sparsity: str, device: str, budget_gib: Optional[float], threads: int, n_tokens: int,
-           n_ctx: int = 256) -> Dict:
-    """Greedy decode of n_tokens after PROMPT; tokens/s and the model's placement stats."""
+           n_ctx: int = 256, graphs: bool = False) -> Dict:
+    """Greedy decode of n_tokens after PROMPT; tokens/s and the model's placement stats. graphs:
+    PROSPARSE_CUDA_GRAPHS=1 (a model wholly on the GPU decodes through one CUDA graph per token)."""
     from prosparse_rt import _core
+    os.environ["PROSPARSE_CUDA_GRAPHS"] = "1" if graphs else "0"
     m = _core.Model(str(path), n_ctx=n_ctx, n_threads=threads, sparsity=sparsity, device=device,
                     vram_budget=-1.0 if budget_gib is None else budget_gib)
     tok = int(np.argmax(m.eval(PROMPT, False)))  # eval without all_logits: the last token's [n_vocab]
@@ -59,7 +61,7 @@ def decode(path, sparsity: str, device: str, budget_gib: Optional[float], thread
     s1 = m.stats()
     pl = s1["placement"]
     del m
-    out = dict(sparsity=sparsity, device=pl["device"], gpu_active=pl["gpu_active"], tokens=n_tokens,
+    out = dict(sparsity=sparsity, cuda_graphs=graphs, device=pl["device"], gpu_active=pl["gpu_active"], tokens=n_tokens,
                seconds=secs, tok_s=n_tokens / secs,
                bytes_read_per_token=dict(pl["bytes_read_per_token"]), bytes_resident=dict(pl["bytes"]),
                note=pl["note"], layers_attention_on_gpu=sum(x["attention_on_gpu"] for x in pl["layers"]),
@@ -82,7 +84,7 @@ def byte_bound(cpu_only_tok_s: float, cpu_only_bytes: float, cpu_bytes: float) -
 
 def with_bounds(runs: List[Dict]) -> List[Dict]:
     """Adds each run's byte bound against the CPU-only run of its strategy (budget 0)."""
-    base = {r["sparsity"]: r for r in runs if r["budget"] == 0.0}
+    base = {r["sparsity"]: r for r in runs if r["budget"] == 0.0 and not r.get("cuda_graphs")}
     for r in runs:
         b = base.get(r["sparsity"])
         r["byte_bound_tok_s"] = None if b is None else byte_bound(
@@ -99,7 +101,7 @@ def table(runs: List[Dict], peer: Optional[Dict]) -> str:
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         rows.append("| {} | {:.0%} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
-            r["sparsity"], r["budget"], f(r["tok_s"], ".2f"), f(r.get("x_cpu_only"), ".2f"),
+            r["sparsity"] + (" (CUDA graph)" if r.get("cuda_graphs") else ""), r["budget"], f(r["tok_s"], ".2f"), f(r.get("x_cpu_only"), ".2f"),
             f(r.get("byte_bound_tok_s"), ".2f"), f(r["bytes_read_per_token"]["cpu"] / 1e9, ".3f"),
             f(r["bytes_read_per_token"]["gpu"] / 1e9, ".3f"), f(r["gb_s"]["cpu"], ".1f"), f(r["gb_s"]["gpu"], ".1f"),
             f(r["cpu_wait_seconds"] * 1e3 if "cpu_wait_seconds" in r else None, ".2f"),
@@ -174,20 +176,21 @@ def run_bench(args) -> int:
     budgets = (0.0,) if args.cpu_only else BUDGETS
     runs = []
     total = None  # the model's bytes (weights, KV cache at n_ctx) as the placement counts them
-    plan = [(s, b) for s in ("exact", "predict") for b in budgets] + [("dense", 0.0)]
+    plan = [(s, b, False) for s in ("exact", "predict") for b in budgets] + [("dense", 0.0, False)]
     if not args.cpu_only:
-        plan.append(("dense", 1.0))
-    for sparsity, frac in plan:
+        plan += [("dense", 1.0, False), ("exact", 1.0, True), ("dense", 1.0, True)]
+    for sparsity, frac, graphs in plan:
         if frac == 0.0:
             r = decode(path, sparsity, "cpu", None, args.threads, args.tokens)
             if total is None:
                 total = r["bytes_resident"]["cpu"]
         else:
             # a budget just over the fraction, so that 100% holds everything
-            r = decode(path, sparsity, "cuda", frac * total / 2**30 * 1.001, args.threads, args.tokens)
+            r = decode(path, sparsity, "cuda", frac * total / 2**30 * 1.001, args.threads, args.tokens, graphs=graphs)
         r["budget"] = frac
         runs.append(r)
-        print(f"{sparsity:8s} budget {frac:4.0%}: {r['tok_s']:8.2f} tok/s (gpu_active {r['gpu_active']})", flush=True)
+        print(f"{sparsity:8s} budget {frac:4.0%}{' graph' if graphs else ''}: {r['tok_s']:8.2f} tok/s "
+              f"(gpu_active {r['gpu_active']})", flush=True)
     with_bounds(runs)
     peer = None if args.cpu_only or args.no_peer else transformers_peer(shape, args.tokens)
     result = {"host": host_info(), "shape": shape.__dict__, "threads": args.threads, "tokens": args.tokens,
@@ -207,13 +210,15 @@ def run_bench(args) -> int:
 
 
 def sanitize_target(path: Path) -> int:
-    """Every GPU path once on the tiny model: GPU-only and hybrid, each strategy, prompt and decode."""
+    """Every GPU path once on the tiny model: GPU-only (with and without the decode graph) and
+    hybrid, each strategy, prompt and decode."""
     from prosparse_rt import _core
     probe = _core.Model(str(path), n_ctx=64, device="cpu")
     total = probe.stats()["placement"]["bytes"]["cpu"]
     del probe
     for sparsity in ("dense", "exact", "predict"):
-        for frac in (0.5, 1.0):
+        for frac, graphs in ((0.5, False), (1.0, False), (1.0, True)):
+            os.environ["PROSPARSE_CUDA_GRAPHS"] = "1" if graphs else "0"
             m = _core.Model(str(path), n_ctx=64, n_threads=2, sparsity=sparsity, device="cuda",
                             vram_budget=frac * total / 2**30 * 1.001)
             assert m.stats()["placement"]["gpu_active"], m.stats()["placement"]["note"]

@@ -88,6 +88,17 @@ def test_exact_equals_dense_on_the_gpu(files, wtype):
     np.testing.assert_array_equal(exact[1], dense[1])
 
 
+@pytest.mark.parametrize("strategy", ["exact", "predict"])
+def test_the_decode_graph_gives_the_same_bits(files, strategy, monkeypatch):
+    # PROSPARSE_CUDA_GRAPHS=1 replays the recorded kernels of a decode step: the same arithmetic
+    monkeypatch.setenv("PROSPARSE_CUDA_GRAPHS", "0")
+    plain = _run(_model(files["q4_0"], strategy, 1.0))
+    monkeypatch.setenv("PROSPARSE_CUDA_GRAPHS", "1")
+    graph = _run(_model(files["q4_0"], strategy, 1.0))
+    np.testing.assert_array_equal(graph[0], plain[0])
+    np.testing.assert_array_equal(graph[1], plain[1])
+
+
 def test_stats_show_the_gpus_work_and_the_overlap(files):
     m = _model(files["q4_0"], "exact", 0.5)
     _run(m)

@@ -248,6 +248,43 @@ double CudaEvent::seconds_since(const CudaEvent& start) const {
     return double(ms) * 1e-3;
 }
 
+CudaGraph::~CudaGraph() { reset(); }
+
+void CudaGraph::reset() noexcept {
+    if (exec_) cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(exec_));
+    if (graph_) cudaGraphDestroy(static_cast<cudaGraph_t>(graph_));
+    cudaGetLastError();
+    exec_ = graph_ = nullptr;
+}
+
+void CudaGraph::begin_capture(CudaStream& s) {
+    reset();
+    // thread-local: CUDA calls of other threads (none here) do not join or break the capture
+    check(cudaStreamBeginCapture(static_cast<cudaStream_t>(s.handle()), cudaStreamCaptureModeThreadLocal),
+          "cudaStreamBeginCapture");
+}
+
+void CudaGraph::end_capture(CudaStream& s) {
+    cudaGraph_t g = nullptr;
+    check(cudaStreamEndCapture(static_cast<cudaStream_t>(s.handle()), &g), "cudaStreamEndCapture");
+    graph_ = g;
+    cudaGraphExec_t e = nullptr;
+    check(cudaGraphInstantiate(&e, g, 0), "cudaGraphInstantiate");
+    exec_ = e;
+}
+
+void CudaGraph::abort_capture(CudaStream& s) noexcept {
+    cudaGraph_t g = nullptr;
+    if (cudaStreamEndCapture(static_cast<cudaStream_t>(s.handle()), &g) == cudaSuccess && g) cudaGraphDestroy(g);
+    cudaGetLastError();
+    reset();
+}
+
+void CudaGraph::launch(CudaStream& s) {
+    check(cudaGraphLaunch(static_cast<cudaGraphExec_t>(exec_), static_cast<cudaStream_t>(s.handle())),
+          "cudaGraphLaunch");
+}
+
 PinnedBuffer::PinnedBuffer(size_t bytes) : bytes_(bytes) {
     if (bytes == 0) return;
     check(cudaHostAlloc(&ptr_, bytes, cudaHostAllocPortable),

@@ -142,6 +142,28 @@ private:
     size_t bytes_ = 0;
 };
 
+// A recorded sequence of one stream's work (a CUDA graph), replayed with one launch: a decode step's
+// hundreds of small kernels then cost one launch on the host. Work queued on the stream between
+// begin_capture and end_capture is recorded, not run; the stream must not be waited on meanwhile.
+class CudaGraph {
+public:
+    CudaGraph() = default;
+    ~CudaGraph();
+    CudaGraph(const CudaGraph&) = delete;
+    CudaGraph& operator=(const CudaGraph&) = delete;
+
+    void begin_capture(CudaStream& s);
+    void end_capture(CudaStream& s);           // instantiates what was recorded
+    void abort_capture(CudaStream& s) noexcept;  // after a failure while recording: discards it
+    void launch(CudaStream& s);
+    bool ready() const { return exec_ != nullptr; }
+    void reset() noexcept;
+
+private:
+    void* graph_ = nullptr;
+    void* exec_ = nullptr;
+};
+
 // Asynchronous copies on a stream (device pointers from DeviceBuffer::data(), host pointers into a
 // PinnedBuffer for the copy to overlap). The caller keeps both sides alive until the stream passes.
 void copy_to_device(void* dst, const void* src, size_t bytes, CudaStream& s);

@@ -41,6 +41,12 @@ void CudaEvent::record(CudaStream&) { throw CudaError(kNoCuda); }
 void CudaEvent::wait() { throw CudaError(kNoCuda); }
 bool CudaEvent::done() const { throw CudaError(kNoCuda); }
 double CudaEvent::seconds_since(const CudaEvent&) const { throw CudaError(kNoCuda); }
+CudaGraph::~CudaGraph() = default;
+void CudaGraph::reset() noexcept {}
+void CudaGraph::begin_capture(CudaStream&) { throw CudaError(kNoCuda); }
+void CudaGraph::end_capture(CudaStream&) { throw CudaError(kNoCuda); }
+void CudaGraph::abort_capture(CudaStream&) noexcept {}
+void CudaGraph::launch(CudaStream&) { throw CudaError(kNoCuda); }
 PinnedBuffer::PinnedBuffer(size_t) { throw CudaError(kNoCuda); }
 PinnedBuffer::~PinnedBuffer() = default;
 PinnedBuffer::PinnedBuffer(PinnedBuffer&&) noexcept = default;

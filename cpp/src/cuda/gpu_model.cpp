@@ -5,7 +5,9 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <tuple>
 
 #include "common.h"
@@ -60,6 +62,10 @@ struct GpuModel::Impl {
     std::vector<Layer> layers;
     bool output_placed = false;
     bool resident = false;
+    // PROSPARSE_CUDA_GRAPHS=1: a resident model's decode step runs as one CUDA graph
+    bool use_graphs = false;
+    cuda::CudaGraph decode_graph;
+    std::vector<float> graph_act_t;  // the layers' activation thresholds the graph was recorded with
     DevMatrix output;
 
     // Scratch for n_batch tokens, on the device and pinned on the host.
@@ -92,7 +98,10 @@ struct GpuModel::Impl {
     void waited() { busy = batch_busy = false; }
 
     explicit Impl(const GpuModelConfig& c)
-        : cfg(c), hp(*c.hp), dev(c.device), stream(c.device), start(c.device), done(c.device) {}
+        : cfg(c), hp(*c.hp), dev(c.device), stream(c.device), start(c.device), done(c.device) {
+        const char* env = std::getenv("PROSPARSE_CUDA_GRAPHS");
+        use_graphs = env && std::string(env) == "1";
+    }
 
     int layer_of(const LayerWeights* L) const {
         const auto& ls = *cfg.layers;
@@ -161,6 +170,9 @@ struct GpuModel::Impl {
         stats.gpu_busy_seconds += done.seconds_since(start);
     }
     void queue_attention(int il, int nt);
+    double attention_bytes(int il) const;
+    void queue_resident(int nt);
+    void launch_decode_graph();
     void queue_ffn_kernels(int il, int nt, const float* pred_logit, int64_t ld_logit);
     void count_ffn(int il, FfnLayerStats& st, bool predictor_here);
     void queue_ffn(const FfnCall& call, int il, int64_t n_hot);
@@ -310,7 +322,13 @@ void GpuModel::Impl::queue_attention(int il, int nt) {
     cuda::attention(cfg.kv_type, NH, NKV, HD, cfg.n_ctx, cfg.n_seq, f32(q), nt, as<int32_t>(seq), as<int32_t>(pos),
                     as<uint8_t>(d.kc), as<uint8_t>(d.vc), 1.0f / std::sqrt(float(HD)), f32(attn), s);
     matmul(d.wo, f32(attn), nt, f32(branch), E, xa_a.data());
-    for (const DevMatrix* m : {&d.wq, &d.wk, &d.wv, &d.wo}) stats.bytes_read += double(m->stride) * double(m->nr);
+}
+
+double GpuModel::Impl::attention_bytes(int il) const {
+    const Layer& d = layers[size_t(il)];
+    double b = 0;
+    for (const DevMatrix* m : {&d.wq, &d.wk, &d.wv, &d.wo}) b += double(m->stride) * double(m->nr);
+    return b;
 }
 
 // g.y = the down projection of layer il's hot rows [0, n_hot) for the ffn_norm output in g.xn,
@@ -397,6 +415,7 @@ void GpuModel::attention(int il, const TokenBatch& batch, const float* x, float*
     cuda::copy_to_host(g.h_out.data(), g.branch.data(), bytes, g.stream);
     g.finish();
     std::memcpy(branch, g.h_out.data(), bytes);
+    g.stats.bytes_read += g.attention_bytes(il);
 }
 
 void GpuModel::output(const float* xn, int n, float* logits) {
@@ -491,39 +510,70 @@ void GpuModel::Impl::take_ffn(float* out) {
 
 // ---- everything on the GPU ----------------------------------------------------------------------
 
+// Every layer for nt tokens whose residual stream is in x: queued, not waited on.
+void GpuModel::Impl::queue_resident(int nt) {
+    const int64_t ne = int64_t(nt) * hp.n_embd;
+    const bool predict = cfg.ffn_opt->strategy == FfnStrategy::PREDICT;
+    void* s = stream.handle();
+    const size_t bytes = size_t(ne) * 4;
+    cuda::copy_to_device(x.data(), h_in.data(), bytes, stream);
+    cuda::fill_zero(counts.data(), layers.size() * 4 * sizeof(int32_t), stream);
+    for (int il = 0; il < hp.n_layer; ++il) {
+        const Layer& d = layers[size_t(il)];
+        queue_attention(il, nt);
+        cuda::add_scaled(f32(x), hp.residual_scale, f32(branch), ne, s);
+        cuda::rms_norm(f32(x), f32(d.ffn_norm), nt, hp.n_embd, hp.rms_eps, f32(xn), s);
+        if (predict) {  // logits = fc2 . relu(fc1 . x), x the residual stream before ffn_norm
+            const int64_t R = d.fc1.nr;
+            matmul(d.fc1, f32(x), nt, f32(hid), R, xa_a.data());
+            cuda::relu(f32(hid), int64_t(nt) * R, s);
+            matmul(d.fc2, f32(hid), nt, f32(logit), hp.n_ff, xa_b.data());
+        }
+        queue_ffn_kernels(il, nt, f32(logit), hp.n_ff);
+        cuda::add_scaled(f32(x), hp.residual_scale, f32(y), ne, s);
+    }
+    cuda::copy_to_host(h_out.data(), x.data(), bytes, stream);
+    cuda::copy_to_host(h_counts.data(), counts.data(), layers.size() * 4 * sizeof(int32_t), stream);
+}
+
+// The decode step (one token) as a CUDA graph, recorded on first use and again when a layer's
+// activation threshold changed (set_layer_thresholds): every pointer and shape in it is fixed for
+// the model's life, and the token's inputs (x, positions, RoPE table) are copies from the pinned
+// buffers the graph reads when it runs.
+void GpuModel::Impl::launch_decode_graph() {
+    std::vector<float> act_t;
+    for (const LayerWeights& L : *cfg.layers) act_t.push_back(L.act_t);
+    if (!decode_graph.ready() || act_t != graph_act_t) {
+        decode_graph.begin_capture(stream);
+        try {
+            queue_resident(1);
+        } catch (...) {
+            decode_graph.abort_capture(stream);
+            throw;
+        }
+        decode_graph.end_capture(stream);
+        graph_act_t = act_t;
+    }
+    decode_graph.launch(stream);
+}
+
 void GpuModel::forward_layers(const TokenBatch& batch, float* xh, FfnLayerStats* st) {
     Impl& g = *impl_;
     if (!g.resident) fail("GPU: forward_layers needs every layer and the output on the GPU");
     const int nt = batch.n;
     if (nt < 1 || nt > g.nb) fail(strfmt("GPU: a batch of %d tokens (at most %d)", nt, g.nb));
     const HParams& hp = g.hp;
-    const int64_t ne = int64_t(nt) * hp.n_embd;
     const bool predict = g.cfg.ffn_opt->strategy == FfnStrategy::PREDICT;
     cuda::ScopedDevice on(g.dev);
     g.drain();
     g.busy = true;
-    void* s = g.stream.handle();
-    const size_t bytes = size_t(ne) * 4;
+    const size_t bytes = size_t(nt) * size_t(hp.n_embd) * 4;
     std::memcpy(g.h_in.data(), xh, bytes);
     g.start.record(g.stream);
-    cuda::copy_to_device(g.x.data(), g.h_in.data(), bytes, g.stream);
-    cuda::fill_zero(g.counts.data(), g.layers.size() * 4 * sizeof(int32_t), g.stream);
-    for (int il = 0; il < hp.n_layer; ++il) {
-        const Impl::Layer& d = g.layers[size_t(il)];
-        g.queue_attention(il, nt);
-        cuda::add_scaled(f32(g.x), hp.residual_scale, f32(g.branch), ne, s);
-        cuda::rms_norm(f32(g.x), f32(d.ffn_norm), nt, hp.n_embd, hp.rms_eps, f32(g.xn), s);
-        if (predict) {  // logits = fc2 . relu(fc1 . x), x the residual stream before ffn_norm
-            const int64_t R = d.fc1.nr;
-            g.matmul(d.fc1, f32(g.x), nt, f32(g.hid), R, g.xa_a.data());
-            cuda::relu(f32(g.hid), int64_t(nt) * R, s);
-            g.matmul(d.fc2, f32(g.hid), nt, f32(g.logit), hp.n_ff, g.xa_b.data());
-        }
-        g.queue_ffn_kernels(il, nt, f32(g.logit), hp.n_ff);
-        cuda::add_scaled(f32(g.x), hp.residual_scale, f32(g.y), ne, s);
-    }
-    cuda::copy_to_host(g.h_out.data(), g.x.data(), bytes, g.stream);
-    cuda::copy_to_host(g.h_counts.data(), g.counts.data(), g.layers.size() * 4 * sizeof(int32_t), g.stream);
+    if (nt == 1 && g.use_graphs)
+        g.launch_decode_graph();
+    else
+        g.queue_resident(nt);
     g.finish();
     std::memcpy(xh, g.h_out.data(), bytes);
     for (int il = 0; il < hp.n_layer; ++il) {
@@ -531,6 +581,7 @@ void GpuModel::forward_layers(const TokenBatch& batch, float* xh, FfnLayerStats*
         ls.tokens += nt;
         if (!predict) ls.active_known += nt;
         g.count_ffn(il, ls, predict);
+        g.stats.bytes_read += g.attention_bytes(il);
     }
 }
 
