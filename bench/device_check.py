@@ -178,7 +178,7 @@ def run_bench(args) -> int:
     total = None  # the model's bytes (weights, KV cache at n_ctx) as the placement counts them
     plan = [(s, b, False) for s in ("exact", "predict") for b in budgets] + [("dense", 0.0, False)]
     if not args.cpu_only:
-        plan += [("dense", 1.0, False), ("exact", 1.0, True), ("dense", 1.0, True)]
+        plan += [("dense", 1.0, False), ("exact", 1.0, True)]
     for sparsity, frac, graphs in plan:
         if frac == 0.0:
             r = decode(path, sparsity, "cpu", None, args.threads, args.tokens)
