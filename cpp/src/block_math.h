@@ -182,7 +182,8 @@ PS_HD int8_t round_to_i8(float v) {
 
 // d = amax / 127, q = roundf(x / d) (as x * (1 / d)), sum = sum of q; returns d unrounded. The
 // activation quantizer of every CPU kernel set and quant.cpp's quantize_q8_0 (which stores d as
-// fp16) perform these operations.
+// fp16) perform these operations; they differ only on NaN input, which no path here produces from
+// finite weights.
 PS_HD float q8_block(const float* x, int8_t* qs, int* sum) {
     float amax = 0.0f;
     for (int j = 0; j < QK; ++j) {
