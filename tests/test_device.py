@@ -37,6 +37,17 @@ def test_auto_runs_on_the_cpu_and_the_placement_says_so(fat):
     assert pl["seconds"]["gpu"] == 0 and pl["seconds"]["cpu"] > 0
 
 
+def test_on_the_cpu_the_overlap_counters_say_the_gpu_did_nothing(fat):
+    with Model(fat, n_ctx=64, n_threads=2) as m:
+        m.generate(H.prompt_ids(6), max_tokens=4, temperature=0.0)
+        s = m.stats
+    pl = s["placement"]
+    assert pl["cpu_wait_seconds"] == 0 and pl["gpu_busy_seconds"] == 0 and pl["gpu_idle_seconds"] == 0
+    assert pl["seconds"]["cpu"] == pytest.approx(s["prompt_seconds"] + s["decode_seconds"])
+    assert pl["gpu_resident_bytes"] == 0
+    assert pl["measured_bytes_per_token"] == {"gpu": 0.0, "cpu": s["weight_bytes_per_token"]}
+
+
 def test_cpu_asked_for_has_no_note(fat):
     with Model(fat, n_ctx=64, device="cpu") as m:
         pl = m.stats["placement"]

@@ -188,8 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cache-type", default="f16", choices=["f16", "f32", "q8_0"],
                     help="the KV cache's type, both runtimes (llama.cpp's -ctk/-ctv)")
     ap.add_argument("--device", default="cpu",
-                    help="ours: cpu (default), auto, cuda or cuda:N (the GPU kernels are not built yet: a "
-                         "GPU gets a placement, reported in the results, and the work stays on the CPU)")
+                    help="ours: cpu (default), auto, cuda or cuda:N (a GPU runs what its budget places there, "
+                         "the CPU the rest; the placement is in the results)")
     ap.add_argument("--vram-budget", type=float, default=None, help="ours: GiB of GPU memory to place weights in")
     ap.add_argument("--no-ours", action="store_true", help="run only llama.cpp")
     ap.add_argument("-o", "--output", choices=["md", "json"], default="md", help="stdout format")

@@ -17,6 +17,7 @@
 #include "attention.h"
 #include "common.h"
 #include "cuda/device.h"
+#include "cuda/gpu_model.h"
 #include "ffn.h"
 #include "kv_cache.h"
 #include "ops.h"
@@ -93,6 +94,12 @@ struct Model::Impl {
     std::unique_ptr<CpuFfnExecutor> cpu_ffn;
     std::unique_ptr<FfnExecutor> hot_ffn;
     std::vector<int64_t> n_hot;
+    FfnExecutor* hot = nullptr;  // hot_ffn, or the GPU's executor
+    // The GPU half (cuda/gpu_model.h) when the placement put anything on a GPU: the placed weights
+    // and the device KV cache of its attention layers; null when everything runs on the CPU.
+    std::unique_ptr<GpuModel> gpu;
+    int gpu_index = -1;  // the GPU place_weights chose
+    PlacementInput placement_in;  // what it placed (for the CPU-only placement if the GPU fails)
     std::unique_ptr<InterleavedSet> interleaved;  // copies the layer pointers view
     std::unique_ptr<uint16_t[]> down_t_data;      // ffn_down_t built at load (Model::build_down_t)
     std::vector<Tensor> down_t;                   // its per-layer views, which the layers point to
@@ -300,8 +307,6 @@ Model::Model(const std::string& path, const ModelParams& params)
 
     choose_strategy(params);
     build_down_t(int64_t(kv_bytes));
-    const int64_t avail_now = available_memory_bytes();  // the built copies are resident now
-    interleave_weights(avail_now >= 0 ? avail_now - int64_t(kv_bytes) : -1);
     for (const LayerWeights& L : m.layers)
         for (const Tensor* t : {L.attn_norm, L.wq, L.wk, L.wv, L.wo, L.ffn_norm})
             m.fixed_bytes_per_token += double(t->nbytes);
@@ -319,7 +324,12 @@ Model::Model(const std::string& path, const ModelParams& params)
         // the hybrid's split with a second CPU executor as the hot side (tests)
         m.hot_ffn = std::make_unique<CpuFfnExecutor>(*m.pool);
         m.n_hot.assign(size_t(hp_.n_layer), std::min<int64_t>(params.test_split_hot, hp_.n_ff));
+        m.hot = m.hot_ffn.get();
     }
+    start_gpu(params);
+    // after the GPU took its weights: the CPU copies only what it reads
+    const int64_t avail_now = available_memory_bytes();  // the built copies are resident now
+    interleave_weights(avail_now >= 0 ? avail_now - int64_t(kv_bytes) : -1);
 
     const size_t nb = size_t(m.n_batch);
     m.x.resize(nb * E); m.xn.resize(nb * E); m.attn.resize(nb * H); m.branch.resize(nb * E);
@@ -447,8 +457,10 @@ void Model::interleave_weights(int64_t avail) {
     const char* env = std::getenv("PROSPARSE_INTERLEAVE");
     if (env && std::string(env) == "0") return;
     std::vector<const Tensor**> slots;  // the pointers to redirect to the copies
+    const std::vector<const Tensor*> on_gpu = gpu_only_weights();
     auto want = [&](const Tensor*& t) {
-        if (t && can_interleave(*t)) slots.push_back(&t);
+        if (t && can_interleave(*t) && std::find(on_gpu.begin(), on_gpu.end(), t) == on_gpu.end())
+            slots.push_back(&t);
     };
     const FfnStrategy s = m.ffn_opt.strategy;
     for (LayerWeights& L : m.layers) {
@@ -505,8 +517,7 @@ PlacementLayer placement_layer(const LayerWeights& L, FfnStrategy s, int64_t n_f
 }  // namespace
 
 // device: "cpu", or a GPU ("auto" where there is one, "cuda", "cuda:N"), whose budget places the
-// weights read most per byte (placement.h). The GPU's kernels are the hybrid's part 2: until they
-// exist a GPU placement is computed and reported, and everything runs on the CPU.
+// weights read most per byte (placement.h); start_gpu then uploads them.
 void Model::place_weights(const ModelParams& params, size_t kv_bytes) {
     Impl& m = *impl_;
     const std::string& want = params.device;
@@ -561,10 +572,93 @@ void Model::place_weights(const ModelParams& params, size_t kv_bytes) {
     const double budget = params.vram_budget_gib >= 0.0 ? params.vram_budget_gib * double(size_t(1) << 30)
                                                          : std::max(0.0, double(gpu->free_memory) - margin);
     stats_.placement = place(in, uint64_t(budget));
+    m.placement_in = in;
     stats_.device = strfmt("cuda:%d", gpu->index);
     stats_.vram_budget_bytes = budget;
-    stats_.device_note = "the GPU kernels are not built yet (the hybrid's part 2): the placement is computed and "
-                         "everything runs on the CPU";
+    m.gpu_index = gpu->index;
+}
+
+// Uploads what the placement put on the GPU and routes those layers' work there. The predictor
+// runs on the CPU (ffn_forward computes it before the executors; the GPU gets the hot columns of
+// its logits), so its bytes move to the CPU's side of the placement's accounting. A GPU that
+// cannot take the placement (out of memory, a weight type without GPU kernels) is an error for
+// device="cuda"; "auto" then runs on the CPU and says why.
+void Model::start_gpu(const ModelParams& params) {
+    Impl& m = *impl_;
+    if (m.gpu_index < 0) return;
+    Placement& pl = stats_.placement;
+    if (params.test_split_hot >= 0) fail("test_split_hot is for CPU-only models (device='cpu')");
+    // A layer without ffn_down_t keeps its FFN on the CPU (the GPU's down projection reads
+    // ffn_down_t rows); its bytes go back to the CPU's side.
+    for (size_t il = 0; il < m.layers.size(); ++il) {
+        LayerPlacement& lp = pl.layers[il];
+        if (m.layers[il].ffn_down_t || lp.n_hot == 0) continue;
+        const PlacementLayer& in = m.placement_in.layers[il];
+        const double per = double(in.neuron_bytes_always + in.neuron_bytes_fired), n = double(lp.n_hot);
+        double expected = 0;
+        for (int64_t i = 0; i < lp.n_hot; ++i)
+            expected += double(in.neuron_bytes_always) + double(in.freq[size_t(i)]) * double(in.neuron_bytes_fired);
+        pl.gpu_bytes -= uint64_t(per * n); pl.cpu_bytes += uint64_t(per * n);
+        pl.gpu_bytes_per_token -= expected; pl.cpu_bytes_per_token += expected;
+        lp.n_hot = 0;
+    }
+    GpuModelConfig c;
+    c.device = m.gpu_index;
+    c.file = file_.get();
+    c.hp = &hp_;
+    c.layers = &m.layers;
+    c.attn_norm = &m.attn_norm;
+    c.ffn_norm = &m.ffn_norm;
+    c.output = m.output;
+    c.output_norm = &m.output_norm;
+    c.placement = &pl;
+    c.ffn_opt = &m.ffn_opt;
+    c.pool = m.pool.get();
+    c.kv_type = m.kv->type();
+    c.n_ctx = n_ctx_;
+    c.n_seq = n_seq();
+    c.n_batch = m.n_batch;
+    c.allow_resident = true;
+    try {
+        m.gpu = std::make_unique<GpuModel>(c);
+    } catch (const std::exception& e) {
+        if (params.device != "auto") throw;
+        stats_.device_note = std::string("the GPU could not take the placement, so everything runs on the CPU: ") + e.what();
+        stats_.device = "cpu";
+        pl = place(m.placement_in, 0);  // everything on the CPU
+        stats_.vram_budget_bytes = 0;
+        m.gpu_index = -1;
+        return;
+    }
+    if (!m.gpu->resident() && m.ffn_opt.strategy == FfnStrategy::PREDICT)
+        for (size_t il = 0; il < m.layers.size(); ++il) {
+            const LayerWeights& L = m.layers[il];
+            if (!pl.layers[il].attention_on_gpu || !L.fc1) continue;
+            const double pred = double(L.fc1->nbytes + L.fc2->nbytes);
+            pl.gpu_bytes -= uint64_t(pred); pl.cpu_bytes += uint64_t(pred);
+            pl.gpu_bytes_per_token -= pred; pl.cpu_bytes_per_token += pred;
+        }
+    for (size_t il = 0; il < m.layers.size(); ++il) m.n_hot[il] = m.gpu->n_hot(int(il));
+    m.hot = &m.gpu->ffn();
+    stats_.gpu_active = true;
+    stats_.gpu_resident_bytes = m.gpu->stats().resident_bytes;
+}
+
+// The weights only the GPU reads (the CPU then needs no interleaved copy of them): a GPU layer's
+// attention matrices, the FFN's gate and up of a layer whose neurons are all on the GPU, the
+// predictor where the GPU runs it (everything on the GPU), the output matrix if placed.
+std::vector<const Tensor*> Model::gpu_only_weights() const {
+    const Impl& m = *impl_;
+    std::vector<const Tensor*> out;
+    if (!m.gpu) return out;
+    for (size_t il = 0; il < m.layers.size(); ++il) {
+        const LayerWeights& L = m.layers[il];
+        if (m.gpu->attention_on_gpu(int(il))) out.insert(out.end(), {L.wq, L.wk, L.wv, L.wo});
+        if (m.gpu->n_hot(int(il)) == hp_.n_ff) out.insert(out.end(), {L.ffn_gate, L.ffn_up});
+        if (m.gpu->resident() && L.fc1) out.insert(out.end(), {L.fc1, L.fc2});
+    }
+    if (m.gpu->output_on_gpu()) out.push_back(m.output);  // (tied: the embedding rows stay in the file)
+    return out;
 }
 
 int Model::n_threads() const { return impl_->pool->size(); }
@@ -649,14 +743,12 @@ void check_step(bool tracing, const float* x, size_t n, Step step, int layer) {
                        "did not show where");
 }
 
-// One layer for the batch in m.x: attention (RMSNorm, q/k/v, RoPE, the cache, softmax, wo) and
-// the FFN (RMSNorm, the strategy on its executors), each added to the residual stream.
-void layer_forward(Model::Impl& m, const HParams& hp, int il, const TokenBatch& batch, FfnLayerStats& st) {
+// The attention block on the CPU: RMSNorm, q/k/v, RoPE, the cache, softmax, wo into m.branch.
+void attention_block(Model::Impl& m, const HParams& hp, int il, const TokenBatch& batch) {
     ThreadPool& pool = *m.pool;
     const LayerWeights& L = m.layers[size_t(il)];
     const int nb = batch.n, E = hp.n_embd, HD = hp.head_dim, NH = hp.n_head, NKV = hp.n_head_kv;
     const int H = NH * HD, KV = NKV * HD;
-
     for (int t = 0; t < nb; ++t)
         rms_norm(m.xn.data() + size_t(t) * E, m.x.data() + size_t(t) * E, m.attn_norm[size_t(il)].data(), E, hp.rms_eps);
     matmul(pool, *L.wq, m.xn.data(), nb, m.q.data(), m.act_buf);
@@ -670,9 +762,13 @@ void layer_forward(Model::Impl& m, const HParams& hp, int il, const TokenBatch& 
     }
     attention(pool, hp, *m.kv, il, batch, m.q.data(), m.attn.data(), m.attn_scratch);
     matmul(pool, *L.wo, m.attn.data(), nb, m.branch.data(), m.act_buf);
-    vec_axpy(m.x.data(), hp.residual_scale, m.branch.data(), int64_t(nb) * E);
-    check_step(m.trace_non_finite, m.x.data(), size_t(nb) * E, Step::ATTENTION, il);
+}
 
+// The FFN block: RMSNorm, the strategy on its executors (the hot range on m.hot), the residual.
+void ffn_block(Model::Impl& m, const HParams& hp, int il, int nb, FfnLayerStats& st) {
+    ThreadPool& pool = *m.pool;
+    const LayerWeights& L = m.layers[size_t(il)];
+    const int E = hp.n_embd;
     for (int t = 0; t < nb; ++t)
         rms_norm(m.xn.data() + size_t(t) * E, m.x.data() + size_t(t) * E, m.ffn_norm[size_t(il)].data(), E, hp.rms_eps);
     if (m.capture) {
@@ -683,10 +779,24 @@ void layer_forward(Model::Impl& m, const HParams& hp, int il, const TokenBatch& 
         cg.resize(off + size_t(nb) * size_t(hp.n_ff));
         matmul(pool, *L.ffn_gate, m.xn.data(), nb, cg.data() + off, m.act_buf);
     }
-    ffn_forward(pool, hp, L, m.ffn_opt, m.x.data(), m.xn.data(), nb, m.branch.data(), *m.cpu_ffn, m.hot_ffn.get(),
+    ffn_forward(pool, hp, L, m.ffn_opt, m.x.data(), m.xn.data(), nb, m.branch.data(), *m.cpu_ffn, m.hot,
                 m.n_hot[size_t(il)], m.ffn, st);
     vec_axpy(m.x.data(), hp.residual_scale, m.branch.data(), int64_t(nb) * E);
     check_step(m.trace_non_finite, m.x.data(), size_t(nb) * E, Step::FFN, il);
+}
+
+// One layer for the batch in m.x: attention (on the GPU where the placement put it) and the FFN
+// (its hot range on m.hot), each added to the residual stream.
+void layer_forward(Model::Impl& m, const HParams& hp, int il, const TokenBatch& batch, FfnLayerStats& st) {
+    const int nb = batch.n, E = hp.n_embd;
+    if (m.gpu && m.gpu->attention_on_gpu(il)) {
+        m.gpu->attention(il, batch, m.x.data(), m.branch.data());  // the residual up, the branch down
+    } else {
+        attention_block(m, hp, il, batch);
+    }
+    vec_axpy(m.x.data(), hp.residual_scale, m.branch.data(), int64_t(nb) * E);
+    check_step(m.trace_non_finite, m.x.data(), size_t(nb) * E, Step::ATTENTION, il);
+    ffn_block(m, hp, il, nb, st);
 }
 
 }  // namespace
@@ -737,6 +847,7 @@ void Model::eval(const TokenBatch& in, bool all_logits, float* logits) {
     }
     double ffn_bytes0 = 0;
     for (const auto& ls : stats_.layers) ffn_bytes0 += ls.bytes;
+    const GpuStats gpu0 = m.gpu ? m.gpu->stats() : GpuStats{};
     const int E = hp_.n_embd, V = hp_.n_vocab;
 
     float* dst = logits;  // the next logits row to write
@@ -756,7 +867,11 @@ void Model::eval(const TokenBatch& in, bool all_logits, float* logits) {
                        hp_.rope_freq_scale);
         }
         check_step(m.trace_non_finite, m.x.data(), size_t(nb) * E, Step::EMBEDDING, -1);
-        for (int il = 0; il < hp_.n_layer; ++il) layer_forward(m, hp_, il, batch, stats_.layers[size_t(il)]);
+        if (m.gpu) m.gpu->begin_batch(batch, m.rope_cs.data());
+        if (m.gpu && m.gpu->resident() && !m.capture && !m.trace_non_finite)
+            m.gpu->forward_layers(batch, m.x.data(), stats_.layers.data());  // the residual stays on the GPU
+        else
+            for (int il = 0; il < hp_.n_layer; ++il) layer_forward(m, hp_, il, batch, stats_.layers[size_t(il)]);
         for (int t = 0; t < nb; ++t) seq_len_[size_t(batch.seq[t])] = batch.pos[t] + 1;
 
         // output head, only for the rows the caller wants
@@ -766,7 +881,10 @@ void Model::eval(const TokenBatch& in, bool all_logits, float* logits) {
                 rms_norm(m.xn.data() + size_t(n_out++) * E, m.x.data() + size_t(t) * E, m.output_norm.data(), E,
                          hp_.rms_eps);
         if (n_out > 0) {
-            matmul(*m.pool, *m.output, m.xn.data(), n_out, dst, m.act_buf);
+            if (m.gpu && m.gpu->output_on_gpu())
+                m.gpu->output(m.xn.data(), n_out, dst);
+            else
+                matmul(*m.pool, *m.output, m.xn.data(), n_out, dst, m.act_buf);
             if (hp_.logit_scale != 1.0f) vec_scale(dst, 1.0f / hp_.logit_scale, int64_t(n_out) * V);
             if (!all_finite(dst, size_t(n_out) * V))
                 fail_non_finite_logits(m.trace_non_finite, *file_,
@@ -776,6 +894,12 @@ void Model::eval(const TokenBatch& in, bool all_logits, float* logits) {
     }
 
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (m.gpu) {
+        const GpuStats& g = m.gpu->stats();
+        stats_.gpu_busy_seconds += g.gpu_busy_seconds - gpu0.gpu_busy_seconds;
+        stats_.cpu_wait_seconds += g.cpu_wait_seconds - gpu0.cpu_wait_seconds;
+        if (n == 1) stats_.gpu_bytes_per_token = g.bytes_read - gpu0.bytes_read;
+    }
     if (n == 1) {
         double ffn_bytes = -ffn_bytes0;
         for (const auto& ls : stats_.layers) ffn_bytes += ls.bytes;

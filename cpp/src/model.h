@@ -49,12 +49,18 @@ struct ModelStats {
     std::vector<FfnLayerStats> layers;    // FFN counters per layer since load
     // Where the weights are (docs/design.md, "The CPU/GPU hybrid"): the device asked for as
     // resolved, the placement from its budget (everything on the CPU for "cpu"), and whether the
-    // GPU side runs (not yet: its kernels are the hybrid's part 2).
+    // GPU runs its part (the placed weights uploaded, cuda/gpu_model.h).
     std::string device = "cpu";
     std::string device_note;              // why the GPU is not used, where it is not
     double vram_budget_bytes = 0.0;
     Placement placement;
     bool gpu_active = false;
+    double gpu_resident_bytes = 0.0;      // device memory the GPU side holds (weights, KV cache, scratch)
+    // Overlap (since load): GPU time of the work the CPU queued (uploads, kernels, downloads), and
+    // the time the CPU spent blocked waiting for it. eval time less gpu_busy is the GPU idle; the
+    // CPU's own work is eval time less cpu_wait.
+    double gpu_busy_seconds = 0.0, cpu_wait_seconds = 0.0;
+    double gpu_bytes_per_token = 0.0;     // of weight_bytes_per_token, the bytes the GPU read
 };
 
 class Model {
@@ -111,6 +117,8 @@ private:
     void choose_strategy(const ModelParams& params);
     void build_down_t(int64_t reserved);  // reserved: bytes of available memory already promised
     void place_weights(const ModelParams& params, size_t kv_bytes);
+    void start_gpu(const ModelParams& params);  // uploads what place_weights put on the GPU
+    std::vector<const Tensor*> gpu_only_weights() const;
     void interleave_weights(int64_t avail);  // avail: bytes the copies may take from, -1 unknown
 
     std::unique_ptr<GGUFFile> file_;

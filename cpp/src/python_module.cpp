@@ -300,9 +300,21 @@ NB_MODULE(_core, m) {
                 pd["bytes_read_per_token"] = nb::dict();
                 pd["bytes_read_per_token"]["gpu"] = s.placement.gpu_bytes_per_token;
                 pd["bytes_read_per_token"]["cpu"] = s.placement.cpu_bytes_per_token;
+                // measured: the weight bytes each device read for the last decoded token
+                pd["measured_bytes_per_token"] = nb::dict();
+                pd["measured_bytes_per_token"]["gpu"] = s.gpu_bytes_per_token;
+                pd["measured_bytes_per_token"]["cpu"] = s.weight_bytes_per_token - s.gpu_bytes_per_token;
+                pd["gpu_resident_bytes"] = s.gpu_resident_bytes;
+                // time per device since load: the GPU's busy time (its queued work, transfers
+                // included) and the CPU's own work (eval time less the time it waited on the GPU);
+                // how long the CPU sat waiting and the GPU sat idle, which a placement should keep small
+                const double total = s.prompt_seconds + s.decode_seconds;
                 pd["seconds"] = nb::dict();
-                pd["seconds"]["gpu"] = 0.0;  // no GPU work yet (gpu_active)
-                pd["seconds"]["cpu"] = s.prompt_seconds + s.decode_seconds;
+                pd["seconds"]["gpu"] = s.gpu_busy_seconds;
+                pd["seconds"]["cpu"] = total - s.cpu_wait_seconds;
+                pd["cpu_wait_seconds"] = s.cpu_wait_seconds;
+                pd["gpu_busy_seconds"] = s.gpu_busy_seconds;
+                pd["gpu_idle_seconds"] = s.gpu_active ? std::max(0.0, total - s.gpu_busy_seconds) : 0.0;
                 d["placement"] = pd;
             }
             d["kv_type"] = s.kv_type;

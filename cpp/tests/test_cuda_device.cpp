@@ -50,6 +50,10 @@ int main() {
     if (st.devices.empty()) {
         CHECK(!st.reason.empty());
         CHECK(throws_cuda_error([] { DeviceBuffer b(0, 16); }));
+        CHECK(throws_cuda_error([] { ps::cuda::CudaStream s(0); }));
+        CHECK(throws_cuda_error([] { ps::cuda::CudaEvent e(0); }));
+        CHECK(throws_cuda_error([] { ps::cuda::PinnedBuffer p(16); }));
+        CHECK(throws_cuda_error([] { ps::cuda::ScopedDevice on(0); }));
     }
     for (const auto& d : st.devices) {
         CHECK(d.cc_major * 10 + d.cc_minor >= ps::cuda::kMinComputeCapability);
@@ -71,6 +75,27 @@ int main() {
         CHECK(c.size() == n);
         DeviceBuffer e(d.index, 0);  // empty: no allocation, nothing to free
         CHECK(e.data() == nullptr);
+
+        // the executor's pattern: pinned staging, async copies on a stream, a blocking-sync event
+        ps::cuda::ScopedDevice on(d.index);
+        ps::cuda::CudaStream s(d.index);
+        ps::cuda::CudaEvent t0(d.index), t1(d.index);
+        ps::cuda::PinnedBuffer up(n), down(n);
+        std::copy(in.begin(), in.end(), static_cast<unsigned char*>(up.data()));
+        std::fill_n(static_cast<unsigned char*>(down.data()), n, 0);
+        t0.record(s);
+        ps::cuda::copy_to_device(c.data(), up.data(), n, s);
+        ps::cuda::fill_zero(c.data(), 16, s);
+        ps::cuda::copy_to_host(down.data(), c.data(), n, s);
+        t1.record(s);
+        t1.wait();
+        CHECK(t1.done());
+        CHECK(t1.seconds_since(t0) >= 0.0);
+        const unsigned char* got = static_cast<const unsigned char*>(down.data());
+        CHECK(std::all_of(got, got + 16, [](unsigned char x) { return x == 0; }));
+        CHECK(std::equal(got + 16, got + n, in.begin() + 16));
+        ps::cuda::PinnedBuffer moved = std::move(up);
+        CHECK(up.data() == nullptr && moved.size() == n);
     }
     if (failures) std::fprintf(stderr, "%d check(s) failed\n", failures);
     return failures ? 1 : 0;

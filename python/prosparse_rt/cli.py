@@ -49,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-type", default="f16", choices=["f16", "f32", "q8_0"],
                    help="the KV cache's type (default f16, as llama.cpp's -ctk/-ctv)")
     p.add_argument("--device", default="auto",
-                   help="auto (a GPU where there is one), cpu, cuda or cuda:N; the GPU kernels are not "
-                        "built yet, so a GPU gets a placement and the work stays on the CPU")
+                   help="auto (a GPU where there is one), cpu, cuda or cuda:N: a GPU runs the attention and "
+                        "the most frequently firing neurons its budget holds, the CPU the rest")
     p.add_argument("--vram-budget", type=float, default=None,
                    help="GiB of GPU memory for weights and KV cache (default: its free memory less a margin)")
     p.add_argument("-v", "--verbose", action="store_true", help="log loading details")
@@ -177,7 +177,8 @@ def main(argv=None) -> int:
             on_gpu = sum(x["attention_on_gpu"] for x in pl["layers"])
             hot = sum(x["n_hot"] for x in pl["layers"]) / max(1, len(pl["layers"]))
             print(f"device {pl['device']}: placement {pl['bytes']['gpu'] / 2**30:.2f} GiB on the GPU (attention of "
-                  f"{on_gpu}/{len(pl['layers'])} layers, mean n_hot {hot:.0f}); {pl['note']}", file=sys.stderr)
+                  f"{on_gpu}/{len(pl['layers'])} layers, mean n_hot {hot:.0f}); GPU busy {pl['gpu_busy_seconds']:.2f} s, "
+                  f"CPU waited {pl['cpu_wait_seconds']:.2f} s{'; ' + pl['note'] if pl['note'] else ''}", file=sys.stderr)
         return 0
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

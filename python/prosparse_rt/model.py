@@ -155,8 +155,9 @@ class Model:
             why where there is none usable), or ``"auto"`` (a GPU where there is one, else the CPU).
             A GPU gets the weights read most per byte of its budget (attention, then each layer's
             most frequently firing neurons); ``stats["placement"]`` says where everything is and
-            what each device reads. The GPU kernels are not built yet: with a GPU the placement is
-            computed and reported, and everything still runs on the CPU (``gpu_active`` False).
+            what each device reads, how long the GPU was busy and how long the CPU waited for it.
+            The GPU runs the attention of its layers and each layer's hot neurons while the CPU
+            runs the cold ones; with everything placed, the residual stream stays on the GPU.
         vram_budget: GiB of GPU memory for weights and the KV cache (None: the GPU's free memory
             less a margin for scratch and the CUDA context).
         n_seq: sequences the KV cache holds, ``n_ctx`` positions each (the server's parallel slots,

@@ -178,4 +178,165 @@ void DeviceBuffer::download(void* dst, size_t bytes, size_t offset) const {
           "cudaMemcpy from the device");
 }
 
+ScopedDevice::ScopedDevice(int device) {
+    check(cudaGetDevice(&prev_), "cudaGetDevice");
+    check(cudaSetDevice(device), strfmt("cudaSetDevice(%d)", device).c_str());
+}
+
+ScopedDevice::~ScopedDevice() {
+    if (prev_ >= 0) cudaSetDevice(prev_);
+}
+
+CudaStream::CudaStream(int device) : device_(device) {
+    DeviceScope scope(device);
+    // Host waits block in the driver rather than spin (the events below ask for it too, whatever
+    // these flags; an already active context may keep its old ones, which is then not an error).
+    if (cudaSetDeviceFlags(cudaDeviceScheduleBlockingSync) != cudaSuccess) cudaGetLastError();
+    cudaStream_t s = nullptr;
+    check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
+    s_ = s;
+}
+
+CudaStream::~CudaStream() {
+    if (!s_) return;
+    int prev = 0;
+    if (cudaGetDevice(&prev) == cudaSuccess && cudaSetDevice(device_) == cudaSuccess) {
+        cudaStreamDestroy(static_cast<cudaStream_t>(s_));
+        cudaSetDevice(prev);
+    }
+    cudaGetLastError();
+}
+
+void CudaStream::synchronize() {
+    check(cudaStreamSynchronize(static_cast<cudaStream_t>(s_)), "cudaStreamSynchronize");
+}
+
+CudaEvent::CudaEvent(int device) : device_(device) {
+    DeviceScope scope(device);
+    cudaEvent_t e = nullptr;
+    check(cudaEventCreateWithFlags(&e, cudaEventBlockingSync), "cudaEventCreateWithFlags");
+    e_ = e;
+}
+
+CudaEvent::~CudaEvent() {
+    if (!e_) return;
+    int prev = 0;
+    if (cudaGetDevice(&prev) == cudaSuccess && cudaSetDevice(device_) == cudaSuccess) {
+        cudaEventDestroy(static_cast<cudaEvent_t>(e_));
+        cudaSetDevice(prev);
+    }
+    cudaGetLastError();
+}
+
+void CudaEvent::record(CudaStream& s) {
+    check(cudaEventRecord(static_cast<cudaEvent_t>(e_), static_cast<cudaStream_t>(s.handle())), "cudaEventRecord");
+}
+
+void CudaEvent::wait() { check(cudaEventSynchronize(static_cast<cudaEvent_t>(e_)), "cudaEventSynchronize"); }
+
+bool CudaEvent::done() const {
+    const cudaError_t e = cudaEventQuery(static_cast<cudaEvent_t>(e_));
+    if (e == cudaErrorNotReady) return false;
+    check(e, "cudaEventQuery");
+    return true;
+}
+
+double CudaEvent::seconds_since(const CudaEvent& start) const {
+    float ms = 0.0f;
+    check(cudaEventElapsedTime(&ms, static_cast<cudaEvent_t>(start.e_), static_cast<cudaEvent_t>(e_)),
+          "cudaEventElapsedTime");
+    return double(ms) * 1e-3;
+}
+
+CudaGraph::~CudaGraph() { reset(); }
+
+void CudaGraph::reset() noexcept {
+    if (exec_) cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(exec_));
+    if (graph_) cudaGraphDestroy(static_cast<cudaGraph_t>(graph_));
+    cudaGetLastError();
+    exec_ = graph_ = nullptr;
+}
+
+void CudaGraph::begin_capture(CudaStream& s) {
+    reset();
+    // thread-local: CUDA calls of other threads (none here) do not join or break the capture
+    check(cudaStreamBeginCapture(static_cast<cudaStream_t>(s.handle()), cudaStreamCaptureModeThreadLocal),
+          "cudaStreamBeginCapture");
+}
+
+void CudaGraph::end_capture(CudaStream& s) {
+    cudaGraph_t g = nullptr;
+    check(cudaStreamEndCapture(static_cast<cudaStream_t>(s.handle()), &g), "cudaStreamEndCapture");
+    graph_ = g;
+    cudaGraphExec_t e = nullptr;
+    check(cudaGraphInstantiate(&e, g, 0), "cudaGraphInstantiate");
+    exec_ = e;
+}
+
+void CudaGraph::abort_capture(CudaStream& s) noexcept {
+    cudaGraph_t g = nullptr;
+    if (cudaStreamEndCapture(static_cast<cudaStream_t>(s.handle()), &g) == cudaSuccess && g) cudaGraphDestroy(g);
+    cudaGetLastError();
+    reset();
+}
+
+void CudaGraph::launch(CudaStream& s) {
+    check(cudaGraphLaunch(static_cast<cudaGraphExec_t>(exec_), static_cast<cudaStream_t>(s.handle())),
+          "cudaGraphLaunch");
+}
+
+PinnedBuffer::PinnedBuffer(size_t bytes) : bytes_(bytes) {
+    if (bytes == 0) return;
+    check(cudaHostAlloc(&ptr_, bytes, cudaHostAllocPortable),
+          strfmt("cudaHostAlloc of %zu bytes of pinned host memory", bytes).c_str());
+}
+
+PinnedBuffer::~PinnedBuffer() { release(); }
+
+PinnedBuffer::PinnedBuffer(PinnedBuffer&& o) noexcept : ptr_(o.ptr_), bytes_(o.bytes_) {
+    o.ptr_ = nullptr;
+    o.bytes_ = 0;
+}
+
+PinnedBuffer& PinnedBuffer::operator=(PinnedBuffer&& o) noexcept {
+    if (this != &o) {
+        release();
+        ptr_ = o.ptr_; bytes_ = o.bytes_;
+        o.ptr_ = nullptr; o.bytes_ = 0;
+    }
+    return *this;
+}
+
+void PinnedBuffer::release() noexcept {
+    if (ptr_) {
+        cudaFreeHost(ptr_);
+        cudaGetLastError();
+    }
+    ptr_ = nullptr;
+    bytes_ = 0;
+}
+
+static void copy_async(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind, CudaStream& s,
+                       const char* what) {
+    if (bytes == 0) return;
+    check(cudaMemcpyAsync(dst, src, bytes, kind, static_cast<cudaStream_t>(s.handle())), what);
+}
+
+void copy_to_device(void* dst, const void* src, size_t bytes, CudaStream& s) {
+    copy_async(dst, src, bytes, cudaMemcpyHostToDevice, s, "cudaMemcpyAsync to the device");
+}
+
+void copy_to_host(void* dst, const void* src, size_t bytes, CudaStream& s) {
+    copy_async(dst, src, bytes, cudaMemcpyDeviceToHost, s, "cudaMemcpyAsync from the device");
+}
+
+void copy_on_device(void* dst, const void* src, size_t bytes, CudaStream& s) {
+    copy_async(dst, src, bytes, cudaMemcpyDeviceToDevice, s, "cudaMemcpyAsync on the device");
+}
+
+void fill_zero(void* dst, size_t bytes, CudaStream& s) {
+    if (bytes == 0) return;
+    check(cudaMemsetAsync(dst, 0, bytes, static_cast<cudaStream_t>(s.handle())), "cudaMemsetAsync");
+}
+
 }  // namespace ps::cuda

@@ -30,4 +30,31 @@ void DeviceBuffer::release() noexcept {}
 void DeviceBuffer::upload(const void*, size_t, size_t) { throw CudaError(kNoCuda); }
 void DeviceBuffer::download(void*, size_t, size_t) const { throw CudaError(kNoCuda); }
 
+ScopedDevice::ScopedDevice(int) { throw CudaError(kNoCuda); }
+ScopedDevice::~ScopedDevice() = default;
+CudaStream::CudaStream(int) { throw CudaError(kNoCuda); }
+CudaStream::~CudaStream() = default;
+void CudaStream::synchronize() { throw CudaError(kNoCuda); }
+CudaEvent::CudaEvent(int) { throw CudaError(kNoCuda); }
+CudaEvent::~CudaEvent() = default;
+void CudaEvent::record(CudaStream&) { throw CudaError(kNoCuda); }
+void CudaEvent::wait() { throw CudaError(kNoCuda); }
+bool CudaEvent::done() const { throw CudaError(kNoCuda); }
+double CudaEvent::seconds_since(const CudaEvent&) const { throw CudaError(kNoCuda); }
+CudaGraph::~CudaGraph() = default;
+void CudaGraph::reset() noexcept {}
+void CudaGraph::begin_capture(CudaStream&) { throw CudaError(kNoCuda); }
+void CudaGraph::end_capture(CudaStream&) { throw CudaError(kNoCuda); }
+void CudaGraph::abort_capture(CudaStream&) noexcept {}
+void CudaGraph::launch(CudaStream&) { throw CudaError(kNoCuda); }
+PinnedBuffer::PinnedBuffer(size_t) { throw CudaError(kNoCuda); }
+PinnedBuffer::~PinnedBuffer() = default;
+PinnedBuffer::PinnedBuffer(PinnedBuffer&&) noexcept = default;
+PinnedBuffer& PinnedBuffer::operator=(PinnedBuffer&&) noexcept = default;
+void PinnedBuffer::release() noexcept {}
+void copy_to_device(void*, const void*, size_t, CudaStream&) { throw CudaError(kNoCuda); }
+void copy_to_host(void*, const void*, size_t, CudaStream&) { throw CudaError(kNoCuda); }
+void copy_on_device(void*, const void*, size_t, CudaStream&) { throw CudaError(kNoCuda); }
+void fill_zero(void*, size_t, CudaStream&) { throw CudaError(kNoCuda); }
+
 }  // namespace ps::cuda
