@@ -133,3 +133,21 @@ def test_logits_are_bitwise_the_same_for_every_thread_count_in_every_isa(models)
         per_isa.append(np.frombuffer(outs[0], np.float32))
     for other in per_isa[1:]:
         assert H.rel_error(other, per_isa[0]) < 1e-5
+
+
+def test_a_file_quantized_by_llama_cpp_loads_and_matches_transformers():
+    """tests/data/tiny-llama-cpp-q4_k_m.gguf: made once by llama.cpp's own quantizer
+    (tests/data/make_llama_cpp_q4_k_m.py), not by our converter."""
+    from pathlib import Path
+
+    import importlib.util
+
+    data = Path(__file__).resolve().parent / "data"
+    spec = importlib.util.spec_from_file_location("make_fixture", data / "make_llama_cpp_q4_k_m.py")
+    maker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(maker)  # for its CONFIG: the fixture's shape
+    path = data / "tiny-llama-cpp-q4_k_m.gguf"
+    types = _types(path)
+    assert {types["blk.0.attn_q.weight"], types["blk.0.ffn_down.weight"]} == {T.Q4_K, T.Q6_K}
+    ref = H.hf_logits(H.llama_from_gguf(path, H.llama_config(**maker.CONFIG)), H.prompt_ids(20))
+    assert H.rel_error(_logits(path), ref) < QUANT_TOL
