@@ -27,6 +27,7 @@ inline VF vload(const float* p) { return _mm256_loadu_ps(p); }
 inline void vstore(float* p, VF v) { _mm256_storeu_ps(p, v); }
 inline VF vmul(VF a, VF b) { return _mm256_mul_ps(a, b); }
 inline VF vadd(VF a, VF b) { return _mm256_add_ps(a, b); }
+inline VF vsub(VF a, VF b) { return _mm256_sub_ps(a, b); }
 inline VF vfma(VF a, VF b, VF c) { return _mm256_fmadd_ps(a, b, c); }
 inline float vhsum(VF v);
 

@@ -34,6 +34,7 @@ inline VF vload(const float* p) { return _mm512_loadu_ps(p); }
 inline void vstore(float* p, VF v) { _mm512_storeu_ps(p, v); }
 inline VF vmul(VF a, VF b) { return _mm512_mul_ps(a, b); }
 inline VF vadd(VF a, VF b) { return _mm512_add_ps(a, b); }
+inline VF vsub(VF a, VF b) { return _mm512_sub_ps(a, b); }
 inline VF vfma(VF a, VF b, VF c) { return _mm512_fmadd_ps(a, b, c); }
 inline float vhsum(VF v) { return _mm512_reduce_add_ps(v); }
 
