@@ -111,7 +111,7 @@ def main() -> int:
                 (to, wo), (tt, wt) = ours[name], theirs[name]
                 e_o, e_t = rel_rmse(wo, w), rel_rmse(wt, w)
                 rows.append({"tensor": name, "ours_type": to, "llama_type": tt, "ours": e_o, "llama": e_t,
-                             "ratio": e_o / e_t if e_t > 0 else float("nan")})
+                             "ratio": 1.0 if e_o == e_t else e_o / e_t if e_t > 0 else float("inf")})
             results["mixes"][mix] = {"tensors": rows, "seconds_ours": t_ours, "seconds_llama": t_theirs}
             print(f"\n{mix}: {Path(args.model).name} on {results['cpu']} "
                   f"(ours {t_ours:.1f} s in numpy, llama.cpp {t_theirs:.1f} s)")

@@ -96,7 +96,8 @@ def test_mix_rules_on_smollm2_and_7b_shapes():
     assert mt("q3_k_m", "blk.0.attn_v.weight", (4096, 4096), 32) == T.Q5_K
     assert mt("q3_k_m", "blk.9.attn_output.weight", (4096, 4096), 32) == T.Q4_K
     assert mt("q2_k", "blk.9.ffn_down.weight", (4096, 11008), 32) == T.Q3_K
-    assert mt("q2_k", "blk.9.ffn_down_t.weight", (11008, 4000), 32) == T.Q5_0  # rows of 4000: fallback
+    assert mt("q2_k", "blk.9.ffn_down_t.weight", (11008, 4000), 32) == T.Q4_0  # rows of 4000: fallback
+    assert mt("q3_k_m", "blk.9.attn_q.weight", (576, 576), 32) == T.Q4_0
     assert mt("q2_k", "blk.9.attn_v.weight", (4096, 4096), 32) == T.Q3_K
     assert mt("q5_0", "output.weight", (32000, 4096), 32) == T.Q6_K
 

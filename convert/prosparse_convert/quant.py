@@ -4,7 +4,7 @@ which follow llama.cpp's block layouts bit for bit; the K-quants by our own, kqu
 The K-quant outtypes are llama.cpp's mixes (llama-quant.cpp, llama_tensor_get_type, without an
 importance matrix): the output head gets Q6_K, some attn_v and ffn_down layers more bits, and a
 matrix whose rows are not whole 256-weight super-blocks falls back to the 32-weight type llama.cpp
-picks (Q5_0, Q5_1 or Q8_0)."""
+picks (Q4_0, Q5_0, Q5_1 or Q8_0)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ FILE_TYPES = {
 K_TYPES = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
 QUANTIZED = (T.Q8_0, T.Q4_0, T.Q5_0, T.Q5_1) + K_TYPES
 # llama.cpp's tensor_type_fallback: a K type for rows that are not whole super-blocks.
-FALLBACK = {T.Q2_K: T.Q5_0, T.Q3_K: T.Q5_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
+FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
 # The outtypes whose tensors follow llama.cpp's per-tensor choice (mixed_type).
 MIXES = ("q5_0", "q5_1", "q6_k", "q5_k_m", "q4_k_m", "q3_k_m", "q2_k")
 # Rows quantized at once: bounds the f32 temporaries of the gguf quantizer on 7B-sized matrices.
