@@ -107,6 +107,19 @@ def test_markdown_table_reports_gbps_and_ratio_to_llama_cpp():
     assert "2.00x" in ours and "18.0 (60%)" in ours  # vs the faster build; 3 GB x 6 tok/s
 
 
+def test_markdown_table_gives_the_byte_bound_from_the_best_llama_cpp_and_both_byte_counts():
+    run = lambda rt, tg, b: {"runtime": rt, "threads": 2, "bytes_per_token": b,  # noqa: E731
+                             "kv_bytes_per_token": 1e9, "tg": {"mean": tg, "sd": 0.1}}
+    res = {"models": [{"name": "m", "weights_bytes": 3.8e9, "bytes_per_token": 3e9, "pp": 512,
+                       "tg": 128, "runs": [dict(run("llama.cpp", 2.0, 3e9), build="a"),
+                                           dict(run("llama.cpp", 4.0, 3e9), build="b"),
+                                           dict(run("prosparse-rt", 9.0, 1e9), strategy="predict")]}]}
+    table = report.markdown_table(res)
+    ours = [line for line in table.splitlines() if "prosparse-rt" in line][0]
+    # the faster peer reads 3 + 1 GB at 4 tok/s; at that bandwidth 1 + 1 GB give 8 tok/s: 9 is 112%
+    assert ours.rstrip().endswith("| 8.00 (112%) |"), ours
+
+
 def test_cli_writes_table_json_and_plot(dense_q4, tmp_path, capsys):
     import json
     from prosparse_bench import cli

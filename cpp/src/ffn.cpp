@@ -123,6 +123,7 @@ void CpuFfnExecutor::prepare(const FfnCall& call, FfnRange r) {
             union_rows(nt, r, [&](int t, int64_t j) { return act[size_t(t) * m + j] != 0.0f; }, s_.mark, s_.rows);
             // a prompt batch whose union is mostly active: plain matrix-matrix work is faster,
             // and the zero coefficients it adds change no sum (cpu/kernels.h)
+            st.add_union(nt, double(s_.rows.size()), 0);
             if (nt > 1 && double(s_.rows.size()) > call.opt->dense_fallback * double(m))
                 coef_all();
             else
@@ -167,6 +168,7 @@ void CpuFfnExecutor::prepare(const FfnCall& call, FfnRange r) {
             }
             const float* act = s_.gate.data();
             union_rows(nt, r, [&](int t, int64_t j) { return act[size_t(t) * m + j] != 0.0f; }, s_.mark, s_.rows);
+            st.add_union(nt, double(s_.rows.size()), 0);
             coef_listed();
             return;
         }
@@ -228,6 +230,7 @@ void ffn_forward(ThreadPool& pool, const HParams& hp, const LayerWeights& L, con
         call.pred_logit = s.coef.data();
     }
     if (opt.strategy != FfnStrategy::PREDICT || opt.diag_recall) st.active_known += n_tokens;
+    if (opt.strategy != FfnStrategy::DENSE) st.add_union(n_tokens, 0.0, 1);  // the executors add the rows
 
     std::fill(out, out + size_t(n_tokens) * size_t(hp.n_embd), 0.0f);
     // hot first: an asynchronous executor works while the CPU prepares the cold range; the cold

@@ -37,6 +37,20 @@ struct FfnLayerStats {
     double predicted = 0;     // neurons the predictor selected (predict only)
     double recall_hit = 0, recall_total = 0;  // predicted ∩ active, active (diagnostic)
     double bytes = 0;         // weight bytes read
+    // The union over a step's tokens of their active rows (exact, predict: the rows whose
+    // ffn_down_t is read), by the step's token count n: union_rows[n] rows summed over
+    // union_steps[n] steps. Batched sequences read this union once; its sparsity against n is what
+    // a batch keeps of a token's. Each executor adds its own range's union.
+    std::vector<double> union_rows;
+    std::vector<int64_t> union_steps;
+    void add_union(int n_tokens, double rows, int64_t steps) {
+        if (union_rows.size() <= size_t(n_tokens)) {
+            union_rows.resize(size_t(n_tokens) + 1, 0.0);
+            union_steps.resize(size_t(n_tokens) + 1, 0);
+        }
+        union_rows[size_t(n_tokens)] += rows;
+        union_steps[size_t(n_tokens)] += steps;
+    }
 };
 
 }  // namespace ps

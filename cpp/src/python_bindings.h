@@ -47,5 +47,7 @@ struct PyTokenizer {
 
 // Registers the _testing submodule of `m` (python_test_hooks.cpp).
 void register_test_hooks(nb::module_& m);
+// Registers the _testing_cuda submodule of `m` (python_cuda_hooks.cpp).
+void register_cuda_hooks(nb::module_& m);
 
 }  // namespace ps::py

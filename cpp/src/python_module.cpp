@@ -318,6 +318,22 @@ NB_MODULE(_core, m) {
             }
             d["active_fraction"] = active; d["predicted_fraction"] = predicted;
             d["recall"] = recall; d["ffn_bytes_per_token"] = ffn_bytes;
+            // the union of the active rows over a step's tokens, as a fraction of n_ff, averaged over
+            // layers and steps, by the step's token count (exact, predict)
+            nb::dict union_by_n;
+            const size_t n_max = s.layers.empty() ? 0 : s.layers[0].union_steps.size();
+            for (size_t n = 1; n < n_max; ++n) {
+                double sum = 0.0;
+                int64_t steps = 0;
+                for (const auto& l : s.layers) {
+                    if (n >= l.union_steps.size() || l.union_steps[n] == 0) continue;
+                    sum += l.union_rows[n] / double(l.union_steps[n]);
+                    steps = std::max(steps, l.union_steps[n]);
+                }
+                if (steps > 0)
+                    union_by_n[nb::int_(n)] = sum / double(s.layers.size()) / mdl.hparams().n_ff;
+            }
+            d["union_fraction_by_batch"] = union_by_n;
             return d;
         });
 
@@ -347,6 +363,7 @@ NB_MODULE(_core, m) {
           "The instruction set whose kernels run: scalar, avx2 or avx512 (chosen at start-up from the CPU).");
 
     ps::py::register_test_hooks(m);
+    ps::py::register_cuda_hooks(m);
 
     auto cuda_status = []() {
         ps::cuda::Status st;

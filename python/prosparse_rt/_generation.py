@@ -4,7 +4,7 @@ Both streaming and non-streaming generation go through :class:`TextAssembler`, s
 produce the same text by construction."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 
 def _utf8_complete_prefix(buf: bytes) -> int:
@@ -73,6 +73,50 @@ class TextAssembler:
                     best = k
                     break
         return best
+
+
+class SequenceDecoder:
+    """One sequence's generation after its prompt: samples each next token from its logits, ends at
+    an end-of-generation token or a stop string ("stop"), after ``max_tokens`` tokens or at the end
+    of the context ("length"), and assembles the text. :meth:`Model.generate` and the server's slots
+    both decode through it, so a request's text depends only on its logits, which are the same bits
+    alone or batched (docs/design.md "Determinism").
+
+    ``max_tokens`` None: until the end of the context. ``is_eog`` and ``token_to_piece`` are the
+    native model's."""
+
+    def __init__(self, ids: Sequence[int], sampler: Any, max_tokens: Optional[int], stop: Sequence[str],
+                 n_ctx: int, is_eog: Callable[[int], bool], token_to_piece: Callable[[int], bytes]):
+        self.ids = list(ids)  # prompt, then the generated tokens
+        self.n_prompt = len(self.ids)
+        self.finish: Optional[str] = None  # "stop" or "length" once generation has ended
+        self._sampler, self._max_tokens, self._n_ctx = sampler, max_tokens, n_ctx
+        self._is_eog, self._token_to_piece = is_eog, token_to_piece
+        self._text = TextAssembler(stop)
+
+    @property
+    def n_generated(self) -> int:
+        return len(self.ids) - self.n_prompt
+
+    def step(self, logits) -> str:
+        """Samples the next token from ``logits`` (the last token's, float32 [n_vocab]); returns the
+        text that is now safe to emit. After it, ``finish`` says whether generation has ended;
+        if not, ``ids[-1]`` is the token to run next."""
+        tok = self._sampler.sample(logits, self.ids)
+        if self._is_eog(tok):
+            self.finish = "stop"
+            return ""
+        self.ids.append(tok)
+        piece = self._text.feed(self._token_to_piece(tok))
+        if self._text.stopped:
+            self.finish = "stop"
+        elif (self._max_tokens is not None and self.n_generated >= self._max_tokens) or len(self.ids) >= self._n_ctx:
+            self.finish = "length"
+        return piece
+
+    def flush(self) -> str:
+        """The text held back, once generation has ended."""
+        return self._text.flush()
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:

@@ -9,7 +9,6 @@ import random
 import re
 import threading
 import time
-import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +16,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 
-from . import _core
-from ._generation import TextAssembler, common_prefix_len
+from . import _core, _openai
+from ._generation import SequenceDecoder, common_prefix_len
 
 logger = logging.getLogger("prosparse_rt")
 
@@ -160,6 +159,8 @@ class Model:
             computed and reported, and everything still runs on the CPU (``gpu_active`` False).
         vram_budget: GiB of GPU memory for weights and the KV cache (None: the GPU's free memory
             less a margin for scratch and the CUDA context).
+        n_seq: sequences the KV cache holds, ``n_ctx`` positions each (the server's parallel slots,
+            which it drives itself; ``generate`` and the other calls here use sequence 0).
         kv_type: the KV cache's type, ``"f16"`` (default, as llama.cpp), ``"f32"`` (what the
             references compare against) or ``"q8_0"`` (half of f16's bytes; the head size must be a
             multiple of 32). Deep in a context the cache is most of what decode reads.
@@ -185,6 +186,7 @@ class Model:
         kv_type: str = "f16",
         device: str = "auto",
         vram_budget: Optional[float] = None,
+        n_seq: int = 1,
     ):
         if not _is_int(n_ctx, 0, _INT32_MAX):
             raise ValueError(f"n_ctx must be an int in [0, {_INT32_MAX}] (0 = the model's own), got {n_ctx!r}")
@@ -199,6 +201,8 @@ class Model:
             if n_threads > cores:
                 warnings.warn(f"n_threads={n_threads} is more than the {cores} cores this process may use: "
                               "the threads will wait for each other", RuntimeWarning, stacklevel=2)
+        if not _is_int(n_seq, 1, 4096):
+            raise ValueError(f"n_seq must be an int in [1, 4096], got {n_seq!r}")
         if not _is_int(n_batch, 1, _INT32_MAX):
             raise ValueError(f"n_batch must be an int in [1, {_INT32_MAX}], got {n_batch!r}")
         if sparsity not in SPARSITY_CHOICES:
@@ -245,7 +249,9 @@ class Model:
             kv_type=kv_type,
             device=device,
             vram_budget=-1.0 if vram_budget is None else float(vram_budget),
+            n_seq=n_seq,
         )
+        self.n_seq = n_seq
         self._cache: List[int] = []  # token ids whose keys/values are in the native KV cache
         self.n_batch = n_batch
         self.metadata: Dict[str, Any] = self._core.metadata
@@ -311,7 +317,10 @@ class Model:
         ``diag_recall=True``), ``ffn_bytes_per_token``; and ``n_interleaved``, the weight
         matrices re-laid out at load for faster matrix products (Q4_0, Q4_1 and Q8_0 matrices
         read whole; ``PROSPARSE_INTERLEAVE=0`` keeps the file's layout); ``n_down_t_built``, the
-        layers whose neuron-major ``ffn_down_t`` was built at load (see ``layer_thresholds``)."""
+        layers whose neuron-major ``ffn_down_t`` was built at load (see ``layer_thresholds``);
+        ``union_fraction_by_batch``, {n: the union of the active rows over a step's n tokens as a
+        fraction of n_ff, averaged over layers and steps} (exact, predict: what a batch of several
+        sequences reads, against the per-token ``active_fraction``)."""
         s = self._native().stats()
         s["prompt_tokens_per_second"] = s["n_prompt_tokens"] / s["prompt_seconds"] if s["prompt_seconds"] else 0.0
         s["decode_tokens_per_second"] = s["n_decode_tokens"] / s["decode_seconds"] if s["decode_seconds"] else 0.0
@@ -409,6 +418,12 @@ class Model:
         """Checks the arguments and tokenizes now; returns an iterator of (text piece, finish_reason
         or None) whose last item carries the reason."""
         _check_option("max_tokens", max_tokens)
+        ids = self.prompt_ids(prompt)
+        return self._decode(ids, self.sampler(params), max_tokens, params.stop)
+
+    def prompt_ids(self, prompt: Union[str, Sequence[int]]) -> List[int]:
+        """The token ids of a prompt (text, special tokens parsed; or ids), checked to leave room in
+        the context for at least one generated token (ValueError otherwise)."""
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty")
@@ -421,36 +436,34 @@ class Model:
             raise ValueError(
                 f"prompt is {len(ids)} tokens, which does not fit the context of {self.n_ctx} "
                 f"(leave room for at least one generated token)")
-        sampler = _core.Sampler(
+        return ids
+
+    @staticmethod
+    def sampler(params: SamplingParams) -> "_core.Sampler":
+        """A native sampler for ``params`` (seed None: a fresh random one)."""
+        return _core.Sampler(
             temperature=float(params.temperature), top_k=params.top_k, top_p=float(params.top_p),
             min_p=float(params.min_p), repeat_penalty=float(params.repeat_penalty), repeat_last_n=64,
             seed=random.getrandbits(63) if params.seed is None else params.seed)
-        return self._decode(ids, sampler, max_tokens, params.stop)
 
     def _decode(self, ids: List[int], sampler, max_tokens: int, stop) -> Iterator[Tuple[str, Optional[str]]]:
         core = self._native()
-        text = TextAssembler(stop)
-        n_prompt = len(ids)
-        finish = "length"
-        logits = self._advance(ids)
-        for _ in range(max_tokens):
-            tok = sampler.sample(logits, ids)
-            if core.is_eog(tok):
-                finish = "stop"
-                break
-            ids.append(tok)
-            piece = text.feed(core.token_to_piece(tok))
-            if text.stopped:
-                finish = "stop"
+        dec = SequenceDecoder(ids, sampler, max_tokens, stop, self.n_ctx, core.is_eog, core.token_to_piece)
+        logits = self._advance(dec.ids)
+        while True:
+            piece = dec.step(logits)
+            if piece or not dec.finish:
                 yield piece, None
+            if dec.finish:
                 break
-            yield piece, None
-            if len(ids) >= self.n_ctx:
-                break
-            logits = self._advance(ids)
-        self.last_prompt_tokens = n_prompt
-        self.last_completion_tokens = len(ids) - n_prompt
-        yield text.flush(), finish
+            logits = self._advance(dec.ids)
+        if dec.finish == "length" and len(dec.ids) < self.n_ctx:
+            # the last token runs too: the cache then holds the whole text for the next call, and
+            # stats count a decode step for every generated token
+            self._advance(dec.ids)
+        self.last_prompt_tokens = dec.n_prompt
+        self.last_completion_tokens = dec.n_generated
+        yield dec.flush(), dec.finish
 
     # ----------------------------------------------------------------- llama-cpp-python style
     def create_completion(
@@ -463,22 +476,15 @@ class Model:
         """llama-cpp-python's completion dict (or an iterator of chunks with ``stream=True``); the
         arguments are :meth:`generate`'s."""
         it = self._generate(prompt, max_tokens, SamplingParams(**sampling))
-        cid, created, name = f"cmpl-{uuid.uuid4()}", int(time.time()), self.model_path
-
-        def chunk(text: str, finish: Optional[str]) -> Dict[str, Any]:
-            return {"id": cid, "object": "text_completion", "created": created, "model": name,
-                    "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
-
+        cid, created = _openai.new_id("cmpl")
         if stream:
-            return (chunk(piece, finish) for piece, finish in it if piece or finish)
+            return (_openai.completion(cid, created, self.model_path, piece, finish)
+                    for piece, finish in it if piece or finish)
         pieces, finish = [], None
         for piece, finish in it:
             pieces.append(piece)
-        out = chunk("".join(pieces), finish)
-        out["usage"] = {"prompt_tokens": self.last_prompt_tokens,
-                        "completion_tokens": self.last_completion_tokens,
-                        "total_tokens": self.last_prompt_tokens + self.last_completion_tokens}
-        return out
+        return _openai.completion(cid, created, self.model_path, "".join(pieces), finish,
+                                  _openai.usage(self.last_prompt_tokens, self.last_completion_tokens))
 
     def __call__(self, prompt, **kwargs):
         return self.create_completion(prompt, **kwargs)
@@ -499,17 +505,31 @@ class Model:
         arguments are :meth:`generate`'s."""
         return self.generate(self._chat_prompt(messages), max_tokens=max_tokens, **kwargs)
 
-    def create_chat_completion(self, messages: Sequence[Dict[str, str]], max_tokens: int = 256, **kwargs) -> Dict[str, Any]:
-        """llama-cpp-python's chat completion dict (non-streaming)."""
-        if kwargs.get("stream"):
-            raise ValueError("create_chat_completion(stream=True) is not supported; use chat(stream=True)")
-        out = self.create_completion(self._chat_prompt(messages), max_tokens=max_tokens, **kwargs)
-        choice = out["choices"][0]
-        return {"id": out["id"].replace("cmpl", "chatcmpl"), "object": "chat.completion",
-                "created": out["created"], "model": out["model"],
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": choice["text"]},
-                             "finish_reason": choice["finish_reason"]}],
-                "usage": out["usage"]}
+    def create_chat_completion(
+        self, messages: Sequence[Dict[str, str]], max_tokens: int = 256, stream: bool = False, **sampling: Any,
+    ) -> Union[Dict[str, Any], Iterator[Dict[str, Any]]]:
+        """llama-cpp-python's chat completion dict, or with ``stream=True`` an iterator of
+        ``chat.completion.chunk`` dicts: the assistant role, then the text pieces, then an empty
+        delta with the finish_reason. The other arguments are :meth:`generate`'s; bad ones raise
+        here, also with ``stream=True``."""
+        it = self._generate(self._chat_prompt(messages), max_tokens, SamplingParams(**sampling))
+        cid, created = _openai.new_id("chatcmpl")
+        if stream:
+            return self._chat_chunks(it, cid, created)
+        pieces, finish = [], None
+        for piece, finish in it:
+            pieces.append(piece)
+        return _openai.chat_completion(cid, created, self.model_path, "".join(pieces), finish,
+                                       _openai.usage(self.last_prompt_tokens, self.last_completion_tokens))
+
+    def _chat_chunks(self, it, cid: str, created: int) -> Iterator[Dict[str, Any]]:
+        name = self.model_path
+        yield _openai.chat_chunk(cid, created, name, {"role": "assistant"}, None)
+        for piece, finish in it:
+            if piece:
+                yield _openai.chat_chunk(cid, created, name, {"content": piece}, None)
+            if finish:
+                yield _openai.chat_chunk(cid, created, name, {}, finish)
 
     def _chat_prompt(self, messages) -> List[int]:
         text = self.apply_chat_template(messages)
