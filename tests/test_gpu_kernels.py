@@ -218,7 +218,7 @@ def test_kv_store_rounds_as_the_cpu_cache(kv):
 @pytest.mark.parametrize("kv", list(KV_TYPES))
 @pytest.mark.parametrize("n_head,n_head_kv,hd", [(8, 2, 64), (4, 4, 128), (12, 1, 256), (6, 3, 32)])
 def test_attention_matches_softmax_over_the_cache(kv, n_head, n_head_kv, hd):
-    n_seq, n_ctx = 2, 150  # positions up to 149: several tiles, a partial last one
+    n_seq, n_ctx = 2, 300  # positions up to 299: three of the 128-position tiles, a partial last one
     row, nbytes = cache_bytes(kv, n_seq, n_head_kv, n_ctx, hd)
     rng = np.random.default_rng(16)
     kvals = rng.standard_normal((n_seq, n_head_kv, n_ctx, hd)).astype(np.float32)
@@ -233,10 +233,14 @@ def test_attention_matches_softmax_over_the_cache(kv, n_head, n_head_kv, hd):
     kc, vc = encode(kvals), encode(vvals)
     kd = T.dequantize(int(KV_TYPES[kv]), kc, kvals.size).reshape(kvals.shape).astype(np.float64)
     vd = T.dequantize(int(KV_TYPES[kv]), vc, vvals.size).reshape(vvals.shape).astype(np.float64)
-    seq, pos = [0, 1, 1, 0], [0, 31, 149, 100]
+    seq, pos = [0, 1, 1, 0, 1, 0], [0, 31, 299, 127, 128, 255]  # tile edges on both sides
     q = rng.standard_normal((len(seq), n_head * hd)).astype(np.float32)
     scale = np.float32(1.0 / np.sqrt(np.float32(hd)))
     got = C.gpu_attention(kv, n_head, n_head_kv, hd, n_ctx, n_seq, q, seq, pos, kc, vc, float(scale))
+    for t in range(len(seq)):  # a token's bits do not depend on the batch (decode = prompt)
+        alone = C.gpu_attention(kv, n_head, n_head_kv, hd, n_ctx, n_seq, q[t:t + 1], seq[t:t + 1], pos[t:t + 1], kc, vc,
+                                float(scale))
+        assert_same_bits(got[t:t + 1], alone)
     g = n_head // n_head_kv
     for t in range(len(seq)):
         for h in range(n_head):

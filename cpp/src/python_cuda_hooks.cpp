@@ -537,10 +537,11 @@ void register_gpu_hooks(nb::module_& t) {
         const cuda::DeviceBuffer ds = to_device(seq.data(), nt * 4), dp = to_device(pos.data(), nt * 4);
         const cuda::DeviceBuffer dkc = to_device(kc.c_str(), kc.size()), dvc = to_device(vc.c_str(), vc.size());
         cuda::DeviceBuffer dout(0, nt * H * 4 + 4);
+        cuda::DeviceBuffer dscratch(0, cuda::attention_scratch_bytes(n_head, head_dim, n_ctx, int(nt)));
         cuda::attention(kt, n_head, n_head_kv, head_dim, n_ctx, n_seq, static_cast<const float*>(dq.data()), int(nt),
                         static_cast<const int32_t*>(ds.data()), static_cast<const int32_t*>(dp.data()),
                         static_cast<const uint8_t*>(dkc.data()), static_cast<const uint8_t*>(dvc.data()), scale,
-                        static_cast<float*>(dout.data()), nullptr);
+                        static_cast<float*>(dout.data()), dscratch.data(), nullptr);
         return owned_array(floats_of(dout, nt * H), {nt, H});
     }, "type"_a, "n_head"_a, "n_head_kv"_a, "head_dim"_a, "n_ctx"_a, "n_seq"_a, "q"_a, "seq"_a, "pos"_a, "kc"_a, "vc"_a,
        "scale"_a);

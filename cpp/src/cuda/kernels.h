@@ -148,11 +148,16 @@ void kv_store(KvType t, int n_head_kv, int head_dim, int n_ctx, int n_seq, const
 
 // Causal attention over that layer cache: out[t * n_head * head_dim + h * head_dim + d] =
 // softmax_p(q_h . k_p * scale) v_p over positions p = 0..pos[t] of sequence seq[t], query head h
-// using KV head h / (n_head / n_head_kv); q rows are n_head * head_dim floats, one per token. Keys
-// are visited in tiles with an online softmax; results within float rounding of attention.cpp.
-// head_dim <= 256 (and a multiple of 32 for a Q8_0 cache).
+// using KV head h / (n_head / n_head_kv); q rows are n_head * head_dim floats, one per token. Split
+// over positions (flash-decoding): each tile of kAttnTile positions (attention.h, the CPU's tiles)
+// gets its own block and online-softmax partial in `scratch`, and a second kernel merges a (token,
+// head)'s partials in tile order, as attention.cpp does; no atomics, and a (token, head) gets the
+// same bits in any batch. Results within float rounding of attention.cpp. head_dim <= 256 (and a
+// multiple of 32 for a Q8_0 cache); scratch holds attention_scratch_bytes(n_head, head_dim, n_ctx,
+// nt_max) bytes for some nt_max >= nt (4-byte aligned).
+size_t attention_scratch_bytes(int n_head, int head_dim, int n_ctx, int nt_max);
 void attention(KvType t, int n_head, int n_head_kv, int head_dim, int n_ctx, int n_seq, const float* q, int nt,
                const int32_t* seq, const int32_t* pos, const uint8_t* kc, const uint8_t* vc, float scale, float* out,
-               Stream s);
+               void* scratch, Stream s);
 
 }  // namespace ps::cuda
