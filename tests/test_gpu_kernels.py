@@ -46,6 +46,31 @@ def test_quantized_gemm_is_the_cpu_bits(name, nr, k, nt):
     assert_same_bits(C.gpu_gemm(int(QT[name]), W, nr, x), T.gemm(ISA, int(QT[name]), W, nr, k, x))
 
 
+needs_mma = pytest.mark.skipif(not C.gpu_gemm_tiled_available(int(QT.Q8_0)), reason="int8 tensor cores need sm_80+")
+
+
+@needs_mma
+@pytest.mark.parametrize("name", list(QUANT_TYPES))
+@pytest.mark.parametrize("nr,k", [(70, 352), (333, 1056), (129, 4128)])
+@pytest.mark.parametrize("nt", [16, 17, 31, 33, 70])
+def test_tiled_gemm_is_the_row_paths_bits(name, nr, k, nt):
+    # rows not a multiple of the 64-row block or 16-row fragment, tokens crossing 32-token blocks
+    W = weights(name, nr, k, seed=nr + k + 2)
+    x = acts(nt, k, seed=3)
+    rows = C.gpu_gemm(int(QT[name]), W, nr, x, "rows")
+    assert_same_bits(C.gpu_gemm(int(QT[name]), W, nr, x, "tiled"), rows)
+    assert_same_bits(C.gpu_gemm(int(QT[name]), W, nr, x, "auto"), rows)
+    assert_same_bits(rows, T.gemm(ISA, int(QT[name]), W, nr, k, x))
+    for c in (0, nt - 1):  # a token alone (row path) = that token in a prompt (tiled path)
+        assert_same_bits(C.gpu_gemm(int(QT[name]), W, nr, x[c:c + 1])[0], rows[c])
+
+
+def test_tiled_gemm_refuses_types_without_a_tiled_kernel():
+    assert not C.gpu_gemm_tiled_available(int(QT.F16))
+    with pytest.raises(ValueError, match="no tiled kernel"):
+        C.gpu_gemm(int(QT.F16), weights("F16", 2, 32, seed=1), 2, acts(16, 32, seed=1), "tiled")
+
+
 @pytest.mark.parametrize("name", list(FLOAT_TYPES))
 @pytest.mark.parametrize("nr,k", [(5, 33), (13, 357), (70, 2048)])
 @pytest.mark.parametrize("nt", [1, 3, 9])

@@ -56,8 +56,20 @@ void quantize_act(GgmlType w, int64_t k, const float* x, int64_t ldx, int nt, vo
 // it. Rows of W are w_stride bytes apart. Quantized types: the CPU's bits. Several tokens share
 // each weight read (small batches and prompts alike); the result of a (row, token) never depends on
 // nt or on the other rows.
+// Picks the tiled kernel below for Q8_0/Q4_0/Q4_1 weights and nt >= 16 on sm_80+ (unless the
+// environment has PROSPARSE_CUDA_MMA=0, read once per process), else the row kernels; both give
+// the same bits.
 void gemm(GgmlType w, int64_t k, const void* W, size_t w_stride, int64_t nr, const void* xa, int nt, float* Y,
           int64_t ldy, Stream s);
+// gemm by the row kernels: a warp takes 2 rows and 8 tokens per pass (every supported type).
+void gemm_rows(GgmlType w, int64_t k, const void* W, size_t w_stride, int64_t nr, const void* xa, int nt, float* Y,
+               int64_t ldy, Stream s);
+// gemm by int8 tensor cores (mma.m16n8k32, kernels_mma.cu): 64 rows x 32 tokens per block, each
+// (row, token) the row kernels' chain over exact integer block dots. Throws ps::Error where
+// gemm_tiled_available is false.
+bool gemm_tiled_available(GgmlType w);  // Q8_0, Q4_0 or Q4_1 weights on a current device of sm_80+
+void gemm_tiled(GgmlType w, int64_t k, const void* W, size_t w_stride, int64_t nr, const void* xa, int nt, float* Y,
+                int64_t ldy, Stream s);
 
 // ---- The sparse FFN on the hot prefix [0, n_hot) (ffn.h, FfnExecutor) ---------------------------
 
