@@ -26,7 +26,12 @@ OPS = {
     "down": ("gemm", 4096, 11008, 1.0),
     "coef": ("coef", 11008, 4096, 1.5),  # gate whole + up of ~half the rows (ReLU of a symmetric gate)
     "sparse_down": ("down", 11008, 4096, 0.11),
+    # a prompt's up projection by each path of gemm (not in the default list; the tiled one takes
+    # q8_0, q4_0 and q4_1 on sm_80+): --ops up_rows,up_tiled --types q4_0 --tokens 512
+    "up_rows": ("gemm_rows", 11008, 4096, 1.0),
+    "up_tiled": ("gemm_tiled", 11008, 4096, 1.0),
 }
+DEFAULT_OPS = ["attn", "up", "down", "coef", "sparse_down"]
 TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"]
 
 
@@ -45,7 +50,7 @@ def make_matrix(qtype, nr, k):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--types", default=",".join(TYPES))
-    ap.add_argument("--ops", default=",".join(OPS))
+    ap.add_argument("--ops", default=",".join(DEFAULT_OPS))
     ap.add_argument("--tokens", type=int, default=1, help="activation rows per call (1 = decode)")
     ap.add_argument("--seconds", type=float, default=0.3, help="minimum time per measurement")
     ap.add_argument("--working-set", type=float, default=400, help="MB of weight copies cycled")

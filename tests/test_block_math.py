@@ -120,6 +120,21 @@ def test_quantized_row_products_are_the_cpu_bits(isa, name, nr, k, nt):
     assert_same_bits(C.bm_gemm(int(QT[name]), W, nr, x), T.gemm(isa, int(QT[name]), W, nr, k, x))
 
 
+@pytest.mark.parametrize("name", list(QUANT_TYPES))
+@pytest.mark.parametrize("nr,k,nt", [(1, 32, 1), (17, 352, 9), (70, 1056, 37), (16, 64, 16)])
+def test_tiled_products_are_the_cpu_bits(name, nr, k, nt):
+    # the tensor-core kernel's fragments and per-D-value chains (kernels_mma.cu) through an mma
+    # emulated from the PTX fragment tables; rows and tokens that end in partial 16 x 8 tiles
+    W = weights(name, nr, k, seed=nr + k + 1)
+    x = acts(nt, k, seed=7)
+    assert_same_bits(C.bm_gemm_tiled(int(QT[name]), W, nr, x), T.gemm(T.active_isa(), int(QT[name]), W, nr, k, x))
+
+
+def test_tiled_products_refuse_other_types():
+    with pytest.raises(ValueError, match="no tiled kernel"):
+        C.bm_gemm_tiled(int(QT.F16), weights("F16", 2, 32, seed=1), 2, acts(1, 32, seed=1))
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("name", list(FLOAT_TYPES))
 @pytest.mark.parametrize("k", [33, 357])

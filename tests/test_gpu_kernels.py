@@ -46,6 +46,33 @@ def test_quantized_gemm_is_the_cpu_bits(name, nr, k, nt):
     assert_same_bits(C.gpu_gemm(int(QT[name]), W, nr, x), T.gemm(ISA, int(QT[name]), W, nr, k, x))
 
 
+# (a build without CUDA has no gpu_* hooks: this module is skipped there, but still imported)
+needs_mma = pytest.mark.skipif(not getattr(C, "gpu_gemm_tiled_available", lambda t: False)(int(QT.Q8_0)),
+                               reason="int8 tensor cores need sm_80+")
+
+
+@needs_mma
+@pytest.mark.parametrize("name", list(QUANT_TYPES))
+@pytest.mark.parametrize("nr,k", [(70, 352), (333, 1056), (129, 4128)])
+@pytest.mark.parametrize("nt", [16, 17, 31, 33, 70])
+def test_tiled_gemm_is_the_row_paths_bits(name, nr, k, nt):
+    # rows not a multiple of the 64-row block or 16-row fragment, tokens crossing 32-token blocks
+    W = weights(name, nr, k, seed=nr + k + 2)
+    x = acts(nt, k, seed=3)
+    rows = C.gpu_gemm(int(QT[name]), W, nr, x, "rows")
+    assert_same_bits(C.gpu_gemm(int(QT[name]), W, nr, x, "tiled"), rows)
+    assert_same_bits(C.gpu_gemm(int(QT[name]), W, nr, x, "auto"), rows)
+    assert_same_bits(rows, T.gemm(ISA, int(QT[name]), W, nr, k, x))
+    for c in (0, nt - 1):  # a token alone (row path) = that token in a prompt (tiled path)
+        assert_same_bits(C.gpu_gemm(int(QT[name]), W, nr, x[c:c + 1])[0], rows[c])
+
+
+def test_tiled_gemm_refuses_types_without_a_tiled_kernel():
+    assert not C.gpu_gemm_tiled_available(int(QT.F16))
+    with pytest.raises(ValueError, match="no tiled kernel"):
+        C.gpu_gemm(int(QT.F16), weights("F16", 2, 32, seed=1), 2, acts(16, 32, seed=1), "tiled")
+
+
 @pytest.mark.parametrize("name", list(FLOAT_TYPES))
 @pytest.mark.parametrize("nr,k", [(5, 33), (13, 357), (70, 2048)])
 @pytest.mark.parametrize("nt", [1, 3, 9])
@@ -218,7 +245,7 @@ def test_kv_store_rounds_as_the_cpu_cache(kv):
 @pytest.mark.parametrize("kv", list(KV_TYPES))
 @pytest.mark.parametrize("n_head,n_head_kv,hd", [(8, 2, 64), (4, 4, 128), (12, 1, 256), (6, 3, 32)])
 def test_attention_matches_softmax_over_the_cache(kv, n_head, n_head_kv, hd):
-    n_seq, n_ctx = 2, 150  # positions up to 149: several tiles, a partial last one
+    n_seq, n_ctx = 2, 300  # positions up to 299: three of the 128-position tiles, a partial last one
     row, nbytes = cache_bytes(kv, n_seq, n_head_kv, n_ctx, hd)
     rng = np.random.default_rng(16)
     kvals = rng.standard_normal((n_seq, n_head_kv, n_ctx, hd)).astype(np.float32)
@@ -233,10 +260,14 @@ def test_attention_matches_softmax_over_the_cache(kv, n_head, n_head_kv, hd):
     kc, vc = encode(kvals), encode(vvals)
     kd = T.dequantize(int(KV_TYPES[kv]), kc, kvals.size).reshape(kvals.shape).astype(np.float64)
     vd = T.dequantize(int(KV_TYPES[kv]), vc, vvals.size).reshape(vvals.shape).astype(np.float64)
-    seq, pos = [0, 1, 1, 0], [0, 31, 149, 100]
+    seq, pos = [0, 1, 1, 0, 1, 0], [0, 31, 299, 127, 128, 255]  # tile edges on both sides
     q = rng.standard_normal((len(seq), n_head * hd)).astype(np.float32)
     scale = np.float32(1.0 / np.sqrt(np.float32(hd)))
     got = C.gpu_attention(kv, n_head, n_head_kv, hd, n_ctx, n_seq, q, seq, pos, kc, vc, float(scale))
+    for t in range(len(seq)):  # a token's bits do not depend on the batch (decode = prompt)
+        alone = C.gpu_attention(kv, n_head, n_head_kv, hd, n_ctx, n_seq, q[t:t + 1], seq[t:t + 1], pos[t:t + 1], kc, vc,
+                                float(scale))
+        assert_same_bits(got[t:t + 1], alone)
     g = n_head // n_head_kv
     for t in range(len(seq)):
         for h in range(n_head):

@@ -450,6 +450,88 @@ PS_HD float apply_term(float acc, const BlockTerm& t) {
     return acc;
 }
 
+// ---- The tiled product's fragments (cuda/kernels_mma.cu) --------------------------------------------
+// mma.sync.m16n8k32 s8.s8.s32 (PTX ISA, "Matrix fragments for mma.m16n8k32"), K = one 32-block: lane
+// l = 4 g + t holds A (16 weight rows) as words {row g codes 4t..4t+3, row g+8 codes 4t..4t+3, row g
+// codes 16+4t..16+4t+3, row g+8 codes 16+4t..}, B (8 tokens) as words {token g codes 4t..4t+3, token
+// g codes 16+4t..}, and gets D = {(row g, token 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)}, each the
+// exact integer dot of a row's codes with a token's codes. The chain then takes the same term as
+// the row kernels (mma_term): the bits of the row path for any tile.
+
+// Code words t and 4 + t (codes 4t.. and 16+4t..) of block b of a weight row, as s8 (Q4: the
+// nibbles 0..15, low nibbles being codes 0..15 and high nibbles 16..31).
+template <GgmlType W>
+PS_HD void mma_a_words(const uint8_t* row, int64_t b, int t, uint32_t* lo, uint32_t* hi) {
+    if constexpr (W == GgmlType::Q8_0) {
+        const uint8_t* p = row + b * int64_t(sizeof(block_q8_0)) + 2;
+        *lo = load_u32_a2(p + 4 * t);
+        *hi = load_u32_a2(p + 16 + 4 * t);
+    } else {
+        static_assert(W == GgmlType::Q4_0 || W == GgmlType::Q4_1, "quantized weight types only");
+        const uint32_t q = W == GgmlType::Q4_1 ? load_u32_a4(row + b * int64_t(sizeof(block_q4_1)) + 4 + 4 * t)
+                                               : load_u32_a2(row + b * int64_t(sizeof(block_q4_0)) + 2 + 4 * t);
+        *lo = q & 0x0F0F0F0Fu;
+        *hi = (q >> 4) & 0x0F0F0F0Fu;
+    }
+}
+
+// Code words t and 4 + t of block b of a converted activation row (16-byte aligned on the device).
+template <GgmlType W>
+PS_HD void mma_b_words(const uint8_t* xr, int64_t b, int t, uint32_t* lo, uint32_t* hi) {
+    const uint8_t* p = W == GgmlType::Q4_1 ? xr + b * int64_t(sizeof(block_q8_1)) + 8 : xr + b * QK;
+    *lo = load_u32_a4(p + 4 * t);
+    *hi = load_u32_a4(p + 16 + 4 * t);
+}
+
+// A weight block's scales (m: Q4_1's min) and an activation block's (as load_xblock reads them).
+struct WScales {
+    uint16_t d = 0, m = 0;
+};
+struct XScales {
+    float d = 0.0f;
+    int sum = 0;
+    float s = 0.0f;
+};
+template <GgmlType W>
+PS_HD WScales load_wscales(const uint8_t* row, int64_t b) {
+    WScales w;
+    if constexpr (W == GgmlType::Q4_1) {
+        const uint8_t* p = row + b * int64_t(sizeof(block_q4_1));
+        w.d = load_u16(p);
+        w.m = load_u16(p + 2);
+    } else {
+        w.d = load_u16(row + b * int64_t(W == GgmlType::Q8_0 ? sizeof(block_q8_0) : sizeof(block_q4_0)));
+    }
+    return w;
+}
+template <GgmlType W>
+PS_HD XScales load_xscales(const uint8_t* xr, int64_t nb, int64_t b) {
+    XScales x;
+    if constexpr (W == GgmlType::Q4_1) {
+        const uint8_t* p = xr + b * int64_t(sizeof(block_q8_1));
+        x.d = f32_from_bits(load_u32_a4(p));
+        x.s = f32_from_bits(load_u32_a4(p + 4));
+    } else {
+        x.d = q8act_d(xr, nb, b);
+        x.sum = q8act_sum(xr, nb, b);
+    }
+    return x;
+}
+
+// The term of a block whose codes' integer dot is `dot`: block_dot's integer (Q4_0's offset of 8
+// applied through the code sum, exactly) and term's scales.
+template <GgmlType W>
+PS_HD BlockTerm mma_term(int dot, const WScales& w, const XScales& x) {
+    BlockTerm t;
+    t.sumi = W == GgmlType::Q4_0 ? dot - 8 * x.sum : dot;
+    t.scale = block_scale(w.d, x.d);
+    if constexpr (W == GgmlType::Q4_1) {
+        t.m = fp16_to_fp32(w.m);
+        t.xs = x.s;
+    }
+    return t;
+}
+
 // Element j of a row of type W, as the kernels dequantize it (Ref: as quant.cpp's dequantize_row).
 template <GgmlType W, bool Ref = false>
 PS_HD float weight_at(const uint8_t* row, int64_t j) {

@@ -124,6 +124,62 @@ float bm_dot(GgmlType w, const uint8_t* wr, const uint8_t* xr, int64_t k) {
     return with_type(w, [&](auto T) { return bm_row_dot<decltype(T)::value>(wr, xr, k); });
 }
 
+// mma.m16n8k32 s8.s8.s32 on 32 lanes' registers, written from the PTX ISA's fragment tables (not
+// from block_math.h): A[16][32] from a, B[32][8] from b, d[lane] = D at the lane's four places.
+void emulate_mma_m16n8k32(const uint32_t (&a)[32][4], const uint32_t (&b)[32][2], int (&d)[32][4]) {
+    int A[16][32], B[32][8];
+    for (int lane = 0; lane < 32; ++lane) {
+        const int g = lane / 4, t = lane % 4;
+        for (int i = 0; i < 16; ++i) {
+            const int row = g + (((i >= 4 && i < 8) || i >= 12) ? 8 : 0), col = 4 * t + (i & 3) + (i >= 8 ? 16 : 0);
+            A[row][col] = int(int8_t(uint8_t(a[lane][i / 4] >> (8 * (i & 3)))));
+        }
+        for (int i = 0; i < 8; ++i) B[4 * t + (i & 3) + (i >= 4 ? 16 : 0)][g] = int(int8_t(uint8_t(b[lane][i / 4] >> (8 * (i & 3)))));
+    }
+    for (int lane = 0; lane < 32; ++lane)
+        for (int i = 0; i < 4; ++i) {
+            const int row = lane / 4 + (i >= 2 ? 8 : 0), col = 2 * (lane % 4) + (i & 1);
+            int s = 0;
+            for (int kk = 0; kk < 32; ++kk) s += A[row][kk] * B[kk][col];
+            d[lane][i] = s;
+        }
+}
+
+// The tiled kernel's arithmetic (cuda/kernels_mma.cu) as host loops: per 16-row x 8-token tile and
+// 32-block, the lanes' fragment words (block_math.h's mma_*_words), the emulated mma, and each D
+// value chained into its (row, token) through mma_term. Rows and tokens past the end are zeros.
+template <GgmlType W>
+std::vector<float> bm_gemm_tiled_t(const Tensor& w, int64_t nr, const uint8_t* xa, size_t xs, int nt, int64_t k) {
+    const int64_t nb = k / QK;
+    std::vector<float> Y(size_t(nt) * size_t(nr));
+    for (int64_t r0 = 0; r0 < nr; r0 += 16)
+        for (int c0 = 0; c0 < nt; c0 += 8) {
+            float acc[16][8] = {};
+            for (int64_t b = 0; b < nb; ++b) {
+                uint32_t a[32][4] = {}, x[32][2] = {};
+                int d[32][4];
+                for (int lane = 0; lane < 32; ++lane) {
+                    const int g = lane / 4, t = lane % 4;
+                    if (r0 + g < nr) bm::mma_a_words<W>(w.row(r0 + g), b, t, &a[lane][0], &a[lane][2]);
+                    if (r0 + g + 8 < nr) bm::mma_a_words<W>(w.row(r0 + g + 8), b, t, &a[lane][1], &a[lane][3]);
+                    if (c0 + g < nt) bm::mma_b_words<W>(xa + size_t(c0 + g) * xs, b, t, &x[lane][0], &x[lane][1]);
+                }
+                emulate_mma_m16n8k32(a, x, d);
+                for (int lane = 0; lane < 32; ++lane)
+                    for (int i = 0; i < 4; ++i) {
+                        const int rr = lane / 4 + (i >= 2 ? 8 : 0), cc = 2 * (lane % 4) + (i & 1);
+                        if (r0 + rr >= nr || c0 + cc >= nt) continue;
+                        const bm::WScales sw = bm::load_wscales<W>(w.row(r0 + rr), b);
+                        const bm::XScales sx = bm::load_xscales<W>(xa + size_t(c0 + cc) * xs, nb, b);
+                        acc[rr][cc] = bm::apply_term<W>(acc[rr][cc], bm::mma_term<W>(d[lane][i], sw, sx));
+                    }
+            }
+            for (int rr = 0; rr < 16 && r0 + rr < nr; ++rr)
+                for (int cc = 0; cc < 8 && c0 + cc < nt; ++cc) Y[size_t(c0 + cc) * size_t(nr) + size_t(r0 + rr)] = acc[rr][cc];
+        }
+    return Y;
+}
+
 struct FfnIn {
     FfnStrategy strategy;
     Activation act;
@@ -340,7 +396,8 @@ void gpu_hot(const FfnIn& f, float* out, std::vector<float>* coef_out, std::vect
 
 // Seconds per call of one kernel on device 0 (bench/bench_gpu_kernels.py), repeated for at least
 // min_seconds. W holds n_copies matrices of nr x k used in turn, so that the working set exceeds
-// the GPU's L2 as a model's layers do. op: "gemm" (nr x k against n_tokens activations), "coef"
+// the GPU's L2 as a model's layers do. op: "gemm" (nr x k against n_tokens activations; "gemm_rows" and
+// "gemm_tiled" force a path), "coef"
 // (ffn_hot_coef, exact, ReLU: gate of every row, up of the rows with a positive gate; W used as
 // both), "down" (ffn_hot_down over nr rows of k, a `frac` of them active).
 double gpu_bench(const std::string& op, uint32_t type, const nb::bytes& W, int64_t nr, int64_t k, int64_t n_copies,
@@ -363,8 +420,9 @@ double gpu_bench(const std::string& op, uint32_t type, const nb::bytes& W, int64
     const uint8_t* base = static_cast<const uint8_t*>(dw.data());
     auto call = [&](int64_t i) {
         const uint8_t* m = base + size_t(i % n_copies) * per;
-        if (op == "gemm") {
-            cuda::gemm(w.type, k, m, w.row_stride(), nr, xa.data(), nt, static_cast<float*>(dy.data()), nr, nullptr);
+        if (op == "gemm" || op == "gemm_rows" || op == "gemm_tiled") {
+            auto* fn = op == "gemm" ? &cuda::gemm : op == "gemm_rows" ? &cuda::gemm_rows : &cuda::gemm_tiled;
+            fn(w.type, k, m, w.row_stride(), nr, xa.data(), nt, static_cast<float*>(dy.data()), nr, nullptr);
         } else if (op == "coef") {
             cuda::FfnHotArgs a;
             a.strategy = FfnStrategy::EXACT; a.act = Activation::RELU;
@@ -411,16 +469,20 @@ void register_gpu_hooks(nb::module_& t) {
         for (int c = 0; c < nt; ++c) out.insert(out.end(), all.begin() + std::ptrdiff_t(c * xs), all.begin() + std::ptrdiff_t(c * xs + rb));
         return as_bytes(out);
     }, "type"_a, "X"_a);
-    t.def("gpu_gemm", [](uint32_t type, nb::bytes W, int64_t nr, F32In2 X) {
+    // path: "auto" (gemm's choice), "rows" (gemm_rows) or "tiled" (gemm_tiled)
+    t.def("gpu_gemm", [](uint32_t type, nb::bytes W, int64_t nr, F32In2 X, const std::string& path) {
         const int64_t k = int64_t(X.shape(1));
         const int nt = int(X.shape(0));
         const Tensor w = weight_view(type, W, nr, k, "W");
         const cuda::DeviceBuffer dw = to_device(w.data, w.nbytes);
         const cuda::DeviceBuffer xa = device_acts(w.type, X.data(), nt, k);
         cuda::DeviceBuffer dy(0, size_t(nt) * size_t(nr) * 4 + 4);
-        cuda::gemm(w.type, k, dw.data(), w.row_stride(), nr, xa.data(), nt, static_cast<float*>(dy.data()), nr, nullptr);
+        auto* fn = path == "auto" ? &cuda::gemm : path == "rows" ? &cuda::gemm_rows : path == "tiled" ? &cuda::gemm_tiled : nullptr;
+        if (!fn) fail("unknown gemm path " + path);
+        fn(w.type, k, dw.data(), w.row_stride(), nr, xa.data(), nt, static_cast<float*>(dy.data()), nr, nullptr);
         return owned_array(floats_of(dy, size_t(nt) * size_t(nr)), {size_t(nt), size_t(nr)});
-    }, "type"_a, "W"_a, "nr"_a, "X"_a);
+    }, "type"_a, "W"_a, "nr"_a, "X"_a, "path"_a = "auto");
+    t.def("gpu_gemm_tiled_available", [](uint32_t type) { return cuda::gemm_tiled_available(GgmlType(type)); }, "type"_a);
     t.def("gpu_axpy", [](uint32_t type, nb::bytes W, int64_t nr, int64_t k, std::vector<uint8_t> active, F32In2 Cf,
                          F32In2 Y0) {
         const Tensor w = weight_view(type, W, nr, k, "W");
@@ -537,10 +599,11 @@ void register_gpu_hooks(nb::module_& t) {
         const cuda::DeviceBuffer ds = to_device(seq.data(), nt * 4), dp = to_device(pos.data(), nt * 4);
         const cuda::DeviceBuffer dkc = to_device(kc.c_str(), kc.size()), dvc = to_device(vc.c_str(), vc.size());
         cuda::DeviceBuffer dout(0, nt * H * 4 + 4);
+        cuda::DeviceBuffer dscratch(0, cuda::attention_scratch_bytes(n_head, head_dim, n_ctx, int(nt)));
         cuda::attention(kt, n_head, n_head_kv, head_dim, n_ctx, n_seq, static_cast<const float*>(dq.data()), int(nt),
                         static_cast<const int32_t*>(ds.data()), static_cast<const int32_t*>(dp.data()),
                         static_cast<const uint8_t*>(dkc.data()), static_cast<const uint8_t*>(dvc.data()), scale,
-                        static_cast<float*>(dout.data()), nullptr);
+                        static_cast<float*>(dout.data()), dscratch.data(), nullptr);
         return owned_array(floats_of(dout, nt * H), {nt, H});
     }, "type"_a, "n_head"_a, "n_head_kv"_a, "head_dim"_a, "n_ctx"_a, "n_seq"_a, "q"_a, "seq"_a, "pos"_a, "kc"_a, "vc"_a,
        "scale"_a);
@@ -568,6 +631,21 @@ void register_cuda_hooks(nb::module_& m) {
         std::vector<float> Y(size_t(nt * nr));
         for (int64_t c = 0; c < nt; ++c)
             for (int64_t r = 0; r < nr; ++r) Y[size_t(c * nr + r)] = bm_dot(w.type, w.row(r), xa.data() + c * rb, k);
+        return owned_array(std::move(Y), {size_t(nt), size_t(nr)});
+    }, "type"_a, "W"_a, "nr"_a, "X"_a);
+    t.def("bm_gemm_tiled", [](uint32_t type, nb::bytes W, int64_t nr, F32In2 X) {
+        const int64_t k = int64_t(X.shape(1));
+        const int nt = int(X.shape(0));
+        const Tensor w = weight_view(type, W, nr, k, "W");
+        const std::vector<uint8_t> xa = bm_quantize_rows(w.type, X.data(), nt, k);
+        const size_t xs = size_t(bm::act_row_bytes(w.type, k));
+        std::vector<float> Y;
+        switch (w.type) {
+            case GgmlType::Q8_0: Y = bm_gemm_tiled_t<GgmlType::Q8_0>(w, nr, xa.data(), xs, nt, k); break;
+            case GgmlType::Q4_0: Y = bm_gemm_tiled_t<GgmlType::Q4_0>(w, nr, xa.data(), xs, nt, k); break;
+            case GgmlType::Q4_1: Y = bm_gemm_tiled_t<GgmlType::Q4_1>(w, nr, xa.data(), xs, nt, k); break;
+            default: fail(strfmt("no tiled kernel for %s weights", type_name(w.type)));
+        }
         return owned_array(std::move(Y), {size_t(nt), size_t(nr)});
     }, "type"_a, "W"_a, "nr"_a, "X"_a);
     t.def("bm_axpy", [](uint32_t type, nb::bytes W, int64_t nr, int64_t k, std::vector<uint8_t> active, F32In2 C,

@@ -101,12 +101,19 @@ int main() {
     }, "multiple of 32"));
     CHECK(refuses([&] {
         attention(KvType::F16, 6, 4, 64, 16, 1, f, 1, reinterpret_cast<int32_t*>(buf), reinterpret_cast<int32_t*>(buf), buf,
-                  buf, 0.125f, f, nullptr);
+                  buf, 0.125f, f, buf, nullptr);
     }, "multiple of n_head_kv"));
     CHECK(refuses([&] {
         attention(KvType::F32, 2, 1, 320, 16, 1, f, 1, reinterpret_cast<int32_t*>(buf), reinterpret_cast<int32_t*>(buf), buf,
-                  buf, 0.125f, f, nullptr);
+                  buf, 0.125f, f, buf, nullptr);
     }, "head_dim above 256"));
+    // one token: a partial (head_dim + 2 floats) per (head, 128-position tile of n_ctx); a prompt's
+    // tokens are chunked so that the partials stay within 64 MiB
+    CHECK(attention_scratch_bytes(32, 128, 4096, 1) == size_t(32) * 32 * 130 * 4);
+    CHECK(attention_scratch_bytes(4, 64, 129, 3) == size_t(3) * 4 * 2 * 66 * 4);
+    CHECK(attention_scratch_bytes(32, 128, 4096, 512) == size_t(126) * 32 * 32 * 130 * 4);
+    CHECK(!gemm_tiled_available(GgmlType::F16) && !gemm_tiled_available(GgmlType::Q4_K));
+    CHECK(refuses([&] { gemm_tiled(GgmlType::F16, 32, p, 64, 1, p, 16, f, 1, nullptr); }, "no tiled kernel for f16"));
     // Nothing to do is not an error, and launches nothing (no GPU needed).
     gemm(GgmlType::Q4_0, 32, p, 18, 0, p, 1, f, 0, nullptr);
     gemm(GgmlType::Q4_0, 32, p, 18, 4, p, 0, f, 4, nullptr);

@@ -71,7 +71,7 @@ struct GpuModel::Impl {
     // Scratch for n_batch tokens, on the device and pinned on the host.
     int nb = 0;
     int64_t max_hot = 0;
-    DeviceBuffer x, xn, q, k, v, attn, branch, xa_a, xa_b, coef, active, counts, down_scratch, y, logit, rope_cs,
+    DeviceBuffer x, xn, q, k, v, attn, branch, xa_a, xa_b, coef, active, counts, down_scratch, attn_scratch, y, logit, rope_cs,
         pos, seq, logits, hid;
     PinnedBuffer h_in, h_logit, h_out, h_pos, h_seq, h_rope, h_counts;
 
@@ -248,6 +248,9 @@ void GpuModel::Impl::alloc_scratch() {
     counts = alloc(layers.size() * 4 * sizeof(int32_t));
     hid = alloc(n * size_t(R) * 4);
     down_scratch = alloc(max_hot ? cuda::ffn_down_scratch_bytes(E, max_hot) : 0);
+    bool any_attention = false;
+    for (const Layer& d : layers) any_attention = any_attention || d.attention;
+    attn_scratch = alloc(any_attention ? cuda::attention_scratch_bytes(hp.n_head, hp.head_dim, cfg.n_ctx, nb) : 0);
     rope_cs = alloc(n * size_t(hp.n_rot) * 4);
     pos = alloc(n * 4); seq = alloc(n * 4);
     if (output_placed) logits = alloc(n * size_t(hp.n_vocab) * 4);
@@ -320,7 +323,7 @@ void GpuModel::Impl::queue_attention(int il, int nt) {
     cuda::kv_store(cfg.kv_type, NKV, HD, cfg.n_ctx, cfg.n_seq, f32(k), f32(v), KV, nt, as<int32_t>(seq),
                    as<int32_t>(pos), as<uint8_t>(d.kc), as<uint8_t>(d.vc), s);
     cuda::attention(cfg.kv_type, NH, NKV, HD, cfg.n_ctx, cfg.n_seq, f32(q), nt, as<int32_t>(seq), as<int32_t>(pos),
-                    as<uint8_t>(d.kc), as<uint8_t>(d.vc), 1.0f / std::sqrt(float(HD)), f32(attn), s);
+                    as<uint8_t>(d.kc), as<uint8_t>(d.vc), 1.0f / std::sqrt(float(HD)), f32(attn), attn_scratch.data(), s);
     matmul(d.wo, f32(attn), nt, f32(branch), E, xa_a.data());
 }
 

@@ -56,8 +56,20 @@ void quantize_act(GgmlType w, int64_t k, const float* x, int64_t ldx, int nt, vo
 // it. Rows of W are w_stride bytes apart. Quantized types: the CPU's bits. Several tokens share
 // each weight read (small batches and prompts alike); the result of a (row, token) never depends on
 // nt or on the other rows.
+// Picks the tiled kernel below for Q8_0/Q4_0/Q4_1 weights and nt >= 16 on sm_80+ (unless the
+// environment has PROSPARSE_CUDA_MMA=0, read once per process), else the row kernels; both give
+// the same bits.
 void gemm(GgmlType w, int64_t k, const void* W, size_t w_stride, int64_t nr, const void* xa, int nt, float* Y,
           int64_t ldy, Stream s);
+// gemm by the row kernels: a warp takes 2 rows and 8 tokens per pass (every supported type).
+void gemm_rows(GgmlType w, int64_t k, const void* W, size_t w_stride, int64_t nr, const void* xa, int nt, float* Y,
+               int64_t ldy, Stream s);
+// gemm by int8 tensor cores (mma.m16n8k32, kernels_mma.cu): 64 rows x 32 tokens per block, each
+// (row, token) the row kernels' chain over exact integer block dots. Throws ps::Error where
+// gemm_tiled_available is false.
+bool gemm_tiled_available(GgmlType w);  // Q8_0, Q4_0 or Q4_1 weights on a current device of sm_80+
+void gemm_tiled(GgmlType w, int64_t k, const void* W, size_t w_stride, int64_t nr, const void* xa, int nt, float* Y,
+                int64_t ldy, Stream s);
 
 // ---- The sparse FFN on the hot prefix [0, n_hot) (ffn.h, FfnExecutor) ---------------------------
 
@@ -148,11 +160,16 @@ void kv_store(KvType t, int n_head_kv, int head_dim, int n_ctx, int n_seq, const
 
 // Causal attention over that layer cache: out[t * n_head * head_dim + h * head_dim + d] =
 // softmax_p(q_h . k_p * scale) v_p over positions p = 0..pos[t] of sequence seq[t], query head h
-// using KV head h / (n_head / n_head_kv); q rows are n_head * head_dim floats, one per token. Keys
-// are visited in tiles with an online softmax; results within float rounding of attention.cpp.
-// head_dim <= 256 (and a multiple of 32 for a Q8_0 cache).
+// using KV head h / (n_head / n_head_kv); q rows are n_head * head_dim floats, one per token. Split
+// over positions (flash-decoding): each tile of kAttnTile positions (attention.h, the CPU's tiles)
+// gets its own block and online-softmax partial in `scratch`, and a second kernel merges a (token,
+// head)'s partials in tile order, as attention.cpp does; no atomics, and a (token, head) gets the
+// same bits in any batch. Results within float rounding of attention.cpp. head_dim <= 256 (and a
+// multiple of 32 for a Q8_0 cache); scratch holds attention_scratch_bytes(n_head, head_dim, n_ctx,
+// nt_max) bytes for some nt_max >= nt (4-byte aligned).
+size_t attention_scratch_bytes(int n_head, int head_dim, int n_ctx, int nt_max);
 void attention(KvType t, int n_head, int n_head_kv, int head_dim, int n_ctx, int n_seq, const float* q, int nt,
                const int32_t* seq, const int32_t* pos, const uint8_t* kc, const uint8_t* vc, float scale, float* out,
-               Stream s);
+               void* scratch, Stream s);
 
 }  // namespace ps::cuda

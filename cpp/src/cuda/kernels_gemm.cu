@@ -357,8 +357,8 @@ void quantize_act(GgmlType w, int64_t k, const float* x, int64_t ldx, int nt, vo
     check_launch("quantize_act");
 }
 
-void gemm(GgmlType w, int64_t k, const void* W, size_t w_stride, int64_t nr, const void* xa, int nt, float* Y,
-          int64_t ldy, Stream s) {
+void gemm_rows(GgmlType w, int64_t k, const void* W, size_t w_stride, int64_t nr, const void* xa, int nt, float* Y,
+               int64_t ldy, Stream s) {
     check_weights("gemm", w, k, W, w_stride, nr);
     check_tokens("gemm", nt);
     require(ldy >= nr, "gemm", "output rows overlap (ldy < nr)");

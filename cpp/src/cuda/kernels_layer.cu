@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "attention.h"  // kAttnTile
 #include "cuda/kernels_util.cuh"
 
 namespace ps::cuda {
@@ -122,13 +123,18 @@ __global__ void kv_store_kernel(KvShape sh, const float* k, const float* v, int6
 }
 
 // ---- attention ----
-// One block per (token, KV head, chunk of its query heads). Keys and values are visited in tiles of
-// kv_tile positions, converted to f32 in shared memory; per tile: scores (a warp per (head,
-// position)), then per head (a warp each) the running max and sum (online softmax), then
-// o = o * alpha + sum of e_p v_p per (head, dim) as an fma chain in position order.
+// Flash-decoding over the CPU's tiles (attention.h): one block per (token, KV head, chunk of its
+// query heads, tile of kAttnTile positions) computes that tile's softmax partial (max, sum, weighted
+// values) into scratch; a second kernel folds a (token, head)'s partials in tile order (as
+// attention.cpp's merge) and normalises. Within its tile a block visits the keys in sub-tiles of
+// kv_tile positions converted to f32 in shared memory: scores (a warp per (head, position)), then
+// per head (a warp each) the running max and sum (online softmax), then o = o * alpha + sum of
+// e_p v_p per (head, dim) as an fma chain in position order. Every step depends only on the
+// token's query, its position and the cache, so a (token, head) gets the same bits in any batch.
 
 constexpr int kAttnThreads = 128;
 constexpr int kAttnWarps = kAttnThreads / kLanes;
+constexpr size_t kAttnScratchCap = size_t(64) << 20;  // bytes of partials per launch pair at most
 
 template <KvType T>
 __device__ float kv_value(const uint8_t* row, int d) {
@@ -137,13 +143,18 @@ __device__ float kv_value(const uint8_t* row, int d) {
     else return bm::weight_at<GgmlType::Q8_0>(row, d);
 }
 
+__host__ __device__ inline int attn_tiles(int n_keys) { return (n_keys + kAttnTile - 1) / kAttnTile; }
+
+// The partials of the tokens t < nt: part[((t * n_head + h) * n_tiles + j) * (HD + 2) + i], i = 0
+// the max, 1 the sum, 2.. the weighted values (not normalised).
 template <KvType T>
 __global__ void __launch_bounds__(kAttnThreads)
-attention_kernel(KvShape sh, int n_head, int gq, int heads_per_block, int kv_tile, const float* q, const int32_t* seq,
-                 const int32_t* pos, const uint8_t* kc, const uint8_t* vc, float scale, float* out) {
+attention_kernel(KvShape sh, int n_head, int gq, int heads_per_block, int kv_tile, int n_tiles, const float* q,
+                 const int32_t* seq, const int32_t* pos, const uint8_t* kc, const uint8_t* vc, float scale, float* part) {
     extern __shared__ float smem[];
-    const int HD = sh.head_dim, t = blockIdx.x, kvh = blockIdx.y;
-    const int h0 = kvh * gq + blockIdx.z * heads_per_block;  // first query head of this block
+    const int HD = sh.head_dim, t = blockIdx.x, chunks = (gq + heads_per_block - 1) / heads_per_block;
+    const int kvh = blockIdx.y / chunks, j = blockIdx.z;
+    const int h0 = kvh * gq + (blockIdx.y % chunks) * heads_per_block;  // first query head of this block
     const int G = min(heads_per_block, kvh * gq + gq - h0);
     float* qs = smem;                           // [G][HD]
     float* o = qs + heads_per_block * HD;       // [G][HD]
@@ -152,15 +163,14 @@ attention_kernel(KvShape sh, int n_head, int gq, int heads_per_block, int kv_til
     float* e = V + kv_tile * HD;                // [G][kv_tile]: scores, then exp(score - max)
     float* m = e + heads_per_block * kv_tile;   // [G] running max
     float* l = m + heads_per_block;             // [G] running sum
-    float* alpha = l + heads_per_block;         // [G] this tile's rescaling of the old state
+    float* alpha = l + heads_per_block;         // [G] this sub-tile's rescaling of the old state
     const int tid = threadIdx.x, lane = tid % kLanes, warp = tid / kLanes;
     const int64_t H = int64_t(n_head) * HD;
     size_t base, last;
-    const bool ok = sh.offset(seq[t], kvh, pos[t], &last) && sh.offset(seq[t], kvh, 0, &base);
-    if (!ok) {  // the host validates positions; never read out of range
-        for (int i = tid; i < G * HD; i += kAttnThreads) out[t * H + int64_t(h0) * HD + i] = __int_as_float(0x7FC00000);
-        return;
-    }
+    // an invalid slot (the host validates positions) or a tile past the token's keys: nothing to do
+    if (!sh.offset(seq[t], kvh, pos[t], &last) || !sh.offset(seq[t], kvh, 0, &base)) return;
+    const int n_keys = pos[t] + 1, p_begin = j * kAttnTile, p_end = min(n_keys, p_begin + kAttnTile);
+    if (p_begin >= n_keys) return;
     for (int i = tid; i < G * HD; i += kAttnThreads) {
         qs[i] = q[t * H + int64_t(h0) * HD + i];
         o[i] = 0.0f;
@@ -169,10 +179,9 @@ attention_kernel(KvShape sh, int n_head, int gq, int heads_per_block, int kv_til
         m[tid] = -INFINITY;
         l[tid] = 0.0f;
     }
-    const int n_keys = pos[t] + 1;
-    for (int p0 = 0; p0 < n_keys; p0 += kv_tile) {
-        const int n = min(kv_tile, n_keys - p0);
-        __syncthreads();  // the previous tile's K, V and e are no longer read
+    for (int p0 = p_begin; p0 < p_end; p0 += kv_tile) {
+        const int n = min(kv_tile, p_end - p0);
+        __syncthreads();  // the previous sub-tile's K, V and e are no longer read
         for (int i = tid; i < n * HD; i += kAttnThreads) {
             const int p = i / HD, d = i % HD;
             const size_t off = base + size_t(p0 + p) * sh.row_bytes;
@@ -188,7 +197,7 @@ attention_kernel(KvShape sh, int n_head, int gq, int heads_per_block, int kv_til
             if (lane == 0) e[g * kv_tile + p] = s * scale;
         }
         __syncthreads();
-        for (int g = warp; g < G; g += kAttnWarps) {  // a warp per head: the tile's max and sum
+        for (int g = warp; g < G; g += kAttnWarps) {  // a warp per head: the sub-tile's max and sum
             float* eg = e + g * kv_tile;
             const float m_old = m[g];
             float mx = -INFINITY;
@@ -203,7 +212,7 @@ attention_kernel(KvShape sh, int n_head, int gq, int heads_per_block, int kv_til
             }
             for (int off = kLanes / 2; off > 0; off /= 2) sum += __shfl_xor_sync(kFull, sum, off);
             if (lane == 0) {
-                const float a = expf(m_old - mx);  // 0 on the first tile (m = -inf)
+                const float a = expf(m_old - mx);  // 0 on the first sub-tile (m = -inf)
                 l[g] = l[g] * a + sum;
                 m[g] = mx;
                 alpha[g] = a;
@@ -218,7 +227,52 @@ attention_kernel(KvShape sh, int n_head, int gq, int heads_per_block, int kv_til
         }
     }
     __syncthreads();
-    for (int i = tid; i < G * HD; i += kAttnThreads) out[t * H + int64_t(h0) * HD + i] = o[i] / l[i / HD];
+    const size_t ps = size_t(HD) + 2;
+    for (int i = tid; i < G * HD; i += kAttnThreads) {
+        const int g = i / HD, d = i % HD;
+        float* pp = part + ((size_t(t) * n_head + size_t(h0 + g)) * n_tiles + size_t(j)) * ps;
+        if (d == 0) {
+            pp[0] = m[g];
+            pp[1] = l[g];
+        }
+        pp[2 + d] = o[i];
+    }
+}
+
+// One block per (token, head): out = the partials folded in tile order, normalised. Every thread
+// recomputes the same rescaling factors for the dimensions it owns.
+__global__ void __launch_bounds__(kAttnThreads)
+attention_merge_kernel(KvShape sh, int n_head, int n_tiles, const int32_t* seq, const int32_t* pos, const float* part,
+                       float* out) {
+    const int t = blockIdx.x, h = blockIdx.y, HD = sh.head_dim;
+    float* o = out + (int64_t(t) * n_head + h) * HD;
+    size_t off;
+    if (!sh.offset(seq[t], 0, pos[t], &off)) {  // as the partial kernel: never read an unwritten partial
+        for (int d = threadIdx.x; d < HD; d += kAttnThreads) o[d] = __int_as_float(0x7FC00000);
+        return;
+    }
+    const int nj = attn_tiles(pos[t] + 1);
+    const size_t ps = size_t(HD) + 2;
+    const float* p0 = part + (size_t(t) * n_head + size_t(h)) * n_tiles * ps;
+    for (int d = threadIdx.x; d < HD; d += kAttnThreads) {
+        float m = p0[0], l = p0[1], v = p0[2 + d];
+        for (int j = 1; j < nj; ++j) {
+            const float* pj = p0 + size_t(j) * ps;
+            const float mx = fmaxf(m, pj[0]);
+            const float a = expf(m - mx), b = expf(pj[0] - mx);
+            l = __fadd_rn(__fmul_rn(l, a), __fmul_rn(pj[1], b));
+            v = __fadd_rn(__fmul_rn(v, a), __fmul_rn(pj[2 + d], b));
+            m = mx;
+        }
+        o[d] = v / l;
+    }
+}
+
+// Tokens per (partials, merge) launch pair: all of them unless their partials exceed the cap.
+int attn_chunk(int n_head, int head_dim, int n_ctx, int nt) {
+    const size_t per_token = size_t(n_head) * size_t(attn_tiles(n_ctx)) * (size_t(head_dim) + 2) * sizeof(float);
+    const size_t fit = std::max<size_t>(1, kAttnScratchCap / per_token);
+    return int(std::min<size_t>(size_t(std::max(nt, 0)), fit));
 }
 
 constexpr int kThreads = 256;
@@ -312,38 +366,51 @@ void kv_store(KvType t, int n_head_kv, int head_dim, int n_ctx, int n_seq, const
     check_launch("kv_store");
 }
 
+size_t attention_scratch_bytes(int n_head, int head_dim, int n_ctx, int nt) {
+    require(n_head > 0 && head_dim > 0 && n_ctx > 0 && nt >= 0, "attention_scratch_bytes", "bad shape");
+    return size_t(std::max(attn_chunk(n_head, head_dim, n_ctx, nt), 1)) * size_t(n_head) * size_t(attn_tiles(n_ctx)) *
+           (size_t(head_dim) + 2) * sizeof(float);
+}
+
 void attention(KvType t, int n_head, int n_head_kv, int head_dim, int n_ctx, int n_seq, const float* q, int nt,
                const int32_t* seq, const int32_t* pos, const uint8_t* kc, const uint8_t* vc, float scale, float* out,
-               Stream s) {
+               void* scratch, Stream s) {
     const KvShape sh = kv_shape("attention", t, n_head_kv, head_dim, n_ctx, n_seq);
     require(n_head > 0 && n_head % n_head_kv == 0, "attention", "n_head must be a multiple of n_head_kv");
     require(head_dim <= 256, "attention", "head_dim above 256");
     require(nt >= 0, "attention", "negative token count");
     if (nt == 0) return;
-    require(q && seq && pos && kc && vc && out, "attention", "null pointer");
+    require(q && seq && pos && kc && vc && out && scratch, "attention", "null pointer");
+    require(aligned(scratch, 4), "attention", "misaligned scratch");
     const int gq = n_head / n_head_kv;
-    // shared memory stays under 48 KiB: 32-position tiles and up to 8 query heads per block for
+    // shared memory stays under 48 KiB: 32-position sub-tiles and up to 8 query heads per block for
     // head_dim <= 128, 16 positions and 4 heads above
     const int kv_tile = head_dim <= 128 ? 32 : 16;
+    static_assert(kAttnTile % 32 == 0, "sub-tiles divide the tile");
     const int hpb = std::min(gq, head_dim <= 128 ? 8 : 4);
     const size_t smem = sizeof(float) * (size_t(2) * hpb * head_dim + size_t(2) * kv_tile * head_dim +
                                          size_t(hpb) * kv_tile + 3 * size_t(hpb));
-    const dim3 grid(unsigned(nt), unsigned(n_head_kv), unsigned((gq + hpb - 1) / hpb));
-    switch (t) {
-        case KvType::F32:
-            attention_kernel<KvType::F32><<<grid, kAttnThreads, smem, stream(s)>>>(sh, n_head, gq, hpb, kv_tile, q, seq,
-                                                                                  pos, kc, vc, scale, out);
-            break;
-        case KvType::F16:
-            attention_kernel<KvType::F16><<<grid, kAttnThreads, smem, stream(s)>>>(sh, n_head, gq, hpb, kv_tile, q, seq,
-                                                                                  pos, kc, vc, scale, out);
-            break;
-        case KvType::Q8_0:
-            attention_kernel<KvType::Q8_0><<<grid, kAttnThreads, smem, stream(s)>>>(sh, n_head, gq, hpb, kv_tile, q, seq,
-                                                                                   pos, kc, vc, scale, out);
-            break;
+    const int n_tiles = attn_tiles(n_ctx), chunk = attn_chunk(n_head, head_dim, n_ctx, nt);
+    require(n_tiles <= 65535, "attention", "n_ctx above 65535 tiles");
+    float* part = static_cast<float*>(scratch);
+    for (int t0 = 0; t0 < nt; t0 += chunk) {
+        const int n = std::min(chunk, nt - t0);
+        const int64_t H = int64_t(n_head) * head_dim;
+        const dim3 grid(unsigned(n), unsigned(n_head_kv * ((gq + hpb - 1) / hpb)), unsigned(n_tiles));
+        auto launch = [&](auto kernel) {
+            kernel<<<grid, kAttnThreads, smem, stream(s)>>>(sh, n_head, gq, hpb, kv_tile, n_tiles, q + t0 * H, seq + t0,
+                                                            pos + t0, kc, vc, scale, part);
+        };
+        switch (t) {
+            case KvType::F32: launch(attention_kernel<KvType::F32>); break;
+            case KvType::F16: launch(attention_kernel<KvType::F16>); break;
+            case KvType::Q8_0: launch(attention_kernel<KvType::Q8_0>); break;
+        }
+        check_launch("attention");
+        attention_merge_kernel<<<dim3(unsigned(n), unsigned(n_head)), kAttnThreads, 0, stream(s)>>>(
+            sh, n_head, n_tiles, seq + t0, pos + t0, part, out + t0 * H);
+        check_launch("attention (merge)");
     }
-    check_launch("attention");
 }
 
 }  // namespace ps::cuda
