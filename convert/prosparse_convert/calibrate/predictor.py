@@ -55,8 +55,8 @@ def quality(fc1: np.ndarray, fc2: np.ndarray, x: np.ndarray, y: np.ndarray, cuto
                    actual_sparsity=1.0 - float(y.mean()))
 
 
-def train(x: np.ndarray, y: np.ndarray, rank: int, *, epochs: int = 10, batch: int = 256,
-          lr: float = 2e-3, pos_weight: Optional[float] = None, max_pos_weight: float = 30.0,
+def train(x: np.ndarray, y: np.ndarray, rank: int, *, epochs: int = 10, batch: int = 64,
+          lr: float = 1e-2, pos_weight: Optional[float] = None, max_pos_weight: float = 30.0,
           seed: int = 0) -> tuple:
     """(fc1 [rank, n_embd], fc2 [n_ff, rank]) float32, trained on inputs x [n, n_embd] and active
     masks y [n, n_ff] (bool)."""
