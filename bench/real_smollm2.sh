@@ -11,6 +11,7 @@ STEPS=${2:-40}
 PY=${PY:-python}
 SRC=${SRC:-$HOME/.cache/prosparse-rt/SmolLM2-135M-Instruct.Q4_1.gguf}
 mkdir -p "$OUT"
+HERE=$(cd "$(dirname "$0")" && pwd)
 cd "$OUT"
 
 # training corpus: Python's pydoc topics + the license texts (as docs/sparsify.md's first run);
@@ -46,4 +47,11 @@ train baseline --baseline &
 wait
 [ -f sparse.gguf ] || nice -n 10 $PY -m prosparse_convert sparse sparse.gguf --outtype q8_0 > convert-sparse.log 2>&1
 [ -f baseline.gguf ] || nice -n 10 $PY -m prosparse_convert baseline baseline.gguf --outtype q8_0 > convert-baseline.log 2>&1
-echo "stages done: sparse.gguf baseline.gguf in $OUT"
+# predictors for the sparse model: cut-offs for recall 0.95 on the tuning windows, reported on the
+# test windows; frequency order, so the always-on prefix can be chosen; --eval on out-of-corpus text
+[ -f sparse-cal.gguf ] || /usr/bin/time -v nice -n 10 $PY -m prosparse_convert.calibrate.cli sparse.gguf sparse-cal.gguf \
+    --text calib.txt --tokens 4096 --neuron-order frequency --eval outside.txt --eval-tokens 2048 \
+    --json calibrate.json --no-progress > calibrate.log 2>&1
+# the original and the baseline on the same out-of-corpus windows; decode speed
+nice -n 10 $PY "$HERE/real_smollm2_eval.py" . > eval.log 2>&1
+echo "done: see sparsify-*.log, calibrate.log, eval.log in $OUT"
