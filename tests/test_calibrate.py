@@ -364,3 +364,12 @@ def test_cli_reports_and_writes(silu, texts, tmp_path, capsys):
     assert "ffn_down_t written at" in out and "at F16" in out  # both perplexities of the check
     rc = main([str(silu), str(tmp_path / "d.gguf"), "--text", str(texts[0]), "--no-progress"])
     assert rc == 1 and "--target-sparsity" in capsys.readouterr().err
+
+
+def test_grid_quantiles_equal_quantile_thresholds():
+    """The greedy search's cached quantiles are np.quantile's, on and off the grid."""
+    rng = np.random.default_rng(0)
+    a = np.abs(rng.standard_normal((3, 500, 40))).astype(np.float16)
+    q = TH.GridQuantiles(a, 400, [0.3 + 0.05 * k for k in range(-7, 14)])
+    for levels in ([0.3, 0.35, 0.25], [0.0, 0.95, 0.3], [0.33, 0.3, 0.1], [0.3, 0.35, 0.25]):
+        assert q(levels) == TH.quantile_thresholds(a, 400, levels)

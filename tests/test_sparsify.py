@@ -342,3 +342,32 @@ def test_sparsified_checkpoint_converts_and_runtime_matches_transformers(tmp_pat
     ids = prompt_ids()
     ours = rt.Model(str(gguf), n_threads=1, kv_type="f32").logits(ids)
     assert rel_error(ours, hf_logits(ref.eval(), ids)) < 1e-4
+
+
+def test_baseline_trains_the_original_activation_without_l1(tmp_path):
+    # the fair baseline for the sparse model's cost: same data order, steps and LR, SiLU kept, λ = 0
+    _, d = make_llama_dir(tmp_path / "m")
+    report, out = _run_tiny(tmp_path, d, baseline=True)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["hidden_act"] == "silu"
+    assert "hidden_act_param" not in cfg and "threshold_sweep" not in report
+    assert report["tokens_trained"] == 12 * 4 * 64
+    assert all(h["lambda"] == 0.0 and h["l1"] == 0.0 for h in report["history"])
+    assert report["after"]["ppl"] < report["before"]["ppl"]  # it did train
+
+    # the written weights are the trained SiLU model: transformers' LLaMA loads them as they are
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    ref = LlamaForCausalLM.from_pretrained(
+        out, config=LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")}))
+    trained = M.load(d)
+    trained.model.load_state_dict(load_file(str(out / "model.safetensors")), strict=False)
+    ids = prompt_ids()
+    assert rel_error(hf_logits(ref.eval(), ids), hf_logits(trained.model.eval(), ids)) < 1e-6
+
+
+def test_baseline_refuses_a_lambda_sweep(tmp_path):
+    _, d = make_llama_dir(tmp_path / "m")
+    with pytest.raises(ValueError, match="--baseline"):
+        _run_tiny(tmp_path, d, baseline=True, sweep_lambdas=[0.1], target_sparsity=0.5)

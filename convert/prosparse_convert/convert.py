@@ -164,7 +164,7 @@ def _layer_of(name: str) -> Optional[int]:
 
 
 def _metadata(src: Source, o: Options, has_predictors: bool, has_freq: bool, order: str) -> dict:
-    """Key -> (value, kind); kind is 'u32', 'f32', 'str', 'f32[]'. llama.cpp's types for its keys."""
+    """Key -> (value, kind); kind is 'u32', 'f32', 'str', 'f32[]', 'i32[]'. llama.cpp's types for its keys."""
     p, a = src.params, src.params.arch
     kv = {
         N.GENERAL_NAME: (o.name or p.name, "str"),
@@ -213,6 +213,8 @@ def _add_kv(w: GGUFWriter, kv: dict) -> None:
             w.add_string(k, str(v))
         elif kind == "f32[]":
             w.add_array(k, [float(x) for x in v])
+        elif kind == "i32[]":  # gguf's writer stores a list of Python ints as INT32
+            w.add_array(k, [int(x) for x in v])
         else:  # pragma: no cover - a programming error
             raise AssertionError(kind)
 

@@ -33,6 +33,8 @@ PS_ACTIVATION_THRESHOLD = "prosparse.activation_threshold"
 PS_LAYER_THRESHOLDS = "prosparse.layer_thresholds"
 PS_NEURON_ORDER = "prosparse.neuron_order"
 PS_PREDICTOR_THRESHOLD = "prosparse.predictor.threshold"
+PS_PREDICTOR_LAYER_THRESHOLDS = "prosparse.predictor.layer_thresholds"  # f32[n_layer], logit cut-offs
+PS_PREDICTOR_ALWAYS_ON = "prosparse.predictor.always_on"  # i32[n_layer], neurons [0, k) always run
 # PowerInfer's files carry this instead of a prosparse key.
 PWI_SPARSE_THRESHOLD = "powerinfer.sparse_threshold"
 

@@ -53,6 +53,8 @@ constexpr Row<Key> kKeys[] = {
     {Key::PS_LAYER_THRESHOLDS, "prosparse.layer_thresholds"},
     {Key::PS_NEURON_ORDER, "prosparse.neuron_order"},
     {Key::PS_PREDICTOR_THRESHOLD, "prosparse.predictor.threshold"},
+    {Key::PS_PREDICTOR_LAYER_THRESHOLDS, "prosparse.predictor.layer_thresholds"},
+    {Key::PS_PREDICTOR_ALWAYS_ON, "prosparse.predictor.always_on"},
     {Key::PWI_SPARSE_THRESHOLD, "powerinfer.sparse_threshold"},
     {Key::CHAT_TEMPLATE, "tokenizer.chat_template"},
 };

@@ -16,7 +16,7 @@ enum class Key {
     ROPE_SCALING_TYPE, ROPE_SCALING_FACTOR, VOCAB_SIZE,
     EMBEDDING_SCALE, RESIDUAL_SCALE, LOGIT_SCALE,              // minicpm.*
     PS_ACTIVATION, PS_ACTIVATION_THRESHOLD, PS_LAYER_THRESHOLDS, PS_NEURON_ORDER,
-    PS_PREDICTOR_THRESHOLD,                                     // prosparse.*
+    PS_PREDICTOR_THRESHOLD, PS_PREDICTOR_LAYER_THRESHOLDS, PS_PREDICTOR_ALWAYS_ON,  // prosparse.*
     PWI_SPARSE_THRESHOLD,                                       // powerinfer.*
     CHAT_TEMPLATE,
 };

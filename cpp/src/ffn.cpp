@@ -133,7 +133,7 @@ void CpuFfnExecutor::prepare(const FfnCall& call, FfnRange r) {
         case FfnStrategy::PREDICT: {
             const float* logit = call.pred_logit;
             const int64_t n_ff = hp.n_ff;
-            const float thr = call.opt->pred_threshold;
+            const float thr = L.pred_threshold;
             auto predicted = [&](int t, int64_t j) { return logit[size_t(t) * n_ff + r.begin + j] > thr; };
             union_rows(nt, r, predicted, s_.mark, s_.rows2);
             // gate on the predicted rows only, scattered into a [nt][m] activation array whose
@@ -224,8 +224,11 @@ void ffn_forward(ThreadPool& pool, const HParams& hp, const LayerWeights& L, con
         for (size_t i = 0; i < size_t(n_tokens) * size_t(R); ++i) s.pred_hidden[i] = std::max(0.0f, s.pred_hidden[i]);
         matmul(pool, *L.fc2, s.pred_hidden.data(), n_tokens, s.coef.data(), s.act_buf);
         st.bytes += double(L.fc1->nbytes) + double(L.fc2->nbytes);
+        // the always-on prefix: a logit of +inf passes every executor's test (logit > cut-off)
+        for (int t = 0; t < n_tokens; ++t)
+            std::fill_n(s.coef.begin() + std::ptrdiff_t(size_t(t) * size_t(n_ff)), L.pred_always_on, INFINITY);
         int64_t predicted = 0;
-        for (size_t i = 0; i < n; ++i) predicted += s.coef[i] > opt.pred_threshold;
+        for (size_t i = 0; i < n; ++i) predicted += s.coef[i] > L.pred_threshold;
         st.predicted += double(predicted);
         call.pred_logit = s.coef.data();
     }

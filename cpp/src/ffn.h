@@ -25,7 +25,6 @@ const char* strategy_name(FfnStrategy s);
 
 struct FfnOptions {
     FfnStrategy strategy = FfnStrategy::DENSE;
-    float pred_threshold = 0.0f;   // predictor logit cut-off
     bool diag_recall = false;      // predict: also compute the full gate to measure recall
     double dense_fallback = 0.5;   // batches whose active union exceeds this fraction run dense
 };

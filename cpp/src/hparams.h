@@ -27,6 +27,8 @@ struct LayerWeights {
     const Tensor *ffn_down = nullptr, *ffn_down_t = nullptr;  // one of the two
     const Tensor *fc1 = nullptr, *fc2 = nullptr, *act_freq = nullptr;  // optional
     float act_t = 0.0f;  // this layer's activation threshold (FATReLU t, or the SiLU layer threshold)
+    float pred_threshold = 0.0f;  // predict: this layer's predictor logit cut-off
+    int64_t pred_always_on = 0;   // predict: neurons [0, pred_always_on) run whatever the predictor says
 };
 
 // Per-layer counters, summed over tokens (divide by `tokens` for fractions).

@@ -138,6 +138,32 @@ void check_layer_thresholds(const std::vector<float>& t, const HParams& hp, cons
         fail(strfmt("%s is for SiLU models, this one is %s", what.c_str(), activation_name(hp.act)));
 }
 
+// Per-layer predictor cut-offs (prosparse.predictor.layer_thresholds, else the single threshold
+// `thr`) and always-on prefixes (prosparse.predictor.always_on), bounds-checked.
+// `from_file`: false when the caller's pred_threshold (then `thr`) overrides every layer's cut-off.
+void set_predictor_cutoffs(const GGUFFile& f, const HParams& hp, bool from_file, std::vector<LayerWeights>& layers,
+                           float thr) {
+    const std::string kt = key(hp.arch, Key::PS_PREDICTOR_LAYER_THRESHOLDS);
+    const std::string ka = key(hp.arch, Key::PS_PREDICTOR_ALWAYS_ON);
+    const std::vector<float> lt = f.get_float_array(kt);
+    const std::vector<int64_t> on = f.get_int_array(ka);
+    const size_t nl = size_t(hp.n_layer);
+    if (f.find(kt) && lt.size() != nl)
+        fail(strfmt("%s: %s has %zu entries for %d layers", f.path().c_str(), kt.c_str(), lt.size(), hp.n_layer));
+    if (f.find(ka) && on.size() != nl)
+        fail(strfmt("%s: %s has %zu entries for %d layers", f.path().c_str(), ka.c_str(), on.size(), hp.n_layer));
+    for (size_t il = 0; il < nl; ++il) {
+        LayerWeights& L = layers[il];
+        L.pred_threshold = from_file && !lt.empty() ? lt[il] : thr;
+        if (!std::isfinite(L.pred_threshold))
+            fail(strfmt("%s: %s[%zu] is not finite", f.path().c_str(), kt.c_str(), il));
+        L.pred_always_on = on.empty() ? 0 : on[il];
+        if (L.pred_always_on < 0 || L.pred_always_on > hp.n_ff)
+            fail(strfmt("%s: %s[%zu] = %lld is outside [0, %d] (n_ff)", f.path().c_str(), ka.c_str(), il,
+                        (long long)L.pred_always_on, hp.n_ff));
+    }
+}
+
 HParams read_hparams(const GGUFFile& f) {
     HParams hp;
     const std::string arch = f.get_str_opt("general.architecture").value_or("");
@@ -388,7 +414,7 @@ void Model::choose_strategy(const ModelParams& params) {
                              f.get_float(key(hp_.arch, Key::PWI_SPARSE_THRESHOLD), 0.0));
     if (!std::isnan(params.pred_threshold)) thr = params.pred_threshold;
     if (!std::isfinite(thr)) fail("predictor threshold must be finite");
-    m.ffn_opt.pred_threshold = float(thr);
+    set_predictor_cutoffs(f, hp_, std::isnan(params.pred_threshold), m.layers, float(thr));
     strategy_ = strategy_name(s);
 }
 

@@ -322,9 +322,10 @@ NB_MODULE(_core, m) {
             d["kv_bytes_per_token"] = s.kv_bytes_per_token;
             // per layer, averaged over the tokens seen (NaN where the strategy cannot know)
             nb::list active, predicted, recall, ffn_bytes;
+            const bool predicts = mdl.strategy() == "predict";
             for (const auto& l : s.layers) {
                 active.append(l.active_known ? l.active / double(l.active_known) / mdl.hparams().n_ff : NAN);
-                predicted.append(l.tokens && l.predicted > 0 ? l.predicted / double(l.tokens) / mdl.hparams().n_ff : NAN);
+                predicted.append(predicts && l.tokens ? l.predicted / double(l.tokens) / mdl.hparams().n_ff : NAN);
                 recall.append(l.recall_total > 0 ? l.recall_hit / l.recall_total : NAN);
                 ffn_bytes.append(l.tokens ? l.bytes / double(l.tokens) : 0.0);
             }

@@ -142,7 +142,8 @@ class Model:
         n_batch: prompt tokens per forward pass.
         activation_threshold: replaces a ReLU/FATReLU file's threshold t (keep x >= t); None = the
             file's.
-        predictor_threshold: replaces the predictor's logit cut-off (``predict``); None = the file's.
+        predictor_threshold: replaces every layer's predictor logit cut-off (``predict``); None = the
+            file's (``prosparse.predictor.layer_thresholds``, else ``prosparse.predictor.threshold``).
         diag_recall: with ``predict``, also compute the full gate to report the predictor's recall
             in ``stats``.
         layer_thresholds: per-layer thresholds on |SiLU(gate)| for a SiLU model (one non-negative

@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-sparsity", type=float, help="λ sweep: sparsity to reach (e.g. 0.85)")
     p.add_argument("--sweep-steps", type=int, help="λ sweep: steps per candidate (default --steps/10)")
     p.add_argument("--sweep-only", action="store_true", help="report the λ sweep and stop")
+    p.add_argument("--baseline", action="store_true",
+                   help="the fair dense baseline: the same training (data, steps, LR) keeping the original "
+                        "activation, without L1; writes a dense model")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (always at the end)")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint")
     p.add_argument("--seed", type=int, default=0)
@@ -81,7 +84,7 @@ def main(argv=None) -> int:
         max_ppl_increase=args.max_ppl_increase, save_every=args.save_every, resume=args.resume,
         seed=args.seed, device=args.device, dtype=args.dtype, save_dtype=args.save_dtype,
         threads=args.threads, sweep_lambdas=args.sweep_lambdas, target_sparsity=args.target_sparsity,
-        sweep_steps=args.sweep_steps, sweep_only=args.sweep_only, progress=not args.no_progress)
+        sweep_steps=args.sweep_steps, sweep_only=args.sweep_only, baseline=args.baseline, progress=not args.no_progress)
     try:
         run(cfg)
     except (ValueError, FloatingPointError) as e:

@@ -340,9 +340,11 @@ def _llama_out_config(loaded: Loaded, threshold: float, dtype: torch.dtype) -> D
 
 
 def save(loaded: Loaded, out_dir: str | os.PathLike, threshold: float,
-         dtype: torch.dtype = torch.float32, extra: Optional[Dict] = None) -> Path:
+         dtype: torch.dtype = torch.float32, extra: Optional[Dict] = None,
+         hidden_act: str = "fatrelu") -> Path:
     """The ProSparse release layout: config.json (hidden_act fatrelu, hidden_act_param t),
-    model.safetensors, tokenizer files."""
+    model.safetensors, tokenizer files. `hidden_act` other than fatrelu (the dense baseline) keeps
+    the original LLaMA/MiniCPM config and writes no hidden_act_param."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -360,8 +362,13 @@ def save(loaded: Loaded, out_dir: str | os.PathLike, threshold: float,
         cfg = dict(loaded.source_config)
     else:
         cfg = _llama_out_config(loaded, threshold, dtype)
-    cfg["hidden_act"] = "fatrelu"
-    cfg["hidden_act_param"] = float(threshold)
+        if hidden_act != "fatrelu":
+            cfg.update(architectures=["LlamaForCausalLM"], model_type="llama")
+    cfg["hidden_act"] = hidden_act
+    if hidden_act == "fatrelu":
+        cfg["hidden_act_param"] = float(threshold)
+    else:
+        cfg.pop("hidden_act_param", None)
     cfg["tie_word_embeddings"] = loaded.tied
     cfg["torch_dtype"] = dtype_name
     if extra:

@@ -18,6 +18,7 @@ from . import model as model_mod
 from . import schedule as sched_mod
 
 DEFAULT_THRESHOLDS = (0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1)
+_SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -55,6 +56,7 @@ class Config:
     target_sparsity: Optional[float] = None
     sweep_steps: Optional[int] = None
     sweep_only: bool = False
+    baseline: bool = False            # keep the original activation, no L1: the fair dense baseline
     progress: bool = True
 
 
@@ -142,6 +144,22 @@ def evaluate(model, blocks: torch.Tensor, device, autocast, batch_size: int,
             sparsity = sparsifier.sparsity()
             sparsifier.stop()
     return {"ppl": math.exp(nll / n), "loss": nll / n, "sparsity": sparsity, "tokens": n}
+
+
+class _Dense:
+    """The Sparsifier's interface for --baseline: the original activation stays, the L1 term is 0."""
+
+    def start(self, l1: bool = False) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def l1(self) -> torch.Tensor:
+        return torch.zeros(())
+
+    def sparsity(self) -> float:
+        return 0.0
 
 
 class Trainer:
@@ -352,6 +370,8 @@ def run(cfg: Config, log=print) -> Dict:
     data_mod.read_documents(cfg.data, cfg.text_field)
     if cfg.eval_data:
         data_mod.read_documents(cfg.eval_data, cfg.text_field)
+    if cfg.baseline and cfg.sweep_lambdas:
+        raise ValueError("--baseline trains without L1: a λ sweep makes no sense with it")
     if cfg.threshold != "auto":
         try:
             float(cfg.threshold)
@@ -359,7 +379,7 @@ def run(cfg: Config, log=print) -> Dict:
             raise ValueError(f"--threshold must be a number or 'auto', got {cfg.threshold!r}") from None
     device = pick_device(cfg.device)
     autocast = pick_autocast(cfg.dtype, device)
-    save_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.save_dtype)
+    save_dtype = _SAVE_DTYPES.get(cfg.save_dtype)
     if save_dtype is None:
         raise ValueError(f"--save-dtype must be float32, bfloat16 or float16, got {cfg.save_dtype!r}")
 
@@ -380,6 +400,9 @@ def run(cfg: Config, log=print) -> Dict:
     log(f"before (dense, original activation): ppl {report['before']['ppl']:.3f}, "
         f"sparsity {report['before']['sparsity']:.1%}")
     teacher = model_mod.clone_dense(loaded).to(device) if cfg.distill > 0 else None
+    if cfg.baseline:
+        return _run_baseline(cfg, loaded, report, train_blocks, eval_blocks, device, autocast, teacher,
+                             ckpt_dir, out, t0, log)
     sp = model_mod.Sparsifier(loaded.model)
     report["relu_zero_shot"] = evaluate(loaded.model, eval_blocks, device, autocast, cfg.batch_size, sp)
     log(f"ReLU substituted, untrained: ppl {report['relu_zero_shot']['ppl']:.3f}, "
@@ -429,4 +452,29 @@ def run(cfg: Config, log=print) -> Dict:
         json.dump(report, f, indent=2)
     plot(trainer.history, out / "sparsify_plot.png",
          f"{Path(cfg.model).name}: schedule {sched.describe()}")
+    return report
+
+
+def _run_baseline(cfg: Config, loaded, report: Dict, train_blocks, eval_blocks, device, autocast, teacher,
+                  ckpt_dir: Path, out: Path, t0: float, log) -> Dict:
+    """The same training (data order, steps, LR schedule) with the original activation and λ = 0:
+    what the corpus alone does to perplexity, against which the sparse model's cost is stated."""
+    sched = sched_mod.Schedule(((0.0, int(cfg.steps)),)) if cfg.steps else _schedule(cfg, None, 0.0)
+    report["schedule"] = [list(s) for s in sched.stages]
+    trainer = Trainer(loaded, _Dense(), cfg, sched, train_blocks, device, autocast, teacher, ckpt_dir,
+                      desc="baseline")
+    if cfg.resume and (ckpt_dir / "state.pt").exists():
+        trainer.load_checkpoint(ckpt_dir / "state.pt")
+        log(f"resumed from {ckpt_dir / 'state.pt'} at step {trainer.step}")
+    trainer.run()
+    trainer.save_checkpoint()
+    report.update(tokens_trained=trainer.tokens_trained, train_wall_s=trainer.wall, history=trainer.history)
+    report["after"] = evaluate(loaded.model, eval_blocks, device, autocast, cfg.batch_size)
+    log(f"after (baseline, original activation, no L1): ppl {report['after']['ppl']:.3f}; "
+        f"{report['tokens_trained']} tokens in {report['train_wall_s']:.0f}s")
+    act = loaded.source_config.get("hidden_act", "silu")
+    model_mod.save(loaded, out, 0.0, _SAVE_DTYPES[cfg.save_dtype], hidden_act=act)
+    report["wall_s"] = time.time() - t0
+    with open(out / "sparsify_report.json", "w") as f:
+        json.dump(report, f, indent=2)
     return report

@@ -16,8 +16,9 @@ import numpy as np
 
 from .. import names as N
 from .. import quant
+from ..convert import hottest_first
 from ..errors import ConvertError
-from . import evaluate, predictor, profile as prof_mod, text as text_mod, thresholds as thr_mod
+from . import cutoffs, evaluate, predictor, profile as prof_mod, text as text_mod, thresholds as thr_mod
 from .write import Additions, InputFile, write
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,8 @@ class Options:
     rank: Union[None, int, Sequence[int]] = None  # None: predictor.default_rank(n_embd)
     epochs: int = 10
     pos_weight: Optional[float] = None
+    recall: float = 0.95                  # predictors: each layer's recall target on the tuning windows
+    always_on: str = "auto"               # auto (chosen on the tuning windows, frequency order) | none
     predictor_type: str = "q8_0"
     neuron_order: str = "original"
     down_type: str = "auto"               # ffn_down_t made from ffn_down: auto | f16 | q8_0
@@ -61,6 +64,10 @@ class Report:
     down_type: Optional[str] = None
     down_check: Dict[str, float] = field(default_factory=dict)
     eval: List[Dict[str, object]] = field(default_factory=list)
+    eval_layers: List[Dict[str, float]] = field(default_factory=list)
+    overall: Dict[str, float] = field(default_factory=dict)   # predictors: pooled over layers (test split)
+    n_tune_tokens: int = 0
+    n_test_tokens: int = 0
     seconds: float = 0.0
 
     def table(self) -> str:
@@ -88,6 +95,10 @@ def _check(o: Options) -> None:
         raise ConvertError(f"--down-type must be auto, f16 or q8_0, got {o.down_type!r}")
     if o.predictor_type not in ("f32", "f16", "q8_0", "q4_0"):
         raise ConvertError(f"--predictor-type must be f32, f16, q8_0 or q4_0, got {o.predictor_type!r}")
+    if not 0.0 < o.recall < 1.0:
+        raise ConvertError(f"--recall must be in (0, 1), got {o.recall}")
+    if o.always_on not in ("auto", "none"):
+        raise ConvertError(f"--always-on must be auto or none, got {o.always_on!r}")
     if o.neuron_order not in ("original", "frequency"):
         raise ConvertError(f"--neuron-order must be original or frequency, got {o.neuron_order!r}")
 
@@ -152,25 +163,26 @@ def calibrate(model_path, out_path, options: Optional[Options] = None, **kw) -> 
     if o.text:
         text = text_mod.read_texts(o.text)
     else:
-        n_want = int(o.tokens * 1.15) + o.probe_tokens
+        n_want = int(o.tokens * 1.3) + o.probe_tokens  # a fifth of the windows is held out
         text = text_mod.generate_text(str(model_path), n_want, seed=o.seed,
                                       n_threads=o.n_threads or None, progress=o.progress)
     bos = model.bos if model.add_bos_default and model.bos >= 0 else None
     tokenize = lambda s: model.tokenize(s, False, False)  # noqa: E731
     win = text_mod.make_windows(tokenize, text, bos, o.ctx, o.tokens)
     report.n_calib_tokens, report.n_held_out_tokens = win.n_calib_tokens, win.n_held_out_tokens
+    report.n_tune_tokens, report.n_test_tokens = win.n_tune_tokens, win.n_test_tokens
     if win.n_calib_tokens < MIN_CALIB_TOKENS:
         raise ConvertError(f"the calibration text gives {win.n_calib_tokens} tokens; at least "
                            f"{MIN_CALIB_TOKENS} are needed")
     if want_pred:
         # fewer samples than a few per hidden unit only teaches the predictor this text
         need = max(512, 8 * max(ranks))
-        if win.n_calib_tokens < need or not win.held_out:
+        if win.n_calib_tokens < need or not win.tune or not win.test:
             raise ConvertError(
                 f"the calibration text gives {win.n_calib_tokens} calibration tokens and "
                 f"{win.n_held_out_tokens} held-out tokens: too few to train rank-{max(ranks)} predictors "
-                f"for {L} layers (need at least {need} and one held-out window; give more text or "
-                f"a lower --rank)")
+                f"for {L} layers (need at least {need}, one window to choose the cut-offs on and one "
+                f"to test on; give more text or a lower --rank)")
     if win.n_calib_tokens < o.tokens:
         log.warning("the calibration text gives %d tokens of the %d asked for", win.n_calib_tokens, o.tokens)
 
@@ -182,7 +194,8 @@ def calibrate(model_path, out_path, options: Optional[Options] = None, **kw) -> 
     if sparse:
         add.act_freq = p.freq()
         if want_pred:
-            add.predictors = _train_predictors(model, p, win, act, act_t, ranks, o, report)
+            in_freq_order = o.neuron_order == "frequency" or inp.get(N.PS_NEURON_ORDER) == "frequency"
+            _train_predictors(model, p, win, act, act_t, ranks, o, add, report, in_freq_order)
         else:
             report.layers = [{"sparsity": 1.0 - float(f.mean())} for f in add.act_freq]
     else:
@@ -202,7 +215,7 @@ def calibrate(model_path, out_path, options: Optional[Options] = None, **kw) -> 
 
     if o.eval_text is not None:
         report.eval = evaluate_file(model_path, out_path, o.eval_text, ctx=o.ctx, max_tokens=o.eval_tokens,
-                                    n_threads=o.n_threads, progress=o.progress)
+                                    n_threads=o.n_threads, progress=o.progress, layers=report.eval_layers)
     report.seconds = time.perf_counter() - t_start
     return report
 
@@ -246,22 +259,66 @@ def _write_choosing_down_type(inp: InputFile, out_path: Path, add: Additions, L:
                          "tokens": float(sum(len(w) for w in windows))}
 
 
-def _train_predictors(model, p, win, act, act_t, ranks, o: Options, report: Report):
+def _train_predictors(model, p, win, act, act_t, ranks, o: Options, add: Additions, report: Report,
+                      in_freq_order: bool) -> None:
+    """Trains each layer's predictor on the calibration windows, chooses its cut-off (and always-on
+    prefix) on the tuning windows to reach o.recall there, and reports its quality on the test
+    windows, which neither saw (cutoffs.py)."""
     from tqdm import tqdm
 
     L, F = model.hparams["n_layer"], model.hparams["n_ff"]
-    h = prof_mod.profile(model, win.held_out, act, act_t, max_samples=max(256, o.max_samples // 4),
-                         max_bytes=max(1 << 24, o.max_memory // 4), seed=o.seed + 1, progress=o.progress,
-                         desc="profiling held-out")
-    out = []
-    for l in tqdm(range(L), desc="training predictors", disable=not o.progress):
+
+    def held(windows, desc, seed):
+        return prof_mod.profile(model, windows, act, act_t, max_samples=max(256, o.max_samples // 4),
+                                max_bytes=max(1 << 24, o.max_memory // 4), seed=seed, progress=o.progress,
+                                desc=desc)
+
+    tune, test = held(win.tune, "profiling tuning windows", o.seed + 1), held(win.test, "profiling test windows", o.seed + 2)
+    # always-on neurons are a prefix of the output's order, so only a file in frequency order has them
+    orders = hottest_first(add.act_freq) if o.neuron_order == "frequency" else [
+        np.arange(F)] * L
+    use_on = o.always_on == "auto" and in_freq_order
+
+    def fit(l: int):
         x, y = p.x[l, :p.n_samples].astype(np.float32), p.masks(l, F)
         fc1, fc2 = predictor.train(x, y, ranks[l], epochs=o.epochs, pos_weight=o.pos_weight, seed=o.seed + l)
+        del x, y
         fc1q, fc2q = _roundtrip(fc1, o.predictor_type), _roundtrip(fc2, o.predictor_type)
-        q = predictor.quality(fc1q, fc2q, h.x[l, :h.n_samples].astype(np.float32), h.masks(l, F))
-        report.layers.append({"rank": ranks[l], **q.as_dict()})
-        out.append((fc1, fc2))
-    return out
+        cand = cutoffs.prefix_candidates(add.act_freq[l], orders[l]) if use_on else [0]
+        ch = cutoffs.choose(predictor.logits(fc1q, fc2q, tune.x[l, :tune.n_samples].astype(np.float32)),
+                            tune.masks(l, F), o.recall, orders[l] if use_on else None, cand)
+        q = cutoffs.quality(predictor.logits(fc1q, fc2q, test.x[l, :test.n_samples].astype(np.float32)),
+                            test.masks(l, F), ch.cutoff, ch.always_on, orders[l])
+        return (fc1, fc2), ch, q
+
+    # Layers are independent: one per worker thread (numpy releases the GIL in its loops and matrix
+    # products, so the workers share the cores); each layer is seeded by its index, so the result does
+    # not depend on the number of workers. BLAS stays single-threaded meanwhile: its own threads on
+    # these small products made a training step 12x slower on a loaded 2-core host (137 ms, 11 ms).
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"), _workers(o.n_threads) as pool:
+        done = list(tqdm(pool.map(fit, range(L)), total=L, desc="training predictors", disable=not o.progress))
+    trained, thr, on, tests = [], [], [], []
+    for l, (fc, ch, q) in enumerate(done):
+        report.layers.append({"rank": ranks[l], "cutoff": ch.cutoff, "always_on": ch.always_on,
+                              "tune_recall": ch.recall, **q.as_dict()})
+        trained.append(fc)
+        thr.append(ch.cutoff)
+        on.append(ch.always_on)
+        tests.append(q)
+    add.predictors, add.predictor_layer_thresholds = trained, thr
+    add.predictor_always_on = on if use_on else None
+    report.overall = cutoffs.Quality.pooled(tests).as_dict()
+
+
+def _workers(n_threads: int):
+    """A thread pool of n_threads workers (0: one per core this process may use)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not n_threads:
+        n_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return ThreadPoolExecutor(max_workers=max(1, n_threads))
 
 
 def _silu_thresholds(model, p, win, o: Options, add: Additions, report: Report) -> None:
@@ -298,9 +355,13 @@ def _take_tokens(windows, n: int) -> List[List[int]]:
 
 
 def evaluate_file(model_path, out_path, eval_text: Path, *, ctx: int = 256, max_tokens: int = 4096,
-                  n_threads: int = 0, progress: bool = True) -> List[Dict[str, object]]:
+                  n_threads: int = 0, progress: bool = True, layers: Optional[list] = None) -> List[Dict[str, object]]:
     """Held-out perplexity of the input (dense) and of the calibrated file under each strategy it
-    supports, with the sparsity each reaches."""
+    supports, with the sparsity each reaches; predict also with its recall, the true sparsity, and
+    its KL divergence from exact and top-1 agreement with exact (the cost of the predictors alone).
+    `layers`, when given, receives predict's per-layer recall and sparsities."""
+    from prosparse_rt import _core
+
     base = _open_model(model_path, ctx, n_threads)
     text = text_mod.read_texts([eval_text])
     bos = base.bos if base.add_bos_default and base.bos >= 0 else None
@@ -310,23 +371,27 @@ def evaluate_file(model_path, out_path, eval_text: Path, *, ctx: int = 256, max_
                                                                                        "eval input dense"),
              "sparsity": 0.0 if base.hparams["activation"] == "silu" else evaluate.sparsity_of(base)}]
     del base
-    from prosparse_rt import _core
-
+    models = {}
     for strategy in ("exact", "predict"):
         try:
-            m = _core.Model(str(out_path), n_ctx=ctx, n_threads=n_threads, sparsity=strategy,
-                            diag_recall=strategy == "predict")
+            models[strategy] = _core.Model(str(out_path), n_ctx=ctx, n_threads=n_threads, sparsity=strategy,
+                                           diag_recall=strategy == "predict")
         except ValueError:
             continue  # the file does not support this strategy
-        ppl = evaluate.perplexity(m, win, progress, f"eval {strategy}")
-        st = m.stats()
-        row = {"model": "calibrated", "strategy": strategy, "perplexity": ppl,
-               "sparsity": evaluate.sparsity_of(m) if strategy == "exact" else
-               float(1.0 - np.nanmean(st["predicted_fraction"]))}
+    res = evaluate.compare(models, win, "exact" if "exact" in models else None, progress, "eval exact, predict")
+    for strategy, m in models.items():
+        row = {"model": "calibrated", "strategy": strategy, "perplexity": res[strategy]["perplexity"],
+               "sparsity": evaluate.sparsity_of(m)}
         if strategy == "predict":
-            row["recall"] = float(np.nanmean(st["recall"]))
+            per_layer, pooled = evaluate.predict_stats(m)
+            row.update(sparsity=pooled["predicted_sparsity"], recall=pooled["recall"],
+                       true_sparsity=pooled["actual_sparsity"])
+            if "kl" in res[strategy]:
+                row.update(kl_vs_exact=res[strategy]["kl"], top1_vs_exact=res[strategy]["top1"])
+            if layers is not None:
+                layers[:] = per_layer
         rows.append(row)
-        del m
+    del models
     ref = rows[0]["perplexity"]
     for r in rows:
         r["ppl_change"] = r["perplexity"] / ref - 1.0

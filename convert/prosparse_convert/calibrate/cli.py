@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, default=d.epochs, help=f"training epochs (default {d.epochs})")
     g.add_argument("--pos-weight", type=float, help="weight of active neurons in the loss "
                    "(default: twice the inactive/active ratio, at most 30)")
+    g.add_argument("--recall", type=float, default=d.recall,
+                   help=f"recall each layer's cut-off reaches on the tuning windows (default {d.recall})")
+    g.add_argument("--always-on", default=d.always_on, choices=["auto", "none"],
+                   help="auto (default): per layer, the prefix of most frequent neurons always computed, chosen "
+                        "on the tuning windows; only with frequency order (--neuron-order frequency)")
     g.add_argument("--predictor-type", default=d.predictor_type, choices=["f32", "f16", "q8_0", "q4_0"],
                    help=f"stored predictor type (default {d.predictor_type})")
     g = ap.add_argument_group("output")
@@ -73,6 +78,7 @@ def main(argv=None) -> int:
     o = Options(text=args.text, tokens=args.tokens, ctx=args.ctx, target_sparsity=args.target_sparsity,
                 allocation=args.allocation, probe_tokens=args.probe_tokens, predictors=args.predictors,
                 rank=args.rank, epochs=args.epochs, pos_weight=args.pos_weight,
+                recall=args.recall, always_on=args.always_on,
                 predictor_type=args.predictor_type, neuron_order=args.neuron_order, down_type=args.down_type,
                 max_samples=args.max_samples, max_memory=args.max_memory_mb << 20, eval_text=args.eval,
                 eval_tokens=args.eval_tokens, n_threads=args.threads, seed=args.seed,
@@ -83,6 +89,12 @@ def main(argv=None) -> int:
 def _report(r, args) -> int:
     """Prints what calibration did (and writes it as JSON with --json)."""
     print(f"calibrated on {r.n_calib_tokens} tokens ({r.n_held_out_tokens} held out), {r.activation} model")
+    if r.overall:
+        o = r.overall
+        print(f"predictors: cut-offs chosen on {r.n_tune_tokens} tuning tokens; on {r.n_test_tokens} test tokens "
+              f"neither training nor the cut-offs saw: recall {100 * o['recall']:.1f}%, predicted sparsity "
+              f"{100 * o['predicted_sparsity']:.1f}%, true sparsity {100 * o['actual_sparsity']:.1f}% (pooled "
+              f"over layers; per layer below)")
     if r.allocation:
         kl = ", ".join(f"{k} {v:.4f}" for k, v in r.allocation_kl.items())
         print(f"sparsity allocation: {r.allocation}" + (f" (KL from dense on probe tokens: {kl})" if kl else ""))
@@ -93,12 +105,20 @@ def _report(r, args) -> int:
                  f"{100 * c['rel_change']:+.3f}%, dense, thresholds cleared, {int(c['tokens'])} tokens)") if c else ""
         print(f"ffn_down_t written at {r.down_type}{extra}")
     if r.eval:
-        print("\n| model | strategy | perplexity | change | sparsity | recall |\n|---|---|---|---|---|---|")
+        pct = lambda row, k: f"{100 * row[k]:.1f}%" if row.get(k) is not None else ""  # noqa: E731
+        print(f"\n--eval {args.eval} ({r.eval[0]['tokens']} tokens):\n"
+              "| model | strategy | perplexity | change | sparsity | recall | true sparsity | top-1 vs exact | "
+              "KL vs exact |\n|---|---|---|---|---|---|---|---|---|")
         for row in r.eval:
-            sp = row.get("sparsity")
-            print(f"| {row['model']} | {row['strategy']} | {row['perplexity']:.3f} | "
-                  f"{100 * row['ppl_change']:+.2f}% | " + ('' if sp is None else f"{100 * sp:.1f}%") + " | "
-                  + (f"{100 * row['recall']:.1f}%" if 'recall' in row else '') + " |")
+            print(f"| {row['model']} | {row['strategy']} | {row['perplexity']:.3f} | {100 * row['ppl_change']:+.2f}% | "
+                  f"{pct(row, 'sparsity')} | {pct(row, 'recall')} | {pct(row, 'true_sparsity')} | "
+                  f"{pct(row, 'top1_vs_exact')} | " + (f"{row['kl_vs_exact']:.4f}" if 'kl_vs_exact' in row else "")
+                  + " |")
+        if r.eval_layers:
+            print("\npredict per layer on the --eval text:\n| layer | recall | predicted sparsity | true sparsity |"
+                  "\n|---|---|---|---|")
+            for i, row in enumerate(r.eval_layers):
+                print(f"| {i} | {pct(row, 'recall')} | {pct(row, 'predicted_sparsity')} | {pct(row, 'actual_sparsity')} |")
     if args.json:
         import dataclasses
         args.json.write_text(json.dumps(dataclasses.asdict(r), indent=2, default=float))

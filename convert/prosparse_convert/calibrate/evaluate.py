@@ -4,7 +4,7 @@ token's, so it needs fewer tokens than perplexity to rank two choices)."""
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -37,6 +37,37 @@ def perplexity(model, windows: Sequence[List[int]], progress: bool = False, desc
     return float(np.exp(nll / max(1, n)))
 
 
+def compare(models: Dict[str, object], windows: Sequence[List[int]], ref: Optional[str] = None,
+            progress: bool = False, desc: str = "evaluating") -> Dict[str, Dict[str, float]]:
+    """Per model: perplexity as `perplexity` computes it; with `ref` (one of the models), also the
+    mean over positions of KL(ref || model) and the fraction of positions whose most likely next
+    token is ref's. Window by window, so only one window's logits are held per model."""
+    from tqdm import tqdm
+
+    out = {k: {"nll": 0.0, "kl": 0.0, "top1": 0.0} for k in models}
+    n_tgt = n_pos = 0
+    for w in tqdm(windows, desc=desc, disable=not progress, leave=False):
+        tgt = np.asarray(w[1:])
+        lps = {}
+        for k, m in models.items():
+            m.rewind(0)
+            lps[k] = _log_softmax(m.eval(w, all_logits=True))
+            out[k]["nll"] -= float(lps[k][np.arange(len(tgt)), tgt].sum())
+        if ref is not None:
+            r = lps[ref]
+            for k, lp in lps.items():
+                out[k]["kl"] += float((np.exp(r) * (r - lp)).sum())
+                out[k]["top1"] += float((lp.argmax(-1) == r.argmax(-1)).sum())
+        n_tgt += len(tgt)
+        n_pos += len(w)
+    res = {}
+    for k, v in out.items():
+        res[k] = {"perplexity": float(np.exp(v["nll"] / max(1, n_tgt)))}
+        if ref is not None:
+            res[k].update(kl=v["kl"] / max(1, n_pos), top1=v["top1"] / max(1, n_pos))
+    return res
+
+
 def kl_from(model, windows: Sequence[List[int]], ref: List[np.ndarray]) -> float:
     """Mean over positions of KL(dense || model), dense log-probabilities given in `ref`."""
     tot, n = 0.0, 0
@@ -46,6 +77,21 @@ def kl_from(model, windows: Sequence[List[int]], ref: List[np.ndarray]) -> float
         tot += float((np.exp(lp_ref) * (lp_ref - lp)).sum())
         n += len(w)
     return tot / max(1, n)
+
+
+def predict_stats(model) -> tuple:
+    """(per-layer rows, pooled) of a predict model run with diag_recall: recall, predicted sparsity
+    (neurons computed) and true sparsity (neurons active), from the runtime's counters. Pooled over
+    layers, recall weighs each layer by its active neurons."""
+    st = model.stats()
+    rec = np.asarray(st["recall"], np.float64)
+    pred = np.asarray(st["predicted_fraction"], np.float64)
+    act = np.asarray(st["active_fraction"], np.float64)
+    rows = [{"recall": float(r), "predicted_sparsity": float(1 - p), "actual_sparsity": float(1 - a)}
+            for r, p, a in zip(rec, pred, act)]
+    pooled = {"recall": float(np.nansum(rec * act) / max(1e-30, np.nansum(act))),
+              "predicted_sparsity": float(1 - np.nanmean(pred)), "actual_sparsity": float(1 - np.nanmean(act))}
+    return rows, pooled
 
 
 def sparsity_of(model) -> Optional[float]:

@@ -5,13 +5,13 @@ active neuron costs more than a wasted inactive one (it is dropped from the outp
 weigh n_inactive/n_active (clipped), which selects for recall.
 
 The predictor is positively homogeneous in its input (no bias, ReLU): scaling x scales every logit,
-so the decision at cut-off 0 (sigmoid 0.5, what we write) does not depend on the scale of x. We train
-on x divided by its RMS, the scale-free input the FFN itself sees through ffn_norm.
+so the decision at cut-off 0 (sigmoid 0.5) does not depend on the scale of x. We train on x divided
+by its RMS, the scale-free input the FFN itself sees through ffn_norm; the per-layer cut-offs that
+calibration writes are chosen on the raw logits the runtime computes (cutoffs.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -35,28 +35,8 @@ def logits(fc1: np.ndarray, fc2: np.ndarray, x: np.ndarray) -> np.ndarray:
     return np.maximum(x @ fc1.T, 0.0) @ fc2.T
 
 
-@dataclass
-class Quality:
-    recall: float              # active neurons predicted / active neurons
-    predicted_sparsity: float  # 1 - predicted neurons / all neurons
-    actual_sparsity: float
-
-    def as_dict(self) -> dict:
-        return {"recall": self.recall, "predicted_sparsity": self.predicted_sparsity,
-                "actual_sparsity": self.actual_sparsity}
-
-
-def quality(fc1: np.ndarray, fc2: np.ndarray, x: np.ndarray, y: np.ndarray, cutoff: float = 0.0) -> Quality:
-    pred = logits(fc1, fc2, x.astype(np.float32)) > cutoff
-    n_act = int(y.sum())
-    hit = int((pred & y).sum())
-    return Quality(recall=hit / n_act if n_act else 1.0,
-                   predicted_sparsity=1.0 - float(pred.mean()),
-                   actual_sparsity=1.0 - float(y.mean()))
-
-
-def train(x: np.ndarray, y: np.ndarray, rank: int, *, epochs: int = 10, batch: int = 256,
-          lr: float = 2e-3, pos_weight: Optional[float] = None, max_pos_weight: float = 30.0,
+def train(x: np.ndarray, y: np.ndarray, rank: int, *, epochs: int = 10, batch: int = 64,
+          lr: float = 1e-2, pos_weight: Optional[float] = None, max_pos_weight: float = 30.0,
           seed: int = 0) -> tuple:
     """(fc1 [rank, n_embd], fc2 [n_ff, rank]) float32, trained on inputs x [n, n_embd] and active
     masks y [n, n_ff] (bool)."""

@@ -79,7 +79,7 @@ def profile(model, windows, activation_kind: str, act_t: float, *, max_samples: 
     L, E, F = hp["n_layer"], hp["n_embd"], hp["n_ff"]
     sparse = activation_kind in ("relu", "fatrelu")
     per = (2 * E + (F + 7) // 8) if sparse else 2 * F
-    slots = reservoir_slots(L, per, max_samples, max_bytes)
+    slots = min(reservoir_slots(L, per, max_samples, max_bytes), max(1, sum(len(w) for w in windows)))
     rng = np.random.default_rng(seed)
     res = Reservoir(slots, rng)
     prof = Profile(activation_kind, counts=[np.zeros(F, np.int64) for _ in range(L)])

@@ -44,8 +44,16 @@ PROMPTS = [
 
 @dataclass
 class Windows:
-    calib: List[List[int]]     # token windows to calibrate on
-    held_out: List[List[int]]  # every `held_out_every`-th window, never trained on
+    """Three disjoint parts of the text's windows: `calib` to train on (and profile), `tune` to choose
+    what training cannot (the predictors' per-layer cut-offs), `test` to report on, seen by neither."""
+    calib: List[List[int]]
+    tune: List[List[int]]
+    test: List[List[int]]
+
+    @property
+    def held_out(self) -> List[List[int]]:
+        """Every window not trained on (tune and test)."""
+        return self.tune + self.test
 
     @property
     def n_calib_tokens(self) -> int:
@@ -54,6 +62,14 @@ class Windows:
     @property
     def n_held_out_tokens(self) -> int:
         return sum(len(w) for w in self.held_out)
+
+    @property
+    def n_tune_tokens(self) -> int:
+        return sum(len(w) for w in self.tune)
+
+    @property
+    def n_test_tokens(self) -> int:
+        return sum(len(w) for w in self.test)
 
 
 def read_texts(paths: Sequence[Path]) -> str:
@@ -95,10 +111,12 @@ def generate_text(model_path: str, n_tokens: int, seed: int = 0, n_threads: Opti
 
 
 def make_windows(tokenize, text: str, bos: Optional[int], ctx: int, max_tokens: int,
-                 held_out_every: int = 10) -> Windows:
+                 held_out_every: int = 5) -> Windows:
     """Cuts the text's tokens into windows of `ctx` tokens (BOS first when `bos` is given): up to
-    `max_tokens` calibration tokens, and every `held_out_every`-th window held out besides (at least
-    one held-out window whenever the text has two)."""
+    `max_tokens` calibration tokens, and of every `held_out_every` windows one held out besides,
+    alternately for tuning and for testing (interleaved, so that all three parts sample the whole
+    text; at least one of each whenever the text has three windows). held_out_every=0: every
+    window is a calibration window."""
     if not text.strip():
         raise ConvertError("the calibration text is empty")
     if ctx < 8:
@@ -122,6 +140,7 @@ def make_windows(tokenize, text: str, bos: Optional[int], ctx: int, max_tokens: 
             n += len(w)
         else:
             break
-    if not held and len(calib) >= 2:
-        held.append(calib.pop())
-    return Windows(calib, held)
+    if held_out_every:
+        while len(held) < 2 and len(calib) >= 2:
+            held.append(calib.pop())
+    return Windows(calib, held[0::2], held[1::2])

@@ -37,6 +37,34 @@ def quantile_thresholds(act_abs: np.ndarray, n_samples: int, levels: Sequence[fl
     return out
 
 
+class GridQuantiles:
+    """quantile_thresholds for levels on a grid, each layer's grid of quantiles found in one pass
+    (np.quantile with every grid level at once) the first time the layer is asked for: the greedy
+    search asks for thousands of level vectors, all on target + k * step, and one quantile of a
+    layer's samples costs as much as all of them (a partition of every sample). Levels off the grid
+    are computed as quantile_thresholds would."""
+
+    def __init__(self, act_abs: np.ndarray, n_samples: int, grid: Sequence[float]) -> None:
+        self._a, self._n = act_abs, n_samples
+        self._grid = sorted({round(float(g), 6) for g in grid if 0 < g <= 1.0})
+        self._memo: Dict[tuple, float] = {}
+
+    def __call__(self, levels: Sequence[float]) -> List[float]:
+        out = []
+        for l, s in enumerate(levels):
+            s = round(float(s), 6)
+            if s <= 0:
+                out.append(0.0)
+                continue
+            if (l, s) not in self._memo:
+                v = self._a[l, :self._n].astype(np.float32).ravel()
+                qs = self._grid if s in self._grid and (l, self._grid[0]) not in self._memo else [s]
+                for q, t in zip(qs, np.quantile(v, [min(q, 1.0) for q in qs], method="higher")):
+                    self._memo[(l, q)] = float(t)
+            out.append(self._memo[(l, s)])
+        return out
+
+
 def measured_sparsity(act_abs: np.ndarray, n_samples: int, thresholds: Sequence[float]) -> List[float]:
     return [float((act_abs[l, :n_samples].astype(np.float32) < t).mean()) for l, t in enumerate(thresholds)]
 
@@ -77,9 +105,12 @@ def allocate(model, act_abs: np.ndarray, n_samples: int, target: float, windows:
         return Allocation(uniform, "uniform")
     model.set_layer_thresholds([])
     ref = evaluate.window_logprobs(model, windows)
+    # every level the search can reach: the target moved by whole steps (exchange rounds to 1e-6)
+    quantiles = GridQuantiles(act_abs, n_samples, [target + k * step for k in range(-int(target / step) - 1,
+                                                                                      int(1 / step) + 2)])
 
     def kl_of(lv):
-        model.set_layer_thresholds(quantile_thresholds(act_abs, n_samples, lv))
+        model.set_layer_thresholds(quantiles(lv))
         return evaluate.kl_from(model, windows, ref)
 
     levels, cur = uniform, kl_of(uniform)

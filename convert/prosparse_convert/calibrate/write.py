@@ -23,7 +23,7 @@ from ..gguf_file import copy_field, open_gguf_file
 # Keys the writer sets itself, or that describe the input file's own layout.
 _SKIP_KEYS = (N.GENERAL_ARCHITECTURE, "general.alignment")
 _OURS = (N.PS_ACTIVATION, N.PS_ACTIVATION_THRESHOLD, N.PS_LAYER_THRESHOLDS, N.PS_NEURON_ORDER,
-         N.PS_PREDICTOR_THRESHOLD)
+         N.PS_PREDICTOR_THRESHOLD, N.PS_PREDICTOR_LAYER_THRESHOLDS, N.PS_PREDICTOR_ALWAYS_ON)
 
 
 @dataclass
@@ -34,6 +34,8 @@ class Additions:
     predictors: Optional[List[tuple]] = None          # per layer (fc1 [R, E], fc2 [n_ff, R])
     predictor_type: str = "q8_0"
     predictor_threshold: float = 0.0
+    predictor_layer_thresholds: Optional[List[float]] = None  # per-layer logit cut-offs
+    predictor_always_on: Optional[List[int]] = None  # per layer, neurons [0, k) of the output always run
     layer_thresholds: Optional[List[float]] = None
     neuron_order: str = "original"                    # "frequency": reorder by act_freq
     down_type: str = "q8_0"                           # ffn_down_t made from ffn_down: f16 or q8_0
@@ -140,9 +142,22 @@ def metadata(inp: InputFile, add: Additions, n_layer: int) -> dict:
     has_pred = add.predictors is not None or N.blk(N.FC1, 0) in inp.tensors
     if add.predictors is not None:
         kv[N.PS_PREDICTOR_THRESHOLD] = (add.predictor_threshold, "f32")
+        layer_thr, always_on = add.predictor_layer_thresholds, add.predictor_always_on
     elif has_pred:
         pthr = inp.get(N.PS_PREDICTOR_THRESHOLD, inp.get(N.PWI_SPARSE_THRESHOLD, 0.0))
         kv[N.PS_PREDICTOR_THRESHOLD] = (float(pthr), "f32")
+        # the input's cut-offs follow its predictors; its prefix counts hold only in its own order
+        layer_thr = inp.get(N.PS_PREDICTOR_LAYER_THRESHOLDS)
+        always_on = inp.get(N.PS_PREDICTOR_ALWAYS_ON) if add.neuron_order == "original" else None
+    if has_pred:
+        if layer_thr is not None:
+            if len(layer_thr) != n_layer or not all(np.isfinite(v) for v in layer_thr):
+                raise ConvertError(f"{N.PS_PREDICTOR_LAYER_THRESHOLDS}: need {n_layer} finite cut-offs, got {list(layer_thr)}")
+            kv[N.PS_PREDICTOR_LAYER_THRESHOLDS] = ([float(v) for v in layer_thr], "f32[]")
+        if always_on is not None:
+            if len(always_on) != n_layer:
+                raise ConvertError(f"{N.PS_PREDICTOR_ALWAYS_ON}: need {n_layer} counts, got {len(always_on)}")
+            kv[N.PS_PREDICTOR_ALWAYS_ON] = ([int(v) for v in always_on], "i32[]")
     kv.update(add.extra)
     return kv
 
