@@ -270,7 +270,7 @@ void cpu_ffn_range(const FfnIn& f, int64_t begin, int64_t end, int n_threads, fl
     L.act_t = f.act_t;
     FfnOptions opt;
     opt.strategy = f.strategy;
-    opt.pred_threshold = f.pred_thr;
+    L.pred_threshold = f.pred_thr;
     FfnLayerStats st;
     FfnCall call;
     call.hp = &hp;

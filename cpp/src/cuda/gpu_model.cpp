@@ -365,7 +365,8 @@ void GpuModel::Impl::queue_ffn_kernels(int il, int nt, const float* pred_logit, 
     if (a.strategy == FfnStrategy::PREDICT) {
         a.pred_logit = pred_logit;
         a.ld_logit = ld_logit;
-        a.pred_thr = cfg.ffn_opt->pred_threshold;
+        a.pred_thr = L.pred_threshold;
+        a.pred_always_on = L.pred_always_on;
     }
     a.coef = f32(coef);
     a.ldc = n_hot;
@@ -488,7 +489,7 @@ void GpuModel::Impl::recall_on_cpu(const FfnCall& call, int64_t n_hot) {
         for (int64_t j = 0; j < n_hot; ++j) {
             if (ffn_activation(hp.act, gate[size_t(t) * size_t(n_hot) + size_t(j)], L.act_t) == 0.0f) continue;
             act += 1;
-            hit += call.pred_logit[size_t(t) * size_t(hp.n_ff) + size_t(j)] > call.opt->pred_threshold;
+            hit += call.pred_logit[size_t(t) * size_t(hp.n_ff) + size_t(j)] > L.pred_threshold;  // +inf on the always-on prefix
         }
     call.stats->recall_total += double(act);
     call.stats->recall_hit += double(hit);

@@ -95,6 +95,7 @@ struct FfnHotArgs {
     const float* pred_logit = nullptr;  // PREDICT: [nt][ld_logit], neuron r at column r
     int64_t ld_logit = 0;
     float pred_thr = 0.0f;
+    int64_t pred_always_on = 0;  // PREDICT: rows [0, pred_always_on) selected for every token (the CPU's prefix)
     // Out: coef[c * ldc + r] = act(gate) * up for rows whose up was read, 0 elsewhere (r < n_hot);
     // active[r] = 1 where the row's up was read (so its down row must be read), else 0.
     float* coef = nullptr;

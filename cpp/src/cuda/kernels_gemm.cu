@@ -154,11 +154,18 @@ struct CoefArgs {
     const float* logit;
     int64_t ld_logit;
     float thr;
+    int64_t always_on;  // rows [0, always_on) are selected whatever the logits
     float* coef;
     int64_t ldc;
     uint8_t* active;
     int32_t* counts;
 };
+
+// predict: whether token c's predictor selects row `row` (the always-on prefix always is, as on
+// the CPU, whose logits there are +inf).
+__device__ bool selects(const CoefArgs& a, int c, int64_t row) {
+    return row < a.always_on || a.logit[c * a.ld_logit + row] > a.thr;
+}
 
 __device__ void count(int32_t* counts, int i, int v) {
     if (counts && v && threadIdx.x % kLanes == 0) atomicAdd(counts + i, v);
@@ -197,7 +204,7 @@ __global__ void __launch_bounds__(kWarps * kLanes) ffn_coef_kernel(CoefArgs a, i
             bool any = !predict;
             if (predict) {
                 int n = 0;
-                for (int c = lane; c < a.nt; c += kLanes) n += a.logit[c * a.ld_logit + row0 + r] > a.thr;
+                for (int c = lane; c < a.nt; c += kLanes) n += selects(a, c, row0 + r);
                 n = warp_isum(n);
                 count(a.counts, 2, n);
                 any = n > 0;
@@ -215,7 +222,7 @@ __global__ void __launch_bounds__(kWarps * kLanes) ffn_coef_kernel(CoefArgs a, i
             bool nz = false;
             if (mine) {
                 const int64_t row = row0 + my_r, c = t0 + my_c;
-                const bool selected = !predict || a.logit[c * a.ld_logit + row] > a.thr;
+                const bool selected = !predict || selects(a, int(c), row);
                 const float act = selected ? bm::ffn_act(a.act, g, a.act_t) : 0.0f;
                 a.coef[c * a.ldc + row] = act;
                 nz = act != 0.0f;
@@ -393,7 +400,7 @@ void ffn_hot_coef(const FfnHotArgs& a, Stream s) {
     k.gate_stride = a.gate_stride; k.up_stride = a.up_stride;
     k.xa_gate = static_cast<const uint8_t*>(a.xa_gate); k.xa_up = static_cast<const uint8_t*>(a.xa_up);
     k.xs_gate = act_bytes(a.gate_type, a.n_embd); k.xs_up = act_bytes(a.up_type, a.n_embd);
-    k.logit = a.pred_logit; k.ld_logit = a.ld_logit; k.thr = a.pred_thr;
+    k.logit = a.pred_logit; k.ld_logit = a.ld_logit; k.thr = a.pred_thr; k.always_on = a.pred_always_on;
     k.coef = a.coef; k.ldc = a.ldc; k.active = a.active; k.counts = a.counts;
     const unsigned grid = blocks_for(a.n_hot, kWarps * kRows);
     auto launch = [&](GgmlType w, int phases) {
