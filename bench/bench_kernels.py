@@ -38,7 +38,8 @@ OPS = {
     "sparse_up": ("matmul_rows", 11008, 4096, 0.11),
     "sparse_down": ("axpy_rows", 11008, 4096, 0.11),
 }
-TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"]
+TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "q2_k", "q3_k", "q4_k", "q5_k",
+         "q6_k"]
 
 
 def weight_bytes(qtype, nr, k):
@@ -49,15 +50,23 @@ def weight_bytes(qtype, nr, k):
 
 
 def make_matrix(qtype, nr, k):
-    """nr x k valid weights of qtype (a 64-row random block, quantized by the gguf package,
-    repeated: valid scales, no denormals, and cheap to build)."""
+    """nr x k valid weights of qtype (a 64-row random block, quantized by the gguf package or, for
+    the K-quants, prosparse_convert.kquants, repeated: valid scales, no denormals, and cheap to
+    build). IQ4_NL, which neither quantizes, is Q4_0's bytes read as IQ4_NL (the same layout)."""
     import numpy as np
     from gguf import GGMLQuantizationType as QT
     from gguf import quants
 
     rng = np.random.default_rng(0)
     base = rng.standard_normal((64, k)).astype(np.float32)
-    raw = base.tobytes() if qtype == QT.F32 else quants.quantize(base, qtype).tobytes()
+    if qtype == QT.F32:
+        raw = base.tobytes()
+    elif qtype.name.endswith("_K"):
+        from prosparse_convert import kquants
+
+        raw = kquants.quantize(base, qtype.name).tobytes()
+    else:
+        raw = quants.quantize(base, QT.Q4_0 if qtype == QT.IQ4_NL else qtype).tobytes()
     reps = math.ceil(nr / 64)
     return (raw * reps)[: weight_bytes(qtype, nr, k)]
 

@@ -394,12 +394,12 @@ def test_every_truncation_of_a_valid_file_is_refused(tmp_path):
 def test_unsupported_tensor_type_is_named(tmp_path):
     path = str(tmp_path / "k.gguf")
     w = gguf.GGUFWriter(path, "llama")
-    w.add_tensor("blk.0.ffn_down.weight", np.zeros((2, 144), np.uint8), raw_dtype=T.Q4_K)
+    w.add_tensor("blk.0.ffn_down.weight", np.zeros((2, 136), np.uint8), raw_dtype=T.IQ4_XS)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(ValueError, match="tensor 'blk.0.ffn_down.weight' has type q4_k, which "
+    with pytest.raises(ValueError, match="tensor 'blk.0.ffn_down.weight' has type iq4_xs, which "
                                          "prosparse-rt does not support"):
         core.gguf_summary(path)
 

@@ -23,29 +23,43 @@ from gguf import quants
 
 from prosparse_rt import _core
 
+from helpers_quant import random_blocks
+
 T = _core._testing
 ISAS = T.isas()
 U = 2.0 ** -24
 
 FLOAT_TYPES = {"F32": QT.F32, "F16": QT.F16, "BF16": QT.BF16}
-QUANT_TYPES = {"Q8_0": QT.Q8_0, "Q4_0": QT.Q4_0, "Q4_1": QT.Q4_1}
+K_TYPES = {"Q2_K": QT.Q2_K, "Q3_K": QT.Q3_K, "Q4_K": QT.Q4_K, "Q5_K": QT.Q5_K, "Q6_K": QT.Q6_K}
+QUANT_TYPES = {"Q8_0": QT.Q8_0, "Q4_0": QT.Q4_0, "Q4_1": QT.Q4_1, "Q5_0": QT.Q5_0, "Q5_1": QT.Q5_1,
+               "IQ4_NL": QT.IQ4_NL, **K_TYPES}
 TYPES = {**FLOAT_TYPES, **QUANT_TYPES}
+Q8_1_TYPES = {QT.Q4_1, QT.Q5_1}  # the types whose activations are our Q8_1; the K-quants' are Q8_K
 
 
 def k_for(name):
     # Float types take any row length: 357 leaves a tail after 16- and 8-wide vectors.
-    # Quantized rows are whole 32-weight blocks: 11 of them.
-    return 357 if name in FLOAT_TYPES else 352
+    # Quantized rows are whole blocks: 11 of 32 weights, or 2 super-blocks of 256.
+    return 357 if name in FLOAT_TYPES else 512 if name in K_TYPES else 352
+
+
+def cut_for(name):
+    """A column where a row may be cut: a block boundary."""
+    return 256 if name in K_TYPES else 128
 
 
 def make_weights(name, nr, k, seed=0):
-    """(raw bytes as a GGUF stores them, dequantized float64 [nr, k]) via the gguf package."""
+    """(raw bytes as a GGUF stores them, dequantized float64 [nr, k]) via the gguf package
+    (its quantizer where it has one, else random blocks; its dequantizer)."""
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((nr, k)).astype(np.float32)
     qt = TYPES[name]
     if qt == QT.F32:
         return w.tobytes(), w.astype(np.float64)
-    q = quants.quantize(w, qt)
+    try:
+        q = quants.quantize(w, qt)
+    except NotImplementedError:
+        q = random_blocks(qt, nr, k, rng)
     return q.tobytes(), quants.dequantize(q, qt).astype(np.float64).reshape(nr, k)
 
 
@@ -55,14 +69,31 @@ def np_roundf(x):
 
 def act_as_kernels_see_it(name, x):
     """The activation rows after the kernels' conversion: unchanged for float weights, Q8_0
-    (the gguf package's quantizer) for Q8_0/Q4_0, our Q8_1 (float d = amax/127, llama.cpp's
-    rounding) for Q4_1."""
+    (the gguf package's quantizer) for Q8_0/Q4_0/Q5_0/IQ4_NL, our Q8_1 (float d = amax/127,
+    llama.cpp's rounding) for Q4_1/Q5_1, llama.cpp's Q8_K for the K-quants."""
     qt = TYPES[name]
     if qt in FLOAT_TYPES.values():
         return x.astype(np.float64)
-    if qt in (QT.Q8_0, QT.Q4_0):
-        return quants.dequantize(quants.quantize(x, QT.Q8_0), QT.Q8_0).astype(np.float64).reshape(x.shape)
-    return q8_1_reference(x)[0]
+    if qt in K_TYPES.values():
+        return q8_k_reference(x)[0]
+    if qt in Q8_1_TYPES:
+        return q8_1_reference(x)[0]
+    return quants.dequantize(quants.quantize(x, QT.Q8_0), QT.Q8_0).astype(np.float64).reshape(x.shape)
+
+
+def q8_k_reference(x):
+    """ggml's quantize_row_q8_K_ref with numpy: (dequantized, d, qs, bsums). Per 256 values, the one
+    of largest magnitude m (first of equals, sign kept) maps to -127: q = rint(x * (-127 / m))
+    (half to even), at most 127; d = 1 / (-127 / m)."""
+    blocks = x.reshape(-1, 256).astype(np.float32)
+    m = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=1)[:, None], axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = np.where(m == 0, np.float32(0), np.float32(-127) / m).astype(np.float32)
+        d = np.where(m == 0, np.float32(0), np.float32(1) / iscale).astype(np.float32)
+    qs = np.minimum(np.rint(blocks * iscale), 127).astype(np.int8)
+    bsums = qs.astype(np.int32).reshape(-1, 16, 16).sum(axis=2).astype(np.int16)
+    deq = (d.astype(np.float64) * qs).reshape(x.shape)
+    return deq, d[:, 0], qs, bsums
 
 
 def q8_1_reference(x):
@@ -125,6 +156,20 @@ def test_q8_1_activation_matches_numpy_reference(isa):
         np.testing.assert_array_equal(got["qs"], qs)
         np.testing.assert_array_equal(got["d"], d)
         np.testing.assert_array_equal(got["s"], s)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_q8_k_activation_matches_numpy_reference(isa):
+    x = np.random.default_rng(3).standard_normal((2, 512)).astype(np.float32) * 5
+    x[0, 256:] = 0.0  # an all-zero super-block: d = 0, every q = 0
+    x[1, 7] = -40.0  # the largest magnitude negative: it maps to +127
+    rec = np.dtype([("d", "<f4"), ("qs", "i1", 256), ("bsums", "<i2", 16)])
+    for row in x:
+        got = np.frombuffer(T.quantize_act(isa, int(QT.Q4_K), row), dtype=rec)
+        _, d, qs, bsums = q8_k_reference(row)
+        np.testing.assert_array_equal(got["qs"], qs)
+        np.testing.assert_array_equal(got["d"], d)
+        np.testing.assert_array_equal(got["bsums"], bsums)
 
 
 # ---- dense gemm -------------------------------------------------------------------------------
@@ -288,11 +333,12 @@ def test_axpy_rows_columns_are_independent_of_how_a_call_is_cut(isa, name):
     rng = np.random.default_rng(12)
     c = rng.standard_normal((2, len(rows))).astype(np.float32)
     y0 = rng.standard_normal((2, k)).astype(np.float32)
+    cut = cut_for(name)
     whole = T.axpy_rows(isa, int(TYPES[name]), wb, nr, k, rows, c, y0)
-    left = T.axpy_rows(isa, int(TYPES[name]), column_slice(name, wb, nr, k, 0, 128), nr, 128, rows, c,
-                       np.ascontiguousarray(y0[:, :128]))
-    right = T.axpy_rows(isa, int(TYPES[name]), column_slice(name, wb, nr, k, 128, k), nr, k - 128, rows, c,
-                        np.ascontiguousarray(y0[:, 128:]))
+    left = T.axpy_rows(isa, int(TYPES[name]), column_slice(name, wb, nr, k, 0, cut), nr, cut, rows, c,
+                       np.ascontiguousarray(y0[:, :cut]))
+    right = T.axpy_rows(isa, int(TYPES[name]), column_slice(name, wb, nr, k, cut, k), nr, k - cut, rows, c,
+                        np.ascontiguousarray(y0[:, cut:]))
     np.testing.assert_array_equal(whole, np.concatenate([left, right], axis=1))
 
 

@@ -21,7 +21,9 @@ from prosparse_rt._core import _testing as core  # noqa: E402
 # gguf-py's numpy code warns on the overflowing and NaN inputs these tests feed it on purpose.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
-SUPPORTED = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1]
+SUPPORTED = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1]  # quantize_row and dequantize_row
+# Loaded and dequantized (the converter quantizes them in Python: prosparse_convert.kquants).
+DEQUANT_ONLY = [T.Q5_0, T.Q5_1, T.IQ4_NL, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
 
 
 def _inputs(seed: int) -> dict[str, np.ndarray]:
@@ -157,10 +159,31 @@ def test_type_table_matches_gguf_py_names_and_block_layouts():
         assert (block, nbytes) == GGML_QUANT_SIZES[t], t.name
 
 
-def test_exactly_the_six_supported_types_are_marked_supported():
+def test_exactly_the_supported_types_are_marked_supported():
     supported = {core.type_layout(i)[0] for i in range(64)
                  if core.type_layout(i) is not None and core.type_layout(i)[3]}
-    assert supported == {"f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"}
+    assert supported == {t.name.lower() for t in SUPPORTED + DEQUANT_ONLY}
+
+
+@pytest.mark.parametrize("t", DEQUANT_ONLY, ids=lambda t: t.name)
+def test_dequantization_equals_gguf_bit_for_bit(t):
+    """Every field of the layout from random bits (finite fp16 scales), 3 rows of 2 super-blocks."""
+    from helpers_quant import random_blocks
+
+    raw = random_blocks(t, 3, 512, np.random.default_rng(int(t)))
+    for row in raw:
+        ours = core.dequantize(int(t), row.tobytes(), 512)
+        ref = ref_dequantize(row, t).reshape(-1)
+        assert ours.dtype == np.float32
+        np.testing.assert_array_equal(ours.view(np.uint32), ref.astype(np.float32).view(np.uint32))
+
+
+def test_q5_0_and_q5_1_from_the_gguf_quantizer_dequantize_bit_for_bit():
+    for t in (T.Q5_0, T.Q5_1):
+        for name, x in _inputs(5).items():
+            q = ref_quantize(x, t)
+            ours = core.dequantize(int(t), q.tobytes(), x.size)
+            np.testing.assert_array_equal(ours.view(np.uint32), ref_dequantize(q, t).reshape(-1).view(np.uint32), name)
 
 
 def test_type_names_for_removed_and_undefined_ids():

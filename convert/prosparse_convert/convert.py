@@ -128,27 +128,29 @@ def plan_outputs(src: Source, o: Options) -> Tuple[List[_Out], dict]:
     perms = _layer_perms(src, freq, o.neuron_order)
     if o.format == "llama.cpp":
         predictors, freq = None, None
-    want = quant.outtype(o.outtype)
     pred_want = quant.outtype(o.predictor_type)
+
+    def wtype(name, shape):  # llama.cpp's per-tensor choice for the K mixes (quant.mixed_type)
+        return quant.mixed_type(o.outtype, name, shape, p.n_layer, p.n_head // p.n_head_kv, p.tied)
 
     outs: List[_Out] = []
     for name, (shape, load) in src.tensors.items():
         layer = _layer_of(name)
         perm = perms[layer] if layer is not None else None
         if layer is not None and name in (N.blk(N.FFN_GATE, layer), N.blk(N.FFN_UP, layer)):
-            outs.append(_Out(name, shape, quant.tensor_type(shape, want), in_neuron_order(load, perm)))
+            outs.append(_Out(name, shape, wtype(name, shape), in_neuron_order(load, perm)))
         elif layer is not None and name == N.blk(N.FFN_DOWN, layer):
             if sparse and o.format == "prosparse":
                 # Neuron-major: one contiguous row per neuron, so skipping a neuron skips whole blocks.
                 t_shape = (shape[1], shape[0])
-                outs.append(_Out(N.blk(N.FFN_DOWN_T, layer), t_shape, quant.tensor_type(t_shape, want),
+                outs.append(_Out(N.blk(N.FFN_DOWN_T, layer), t_shape, wtype(N.blk(N.FFN_DOWN_T, layer), t_shape),
                                  in_neuron_order(lambda load=load: load().T, perm)))
             else:
                 f = (lambda load=load, perm=perm: load()[:, perm]) if perm is not None else load
-                outs.append(_Out(name, shape, quant.tensor_type(shape, want), f))
+                outs.append(_Out(name, shape, wtype(name, shape), f))
             outs += layer_extras(layer, predictors, freq, perm, p.n_embd, p.n_ff, pred_want)
         else:
-            outs.append(_Out(name, shape, quant.tensor_type(shape, want), load))
+            outs.append(_Out(name, shape, wtype(name, shape), load))
 
     kv = _metadata(src, o, predictors is not None, freq is not None,
                    "frequency" if perms[0] is not None or src.neuron_order == "frequency" else "original")

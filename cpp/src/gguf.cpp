@@ -336,7 +336,7 @@ Tensor read_tensor_info(Reader& r, uint64_t ti, uint64_t alignment, const char* 
     if (info == nullptr) r.bad(strfmt("tensor '%s' has unknown type id %u", tn, type));
     if (!info->supported)
         fail(strfmt("%s: tensor '%s' has type %s, which prosparse-rt does not support "
-                    "(supported: f32, f16, bf16, q8_0, q4_0, q4_1)", path, tn, info->name));
+                    "(supported: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl, q2_k, q3_k, q4_k, q5_k, q6_k)", path, tn, info->name));
     t.type = GgmlType(type);
     if (t.ne[0] % info->block_size != 0)
         r.bad(strfmt("tensor '%s' of type %s has rows of %lld elements, not a multiple of the block size "

@@ -20,16 +20,17 @@ constexpr int64_t kChunkBytes = 128 << 10;  // ... and about this many weight by
                                             // a long contiguous run (short rows, e.g. SmolLM2's 360 B,
                                             // made 11 KB tasks: +17% decode at 128 KB); a matrix
                                             // under it is one task, run by the caller alone
-constexpr int64_t kColChunk = 128;     // output columns per batched axpy task (multiple of 32)
+constexpr int64_t kColChunk = 128;     // output columns per batched axpy task (rounded up to the block)
 
 void check_weight(const Tensor& W, const char* op) {
     if (W.n_dims > 2 || W.ne[2] != 1 || W.ne[3] != 1)
         fail(strfmt("%s: tensor '%s' is not 2-D", op, W.name.c_str()));
-    if (cpu::weight_bytes(W.type, W.ne[0]) == 0)
+    if (!cpu::has_kernels(W.type))
         fail(strfmt("%s: tensor '%s' has type %s, which has no kernel", op, W.name.c_str(), type_name(W.type)));
-    if (W.type != GgmlType::F32 && W.type != GgmlType::F16 && W.type != GgmlType::BF16 && W.ne[0] % QK != 0)
-        fail(strfmt("%s: tensor '%s' has rows of %lld, not a multiple of %d", op, W.name.c_str(),
-                    (long long)W.ne[0], QK));
+    const int64_t block = cpu::traits(W.type).block;
+    if (W.ne[0] % block != 0)
+        fail(strfmt("%s: tensor '%s' has rows of %lld, not a multiple of %lld", op, W.name.c_str(),
+                    (long long)W.ne[0], (long long)block));
 }
 
 // Every listed row in range; with `ascending`, also strictly ascending (the axpy's neuron groups).
@@ -115,9 +116,10 @@ void axpy_rows(ThreadPool& pool, const Tensor& W, const int32_t* rows, int64_t n
     // task owns a slice of the output columns for every token: no partial buffers, no reduction,
     // and the slicing (one slice per thread for a single token, whose rows then stream in long
     // runs; narrow slices for a batch, whose panels stay in L1) never changes a result.
-    const int64_t col_chunk = n_tokens > 1
-        ? kColChunk
-        : std::max<int64_t>(QK, ((k + pool.size() - 1) / pool.size() + QK - 1) / QK * QK);
+    // Slices start at block boundaries (32 weights, 256 for the K-quants; float types use 32).
+    const int64_t block = std::max<int64_t>(QK, cpu::traits(W.type).block);
+    auto round_up = [&](int64_t v) { return (v + block - 1) / block * block; };
+    const int64_t col_chunk = n_tokens > 1 ? round_up(kColChunk) : std::max(block, round_up((k + pool.size() - 1) / pool.size()));
     const int64_t n_col_chunks = (k + col_chunk - 1) / col_chunk;
     if (n == 0) return;
     pool.parallel_for(n_col_chunks, [&](int64_t ch, int) {

@@ -165,7 +165,7 @@ void register_test_hooks(nb::module_& m) {
                                  nb::ndarray<const float, nb::ndim<1>, nb::c_contig> x) {
         const ps::cpu::KernelSet* ks = kset(isa);
         const int64_t k = int64_t(x.shape(0));
-        if (ps::cpu::weight_bytes(ps::GgmlType(type), k) == 0 || k % ps::QK != 0)
+        if (!ps::cpu::has_kernels(ps::GgmlType(type)) || k <= 0 || k % ps::cpu::traits(ps::GgmlType(type)).block != 0)
             throw ps::Error("unsupported type or size");
         std::string out(ps::cpu::act_row_bytes(ps::GgmlType(type), k), '\0');
         ks->quantize_act(ps::GgmlType(type), x.data(), &out[0], k);

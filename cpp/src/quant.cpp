@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "common.h"
+#include "cpu/kernels.h"
 
 // Bit-exactness needs every product rounded before the following add: a fused multiply-add
 // (which GCC would otherwise form on targets that have one, e.g. aarch64) rounds once and gives
@@ -34,21 +35,21 @@ constexpr TypeInfo kTypes[] = {
     /*  3 */ {"q4_1", 32, 20, true},
     /*  4 */ {"q4_2", 0, 0, false},  // removed from ggml in 2023
     /*  5 */ {"q4_3", 0, 0, false},  // removed from ggml in 2023
-    /*  6 */ {"q5_0", 32, 22, false},
-    /*  7 */ {"q5_1", 32, 24, false},
+    /*  6 */ {"q5_0", 32, 22, true},
+    /*  7 */ {"q5_1", 32, 24, true},
     /*  8 */ {"q8_0", 32, 34, true},
     /*  9 */ {"q8_1", 32, 36, false},  // ggml's: fp16 d and s (our in-memory block_q8_1 differs)
-    /* 10 */ {"q2_k", 256, 84, false},
-    /* 11 */ {"q3_k", 256, 110, false},
-    /* 12 */ {"q4_k", 256, 144, false},
-    /* 13 */ {"q5_k", 256, 176, false},
-    /* 14 */ {"q6_k", 256, 210, false},
+    /* 10 */ {"q2_k", 256, 84, true},
+    /* 11 */ {"q3_k", 256, 110, true},
+    /* 12 */ {"q4_k", 256, 144, true},
+    /* 13 */ {"q5_k", 256, 176, true},
+    /* 14 */ {"q6_k", 256, 210, true},
     /* 15 */ {"q8_k", 256, 292, false},
     /* 16 */ {"iq2_xxs", 256, 66, false},
     /* 17 */ {"iq2_xs", 256, 74, false},
     /* 18 */ {"iq3_xxs", 256, 98, false},
     /* 19 */ {"iq1_s", 256, 50, false},
-    /* 20 */ {"iq4_nl", 32, 18, false},
+    /* 20 */ {"iq4_nl", 32, 18, true},
     /* 21 */ {"iq3_s", 256, 110, false},
     /* 22 */ {"iq2_s", 256, 82, false},
     /* 23 */ {"iq4_xs", 256, 136, false},
@@ -276,6 +277,13 @@ void dequantize_row(GgmlType t, const void* src, float* dst, int64_t n) {
         case GgmlType::Q4_1:
             check_blocks(t, n, QK);
             dequantize_q4_1(static_cast<const block_q4_1*>(src), dst, n / QK);
+            return;
+        case GgmlType::Q5_0: case GgmlType::Q5_1: case GgmlType::IQ4_NL: case GgmlType::Q2_K:
+        case GgmlType::Q3_K: case GgmlType::Q4_K: case GgmlType::Q5_K: case GgmlType::Q6_K:
+            // The scalar kernels' dequantization: the gguf package's numpy formulas, operation for
+            // operation (tests/test_quant_types.py checks the bits).
+            check_blocks(t, n, type_info(uint32_t(t))->block_size);
+            cpu::scalar_kernels().dequant_row(t, src, dst, n);
             return;
         default:
             fail(strfmt("cannot dequantize type %s: prosparse-rt does not support it", type_name(t)));

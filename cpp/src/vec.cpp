@@ -1,28 +1,17 @@
+// The residual-stream vector routines run through the kernel set chosen once for the CPU
+// (cpu/dispatch.cpp, PROSPARSE_ISA), whose sets give the same bits in every instruction set.
 #include "vec.h"
 
-#include <cmath>
-
-#if defined(PROSPARSE_X86) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
-#define PS_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define PS_CLONES
-#endif
+#include "cpu/kernels.h"
 
 namespace ps {
 
-PS_CLONES void vec_axpy(float* y, float a, const float* x, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
-}
+void vec_axpy(float* y, float a, const float* x, int64_t n) { cpu::kernels().vec_axpy(y, a, x, n); }
 
-PS_CLONES void vec_scale(float* y, float a, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) y[i] *= a;
-}
+void vec_scale(float* y, float a, int64_t n) { cpu::kernels().vec_scale(y, a, n); }
 
-PS_CLONES void rms_norm(float* y, const float* x, const float* w, int64_t n, float eps) {
-    double ss = 0.0;  // double: the mean of squares over thousands of elements
-    for (int64_t i = 0; i < n; ++i) ss += double(x[i]) * double(x[i]);
-    const float inv = float(1.0 / std::sqrt(ss / double(n) + double(eps)));
-    for (int64_t i = 0; i < n; ++i) y[i] = (x[i] * inv) * w[i];
+void rms_norm(float* y, const float* x, const float* w, int64_t n, float eps) {
+    cpu::kernels().rms_norm(y, x, w, n, eps);
 }
 
 }  // namespace ps

@@ -34,20 +34,33 @@ const KernelSet* choose() {
     }
     for (const char* isa : {"avx512", "avx2"})
         if (const KernelSet* ks = kernels_for(isa)) return ks;
-    return &kScalarKernels;
+    return &scalar_kernels();
 }
 
 }  // namespace
 
 const KernelSet* kernels_for(const char* isa) {
     if (!isa || !cpu_has(isa)) return nullptr;
-    if (std::strcmp(isa, "scalar") == 0) return &kScalarKernels;
+    if (std::strcmp(isa, "scalar") == 0) return &scalar_kernels();
 #if defined(PROSPARSE_X86)
-    if (std::strcmp(isa, "avx2") == 0) return &kAvx2Kernels;
-    if (std::strcmp(isa, "avx512") == 0) return &kAvx512Kernels;
+    if (std::strcmp(isa, "avx2") == 0) return &avx2_kernels();
+    if (std::strcmp(isa, "avx512") == 0) return &avx512_kernels();
 #endif
     return nullptr;
 }
+
+size_t act_row_bytes(GgmlType w, int64_t k) {
+    if (!has_kernels(w)) return 0;
+    switch (traits(w).act) {
+        case Act::F32: return size_t(k) * sizeof(float);
+        case Act::Q8S: return size_t(k / QK) * kQ8ActBlockBytes;
+        case Act::Q8_1: return size_t(k / QK) * sizeof(block_q8_1);
+        case Act::Q8K: return size_t(k / QK_K) * sizeof(block_q8_K);
+    }
+    return 0;
+}
+
+void KernelSet::no_kernel(GgmlType w) { fail(strfmt("no kernel for weight type %s", type_name(w))); }
 
 const KernelSet& kernels() {
     static const KernelSet* chosen = choose();  // thread-safe one-time initialisation

@@ -32,12 +32,10 @@ void interleave_rows(GgmlType w, int64_t k, const uint8_t* src, size_t src_strid
     for (int64_t g = 0; g < n_groups; ++g) {
         const uint8_t* in = src + size_t(g * kGroupRows) * src_stride;
         uint8_t* out = dst + size_t(g) * group_bytes(w, k);
-        switch (w) {
-            case GgmlType::Q4_0: interleave_group<block_q4_0>(in, src_stride, nb, reinterpret_cast<block_q4_0x8*>(out)); break;
-            case GgmlType::Q4_1: interleave_group<block_q4_1>(in, src_stride, nb, reinterpret_cast<block_q4_1x8*>(out)); break;
-            case GgmlType::Q8_0: interleave_group<block_q8_0>(in, src_stride, nb, reinterpret_cast<block_q8_0x8*>(out)); break;
-            default: fail(strfmt("cannot interleave rows of type %s", type_name(w)));
-        }
+        if (w == GgmlType::Q4_0) interleave_group<block_q4_0>(in, src_stride, nb, reinterpret_cast<block_q4_0x8*>(out));
+        else if (w == GgmlType::Q4_1) interleave_group<block_q4_1>(in, src_stride, nb, reinterpret_cast<block_q4_1x8*>(out));
+        else if (w == GgmlType::Q8_0) interleave_group<block_q8_0>(in, src_stride, nb, reinterpret_cast<block_q8_0x8*>(out));
+        else fail(strfmt("cannot interleave rows of type %s", type_name(w)));
     }
 }
 

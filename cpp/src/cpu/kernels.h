@@ -11,22 +11,60 @@
 
 namespace ps::cpu {
 
-// The format activations are converted to before they meet weights of type `w`:
-// F32 for F32/F16/BF16 weights, Q8_0 values (Q8Act below) for Q8_0/Q4_0, our Q8_1 for Q4_1.
-size_t act_row_bytes(GgmlType w, int64_t k);
+// ---- Per-type traits (the same for every instruction set) ------------------------------------
+// Each weight type the kernels run is one row of kTraits: its block, the activation format its
+// rows multiply with, and whether it has an interleaved form. Chunk sizes (ops.cpp) follow from
+// the block size, so a new type is a row here plus its entries in the kernel sets below.
+enum class Act : uint8_t {
+    F32,   // activations stay f32 (F32, F16, BF16 weights)
+    Q8S,   // Q8Act below: llama.cpp's Q8_0 values by field (Q8_0, Q4_0, Q5_0, IQ4_NL)
+    Q8_1,  // our block_q8_1 (Q4_1, Q5_1)
+    Q8K,   // llama.cpp's block_q8_K, 256 values (the K-quants)
+};
+constexpr int kActFormats = 4;
+
+struct TypeTraits {
+    int64_t block = 0;       // weights per block (1 for float types); 0: no kernels for the type
+    size_t block_bytes = 0;  // bytes per block
+    Act act = Act::F32;
+    bool x8 = false;         // has an interleaved 8-row form ("Interleaved rows" below)
+};
+constexpr int kTypeSlots = 31;  // ggml type ids 0..30: every type with kernels has an id below
+inline constexpr TypeTraits kTraits[kTypeSlots] = {
+    /*  0 f32 */ {1, 4, Act::F32, false},
+    /*  1 f16 */ {1, 2, Act::F32, false},
+    /*  2 q4_0 */ {QK, sizeof(block_q4_0), Act::Q8S, true},
+    /*  3 q4_1 */ {QK, sizeof(block_q4_1), Act::Q8_1, true},
+    {}, {},
+    /*  6 q5_0 */ {QK, sizeof(block_q5_0), Act::Q8S, false},
+    /*  7 q5_1 */ {QK, sizeof(block_q5_1), Act::Q8_1, false},
+    /*  8 q8_0 */ {QK, sizeof(block_q8_0), Act::Q8S, true},
+    {},
+    /* 10 q2_k */ {QK_K, sizeof(block_q2_K), Act::Q8K, false},
+    /* 11 q3_k */ {QK_K, sizeof(block_q3_K), Act::Q8K, false},
+    /* 12 q4_k */ {QK_K, sizeof(block_q4_K), Act::Q8K, false},
+    /* 13 q5_k */ {QK_K, sizeof(block_q5_K), Act::Q8K, false},
+    /* 14 q6_k */ {QK_K, sizeof(block_q6_K), Act::Q8K, false},
+    {}, {}, {}, {}, {},
+    /* 20 iq4_nl */ {QK, sizeof(block_iq4_nl), Act::Q8S, false},
+    {}, {}, {}, {}, {}, {}, {}, {}, {},
+    /* 30 bf16 */ {1, 2, Act::F32, false},
+};
+inline constexpr TypeTraits kNoTraits{};
+constexpr const TypeTraits& traits(GgmlType w) {
+    return uint32_t(w) < uint32_t(kTypeSlots) ? kTraits[uint32_t(w)] : kNoTraits;
+}
+constexpr bool has_kernels(GgmlType w) { return traits(w).block != 0; }
 
 // Bytes of n weights of a type the kernels support (n a multiple of the block size), 0 for any
 // other type. The kernels' own copy of quant.h's row_bytes, inline so the hot loops can use it.
-inline size_t weight_bytes(GgmlType w, int64_t n) {
-    switch (w) {
-        case GgmlType::F32: return size_t(n) * 4;
-        case GgmlType::F16: case GgmlType::BF16: return size_t(n) * 2;
-        case GgmlType::Q8_0: return size_t(n / QK) * sizeof(block_q8_0);
-        case GgmlType::Q4_0: return size_t(n / QK) * sizeof(block_q4_0);
-        case GgmlType::Q4_1: return size_t(n / QK) * sizeof(block_q4_1);
-        default: return 0;
-    }
+constexpr size_t weight_bytes(GgmlType w, int64_t n) {
+    const TypeTraits& t = traits(w);
+    return t.block ? size_t(n / t.block) * t.block_bytes : 0;
 }
+
+// Bytes of one converted activation row of k values for weights of type w (0 if w has no kernels).
+size_t act_row_bytes(GgmlType w, int64_t k);
 
 // The activation row that meets Q8_0 and Q4_0 weights: llama.cpp's Q8_0 values laid out by field,
 // the codes of all nb blocks, then their scales as floats (rounded to fp16, as Q8_0 stores them),
@@ -71,8 +109,7 @@ static_assert(sizeof(block_q4_1x8) == 8 * sizeof(block_q4_1), "block_q4_1x8 layo
 static_assert(sizeof(block_q8_0x8) == 8 * sizeof(block_q8_0), "block_q8_0x8 layout");
 constexpr int kGroupRows = 8;
 inline bool can_interleave(GgmlType w, int64_t k, int64_t n_rows) {
-    const bool type_ok = w == GgmlType::Q4_0 || w == GgmlType::Q4_1 || w == GgmlType::Q8_0;
-    return type_ok && k > 0 && k % QK == 0 && n_rows % kGroupRows == 0 && n_rows > 0;
+    return traits(w).x8 && k > 0 && k % QK == 0 && n_rows % kGroupRows == 0 && n_rows > 0;
 }
 // Bytes of one group of 8 interleaved rows of k weights (of a type can_interleave accepts).
 inline size_t group_bytes(GgmlType w, int64_t k) { return weight_bytes(w, k) * kGroupRows; }
@@ -90,52 +127,105 @@ void interleave_rows(GgmlType w, int64_t k, const uint8_t* src, size_t src_strid
 constexpr int kNeuronGroup = 64;
 constexpr int kAttnTileMax = 128;  // positions per attention tile (attention.h)
 
+// The kernels of one weight type in one instruction set (the arguments as KernelSet's wrappers
+// below describe them). gemm_interleaved is nullptr for types without an interleaved form.
+using QuantizeActFn = void (*)(const float* x, void* xa, int64_t k);
+using GemmRowsFn = void (*)(int64_t k, const uint8_t* W, size_t w_stride, const int32_t* rows, int64_t n,
+                            const uint8_t* X, size_t x_stride, int64_t nc, float* Y, int64_t ldy);
+using AxpyRowsFn = void (*)(int64_t k, const uint8_t* W, size_t w_stride, const int32_t* rows, int64_t n,
+                            const float* C, int64_t ldc, int64_t nc, float* Y, int64_t ldy);
+using DequantFn = void (*)(const uint8_t* src, float* dst, int64_t n);
+using GemmX8Fn = void (*)(int64_t k, const uint8_t* W, int64_t n_groups, const uint8_t* X, size_t x_stride,
+                          int64_t nc, float* Y, int64_t ldy);
+struct TypeKernels {
+    GemmRowsFn gemm_rows = nullptr;  // nullptr: no kernels for this type
+    AxpyRowsFn axpy_rows = nullptr;
+    DequantFn dequant_row = nullptr;
+    GemmX8Fn gemm_interleaved = nullptr;
+};
+
+// One instruction set's kernels: a table of per-type entries (by ggml type id) and the per-format
+// activation converters, plus the type-independent kernels. The SIMD sets start as copies of the
+// scalar set and replace the entries they implement, so a type without a SIMD kernel runs the
+// scalar reference (which the batch-invariance rule makes bitwise the same anyway).
 struct KernelSet {
-    const char* isa;  // "scalar", "avx2", "avx512"
-
-    // Convert one activation row of k floats to the format weights of type w multiply with.
-    // Q8_0/Q8_1 rounding follows llama.cpp's reference quantizer bit for bit (round half away
-    // from zero), in every instruction set, so activations never depend on the ISA.
-    void (*quantize_act)(GgmlType w, const float* x, void* xa, int64_t k);
-
-    // Y[c * ldy + r] = dot(row r of W, activation row c), for r < nr and c < nc.
-    // Rows of W are w_stride bytes apart, activation rows x_stride bytes apart. k is a multiple
-    // of the block size of w. Quantized rows give the same bits as gemm_interleaved would.
-    void (*gemm)(GgmlType w, int64_t k, const void* W, size_t w_stride, int64_t nr,
-                 const void* X, size_t x_stride, int64_t nc, float* Y, int64_t ldy);
-
-    // Sparse gate/up (docs/design.md "The FFN strategies"): gemm over listed rows only,
-    // Y[c * ldy + i] = dot(row rows[i] of W, activation row c), for i < n and c < nc.
-    // The caller guarantees 0 <= rows[i] < rows of W.
-    void (*gemm_rows)(GgmlType w, int64_t k, const void* W, size_t w_stride, const int32_t* rows,
-                      int64_t n, const void* X, size_t x_stride, int64_t nc, float* Y, int64_t ldy);
-
-    // Sparse down projection over the neuron-major ffn_down_t, in neuron groups (kNeuronGroup):
-    // Y[c * ldy + j] += sum over groups g, in group order, of P_g[c][j], where
-    // P_g[c][j] = sum over the listed rows i in group g, in list order, of C[c * ldc + i] * W[rows[i]][j],
-    // starting from zero; each term is fma(w, C, P) with w the weight as dequantize gives it
-    // (d * q, Q4_1 fma(q, d, m)). A row's group is rows[i] / kNeuronGroup (rows == nullptr: rows
-    // 0..n-1, row i in group i / kNeuronGroup). rows must be ascending. Columns are independent,
-    // so callers may split them (at block boundaries, offsetting W by weight_bytes(w, j0)) freely.
-    void (*axpy_rows)(GgmlType w, int64_t k, const void* W, size_t w_stride, const int32_t* rows,
-                      int64_t n, const float* C, int64_t ldc, int64_t nc, float* Y, int64_t ldy);
+    const char* isa = "";  // "scalar", "avx2", "avx512"
+    QuantizeActFn quantize[kActFormats] = {};
+    TypeKernels types[kTypeSlots] = {};
 
     // One tile of attention for one query head (attention.cpp): s_p = (q . k_p) * scale for the n
     // (<= kAttnTileMax) keys of the tile (K[p * hd + d], V likewise); m = max s_p,
     // e_p = exp(s_p - m), l = sum of e_p in position order, o = sum of e_p v_p as an fma chain in
     // position order. Writes part = (m, l, o[0..hd)). A dot's lane order is fixed per instruction
     // set (as for float weights), so results are the same for any batch and thread count.
-    void (*attn_tile)(const float* q, const float* K, const float* V, int n, int hd, float scale, float* part);
+    void (*attn_tile)(const float* q, const float* K, const float* V, int n, int hd, float scale, float* part) = nullptr;
 
-    // dst[0..n) = a row of n values of type w as floats, exactly as dequantize gives them (d * q;
-    // Q4_1 fma(q, d, m)); n a multiple of the block size for the quantized types.
-    void (*dequant_row)(GgmlType w, const void* src, float* dst, int64_t n);
+    // Residual-stream vector routines (vec.h), the same bits in every set: y[i] = fma(a, x[i], y[i]);
+    // y[i] *= a; RMSNorm with the sum of squares in double, fma-accumulated in index order, then
+    // y[i] = (x[i] * inv) * w[i].
+    void (*vec_axpy)(float* y, float a, const float* x, int64_t n) = nullptr;
+    void (*vec_scale)(float* y, float a, int64_t n) = nullptr;
+    void (*rms_norm)(float* y, const float* x, const float* w, int64_t n, float eps) = nullptr;
+
+    // The entry of weight type w; throws naming the type if this set has none.
+    const TypeKernels& of(GgmlType w) const {
+        const TypeKernels* t = uint32_t(w) < uint32_t(kTypeSlots) ? &types[uint32_t(w)] : nullptr;
+        if (!t || !t->gemm_rows) no_kernel(w);
+        return *t;
+    }
+
+    // Convert one activation row of k floats to the format weights of type w multiply with.
+    // Q8_0/Q8_1 rounding follows llama.cpp's reference quantizer bit for bit (round half away
+    // from zero), Q8_K its quantize_row_q8_K_ref (round half to even), in every instruction set,
+    // so activations never depend on the ISA.
+    void quantize_act(GgmlType w, const float* x, void* xa, int64_t k) const {
+        of(w);
+        quantize[int(traits(w).act)](x, xa, k);
+    }
+
+    // Y[c * ldy + i] = dot(row rows[i] of W, activation row c), for i < n and c < nc (rows ==
+    // nullptr: rows 0..n-1). Rows of W are w_stride bytes apart, activation rows x_stride bytes
+    // apart. k is a multiple of the block size of w. The caller guarantees 0 <= rows[i] < rows of
+    // W. Quantized rows give the same bits as gemm_interleaved would.
+    void gemm_rows(GgmlType w, int64_t k, const void* W, size_t w_stride, const int32_t* rows, int64_t n,
+                   const void* X, size_t x_stride, int64_t nc, float* Y, int64_t ldy) const {
+        of(w).gemm_rows(k, static_cast<const uint8_t*>(W), w_stride, rows, n, static_cast<const uint8_t*>(X),
+                        x_stride, nc, Y, ldy);
+    }
+    void gemm(GgmlType w, int64_t k, const void* W, size_t w_stride, int64_t nr, const void* X, size_t x_stride,
+              int64_t nc, float* Y, int64_t ldy) const {
+        gemm_rows(w, k, W, w_stride, nullptr, nr, X, x_stride, nc, Y, ldy);
+    }
+
+    // Sparse down projection over the neuron-major ffn_down_t, in neuron groups (kNeuronGroup):
+    // Y[c * ldy + j] += sum over groups g, in group order, of P_g[c][j], where
+    // P_g[c][j] = sum over the listed rows i in group g, in list order, of C[c * ldc + i] * W[rows[i]][j],
+    // starting from zero; each term is fma(w, C, P) with w the weight as dequant_row gives it.
+    // A row's group is rows[i] / kNeuronGroup (rows == nullptr: rows 0..n-1, row i in group
+    // i / kNeuronGroup). rows must be ascending. Columns are independent, so callers may split them
+    // (at block boundaries, offsetting W by weight_bytes(w, j0)) freely.
+    void axpy_rows(GgmlType w, int64_t k, const void* W, size_t w_stride, const int32_t* rows, int64_t n,
+                   const float* C, int64_t ldc, int64_t nc, float* Y, int64_t ldy) const {
+        of(w).axpy_rows(k, static_cast<const uint8_t*>(W), w_stride, rows, n, C, ldc, nc, Y, ldy);
+    }
+
+    // dst[0..n) = a row of n values of type w as floats, exactly as the gguf package's numpy
+    // dequantization gives them (Q4_1: fma(q, d, m)); n a multiple of the block size.
+    void dequant_row(GgmlType w, const void* src, float* dst, int64_t n) const {
+        of(w).dequant_row(static_cast<const uint8_t*>(src), dst, n);
+    }
 
     // gemm over interleaved rows (n_groups groups of 8, see above):
     // Y[c * ldy + 8g + i] = dot(row i of group g, activation row c). Per row, the same operations
     // in every instruction set (bitwise the same results).
-    void (*gemm_interleaved)(GgmlType w, int64_t k, const void* W, int64_t n_groups, const void* X,
-                             size_t x_stride, int64_t nc, float* Y, int64_t ldy);
+    void gemm_interleaved(GgmlType w, int64_t k, const void* W, int64_t n_groups, const void* X,
+                          size_t x_stride, int64_t nc, float* Y, int64_t ldy) const {
+        const GemmX8Fn f = of(w).gemm_interleaved;
+        if (!f) no_kernel(w);
+        f(k, static_cast<const uint8_t*>(W), n_groups, static_cast<const uint8_t*>(X), x_stride, nc, Y, ldy);
+    }
+
+    [[noreturn]] static void no_kernel(GgmlType w);
 };
 
 // The best set this CPU supports, chosen once. PROSPARSE_ISA=scalar|avx2|avx512 forces one.
@@ -143,11 +233,11 @@ const KernelSet& kernels();
 // A named set if this build has it and this CPU supports it, else nullptr (tests use this).
 const KernelSet* kernels_for(const char* isa);
 
-// Per instruction set (defined in the kernels_*.cpp files).
-extern const KernelSet kScalarKernels;
+// Per instruction set (defined in the kernels_*.cpp files), built on first use.
+const KernelSet& scalar_kernels();
 #if defined(PROSPARSE_X86)
-extern const KernelSet kAvx2Kernels;
-extern const KernelSet kAvx512Kernels;
+const KernelSet& avx2_kernels();
+const KernelSet& avx512_kernels();
 #endif
 
 }  // namespace ps::cpu

@@ -88,8 +88,10 @@ inline void q4_to_f(const uint8_t* qs, bool minus8, VF* out) {
 
 }  // namespace
 
-const KernelSet kAvx2Kernels = {"avx2", quantize_act, gemm, gemm_rows, axpy_rows, attn_tile, dequant_row,
-                                  gemm_interleaved};
+const KernelSet& avx2_kernels() {
+    static const KernelSet ks = build_set("avx2");  // thread-safe one-time initialisation
+    return ks;
+}
 
 }  // namespace ps::cpu
 #endif

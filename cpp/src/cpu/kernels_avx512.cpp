@@ -91,8 +91,10 @@ inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) { return _mm256_dpbus
 
 }  // namespace
 
-const KernelSet kAvx512Kernels = {"avx512", quantize_act, gemm, gemm_rows, axpy_rows, attn_tile, dequant_row,
-                                  gemm_interleaved};
+const KernelSet& avx512_kernels() {
+    static const KernelSet ks = build_set("avx512");  // thread-safe one-time initialisation
+    return ks;
+}
 
 }  // namespace ps::cpu
 #endif
