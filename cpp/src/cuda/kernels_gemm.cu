@@ -1,9 +1,10 @@
 // Activation conversion, matrix products and the sparse FFN's kernels (cuda/kernels.h).
 //
-// A row product is the CPU's sequence of operations (block_math.h): per 32-block an exact integer
-// dot, then one fma per block into one accumulator in block order. A warp takes kRows weight rows
-// and up to kTok tokens: its 32 lanes compute the block terms of 32 consecutive blocks (coalesced
-// loads, each weight block loaded once for all the tokens), park them in shared memory, and then
+// A row product is the CPU's sequence of operations (block_math.h): per block (32 weights, or a
+// K-quant's 256) an exact integer dot, then one fma per block (two with a min) into one accumulator
+// in block order. A warp takes kRows weight rows and up to kTok tokens: its 32 lanes compute the
+// block terms of 32 consecutive blocks (coalesced loads; Q8_0/Q4_0/Q4_1 blocks loaded once for all
+// the tokens, the other types read in place per term), park them in shared memory, and then
 // one lane per (row, token) runs the fma chain over those 32 blocks in order. The result of a
 // (row, token) is the same whichever rows and tokens share its warp.
 #include "cuda/kernels_util.cuh"
