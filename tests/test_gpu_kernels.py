@@ -288,3 +288,73 @@ def test_bad_arguments_are_value_errors_naming_the_problem():
         C.gpu_rope(np.zeros((1, 64), np.float32), 1, 64, 3, np.zeros((1, 3), np.float32))
     with pytest.raises(ValueError, match="multiple of n_head_kv"):
         C.gpu_attention("f32", 3, 2, 32, 4, 1, np.zeros((1, 96), np.float32), [0], [0], bytes(1024), bytes(1024), 1.0)
+
+
+# ---- Q5_0, Q5_1, IQ4_NL and the K-quants ---------------------------------------------------------------
+# The same promises for the types test_block_math_types.py checks as host loops: the CPU's bits for
+# the activation conversion, the products, the down projection, the hybrid FFN and the embedding.
+
+from test_block_math_types import FFN_TYPES, K_QUANTS, NEW_TYPES  # noqa: E402
+from test_block_math_types import block as new_block  # noqa: E402
+from test_block_math_types import ffn_case as new_ffn_case  # noqa: E402
+from test_block_math_types import weights as new_weights  # noqa: E402
+
+
+@pytest.mark.parametrize("name", NEW_TYPES)
+@pytest.mark.parametrize("nt", [1, 9])
+def test_new_types_quantize_act_is_the_cpu_bits(name, nt):
+    k = 5 * new_block(name)
+    x = acts(nt, k, seed=21)
+    x[-1, -256:] = 0.0
+    want = b"".join(T.quantize_act(ISA, int(QT[name]), np.ascontiguousarray(row)) for row in x)
+    assert C.gpu_quantize_act(int(QT[name]), x) == want
+
+
+@pytest.mark.parametrize("name", NEW_TYPES)
+@pytest.mark.parametrize("nr,nblocks", [(1, 1), (13, 11), (333, 33)])
+@pytest.mark.parametrize("nt", [1, 3, 9, 17])
+def test_new_types_gemm_is_the_cpu_bits(name, nr, nblocks, nt):
+    k = nblocks * new_block(name)
+    W = new_weights(name, nr, k, seed=nr + k)
+    x = acts(nt, k, seed=22)
+    got = C.gpu_gemm(int(QT[name]), W, nr, x)
+    assert_same_bits(got, T.gemm(ISA, int(QT[name]), W, nr, k, x))
+    assert_same_bits(got[-1], C.gpu_gemm(int(QT[name]), W, nr, x[-1:])[0])  # independent of the batch
+
+
+@pytest.mark.parametrize("name", NEW_TYPES)
+@pytest.mark.parametrize("pattern", ["none", "all", "some"])
+@pytest.mark.parametrize("nr,nt", [(200, 1), (77, 9), (640, 2)])
+def test_new_types_down_projection_is_the_cpu_bits(name, pattern, nr, nt):
+    k = 2304 if name in K_QUANTS else 2080  # columns past the first block of 512 threads' columns
+    W = new_weights(name, nr, k, seed=23)
+    rng = np.random.default_rng(24)
+    active = {"none": np.zeros(nr, bool), "all": np.ones(nr, bool), "some": rng.random(nr) < 0.3}[pattern]
+    coef = rng.standard_normal((nt, nr)).astype(np.float32)
+    y0 = rng.standard_normal((nt, k)).astype(np.float32)
+    rows = np.flatnonzero(active).astype(np.int32)
+    got = C.gpu_axpy(int(QT[name]), W, nr, k, list(active.astype(np.uint8)), coef, y0)
+    want = T.axpy_rows(ISA, int(QT[name]), W, nr, k, list(rows), np.ascontiguousarray(coef[:, rows]), y0)
+    assert_same_bits(got, want)
+
+
+@pytest.mark.parametrize("strategy", ["dense", "exact", "predict"])
+@pytest.mark.parametrize("types", FFN_TYPES)
+@pytest.mark.parametrize("n_ff,n_hot,nt", [(200, 64, 1), (200, 192, 9), (77, 77, 3)])
+def test_new_types_hybrid_ffn_on_the_gpu_equals_the_cpu_bitwise(strategy, types, n_ff, n_hot, nt):
+    c = new_ffn_case(types, n_ff, nt, seed=n_ff + nt)
+    common = dict(strategy=strategy, act="fatrelu", act_t=0.2, gate_type=c["gate_type"], gate=c["gate"],
+                  up_type=c["up_type"], up=c["up"], down_type=c["down_type"], down_t=c["down_t"], n_ff=n_ff,
+                  h=c["h"], logit=c["logit"] if strategy == "predict" else None, pred_thr=0.3)
+    assert_same_bits(C.gpu_ffn(**common, n_hot=n_hot, cold=False), C.cpu_ffn(**common, begin=0, end=n_hot, n_threads=1))
+    assert_same_bits(C.gpu_ffn(**common, n_hot=n_hot, cold=True), C.cpu_ffn(**common, begin=0, end=n_ff, n_threads=2))
+
+
+@pytest.mark.parametrize("name", NEW_TYPES)
+def test_new_types_embedding_rows_are_quant_cpps_dequantization(name):
+    n_vocab, n_embd = 50, 2 * new_block(name)
+    table = new_weights(name, n_vocab, n_embd, seed=25)
+    tokens = [3, 0, 49, 3, 17]
+    full = T.dequantize(int(QT[name]), table, n_vocab * n_embd).reshape(n_vocab, n_embd)
+    assert_same_bits(C.gpu_embed(int(QT[name]), table, n_vocab, n_embd, tokens, 1.0), full[tokens])
+    assert_same_bits(C.gpu_embed(int(QT[name]), table, n_vocab, n_embd, tokens, 12.0), full[tokens] * np.float32(12))

@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 
@@ -206,6 +207,48 @@ PS_HD float q8_0_act_scale(float d) { return fp16_to_fp32(fp32_to_fp16(d)); }
 // The Q8_1 block's s: d * sum(q).
 PS_HD float q8_1_act_sum(float d, int sum) { return mul_rn(d, float(sum)); }
 
+// ---- Weight types: block size, bytes, activation format -------------------------------------------
+// cpu/kernels.h's per-type table, the part the GPU needs, as constexpr functions both sides call.
+
+enum class ActFmt { F32, Q8S, Q8_1, Q8K };  // cpu::Act: f32 values, Q8Act, block_q8_1, block_q8_K
+
+PS_HD constexpr ActFmt act_fmt(GgmlType w) {
+    switch (w) {
+        case GgmlType::Q8_0: case GgmlType::Q4_0: case GgmlType::Q5_0: case GgmlType::IQ4_NL: return ActFmt::Q8S;
+        case GgmlType::Q4_1: case GgmlType::Q5_1: return ActFmt::Q8_1;
+        case GgmlType::Q2_K: case GgmlType::Q3_K: case GgmlType::Q4_K: case GgmlType::Q5_K: case GgmlType::Q6_K:
+            return ActFmt::Q8K;
+        default: return ActFmt::F32;
+    }
+}
+PS_HD constexpr bool is_quantized(GgmlType w) { return act_fmt(w) != ActFmt::F32; }
+// Weights per block: 1 for the float types, 32, or 256 for the K-quants.
+PS_HD constexpr int64_t block_elems(GgmlType w) {
+    return act_fmt(w) == ActFmt::Q8K ? QK_K : act_fmt(w) == ActFmt::F32 ? 1 : QK;
+}
+PS_HD constexpr int64_t block_bytes(GgmlType w) {
+    switch (w) {
+        case GgmlType::Q8_0: return sizeof(block_q8_0);
+        case GgmlType::Q4_0: return sizeof(block_q4_0);
+        case GgmlType::Q4_1: return sizeof(block_q4_1);
+        case GgmlType::Q5_0: return sizeof(block_q5_0);
+        case GgmlType::Q5_1: return sizeof(block_q5_1);
+        case GgmlType::IQ4_NL: return sizeof(block_iq4_nl);
+        case GgmlType::Q2_K: return sizeof(block_q2_K);
+        case GgmlType::Q3_K: return sizeof(block_q3_K);
+        case GgmlType::Q4_K: return sizeof(block_q4_K);
+        case GgmlType::Q5_K: return sizeof(block_q5_K);
+        case GgmlType::Q6_K: return sizeof(block_q6_K);
+        case GgmlType::F32: return 4;
+        default: return 2;  // F16, BF16
+    }
+}
+// The types whose chain has a second fma per block for the min (cpu/kernels_scalar.cpp, dot).
+PS_HD constexpr bool has_min_term(GgmlType w) {
+    return w == GgmlType::Q4_1 || w == GgmlType::Q5_1 || w == GgmlType::Q4_K || w == GgmlType::Q5_K ||
+           w == GgmlType::Q2_K;
+}
+
 // ---- Per-block integer dots against activation codes ---------------------------------------------
 
 // sum over 4 byte lanes of a[i] * b[i] (signed bytes) plus c: dp4a on the device.
@@ -220,7 +263,8 @@ PS_HD int dot4(uint32_t a, uint32_t b, int c) {
 
 // A weight block's codes as words (4 codes a word, in element order for Q8_0; for Q4 word i holds
 // bytes 4i..4i+3 of the nibbles: low nibbles are elements 4i.., high nibbles 16 + 4i..) and scales.
-template <GgmlType W> struct WBlock;
+// The other quantized types keep a pointer to the block and read its fields where the term needs them.
+template <GgmlType W> struct WBlock { const uint8_t* p; };
 template <> struct WBlock<GgmlType::Q4_0> { uint32_t qs[4]; uint16_t d; };
 template <> struct WBlock<GgmlType::Q4_1> { uint32_t qs[4]; uint16_t d, m; };
 template <> struct WBlock<GgmlType::Q8_0> { uint32_t qs[8]; uint16_t d; };
@@ -233,6 +277,8 @@ struct XBlock {
     int sum;
     float s;
 };
+// A block_q8_K activation block (the K-quants), read in place: d at 0, codes at 4, bsums at 260.
+struct XBlockK { const uint8_t* p; };
 
 // Block b of a weight row (row 2-byte aligned; 4-byte for Q4_1).
 template <GgmlType W>
@@ -247,11 +293,12 @@ PS_HD WBlock<W> load_wblock(const uint8_t* row, int64_t b) {
         const uint8_t* p = row + b * int64_t(sizeof(block_q4_0));
         w.d = load_u16(p);
         for (int i = 0; i < 4; ++i) w.qs[i] = load_u32_a2(p + 2 + 4 * i);
-    } else {
-        static_assert(W == GgmlType::Q8_0, "quantized weight types only");
+    } else if constexpr (W == GgmlType::Q8_0) {
         const uint8_t* p = row + b * int64_t(sizeof(block_q8_0));
         w.d = load_u16(p);
         for (int i = 0; i < 8; ++i) w.qs[i] = load_u32_a2(p + 2 + 4 * i);
+    } else {
+        w.p = row + b * int64_t(block_bytes(W));
     }
     return w;
 }
@@ -274,6 +321,51 @@ PS_HD int block_dot(const WBlock<W>& w, const XBlock& x) {
     return s;
 }
 
+// ---- Codes of the other quantized types (cpu/kernels_scalar.cpp reads the layouts the same way) ------
+// Element e of a block as the small integer that multiplies its (sub-block) scale.
+
+PS_HD int q4_code(const uint8_t* qs, int j) { return j < QK / 2 ? (qs[j] & 0x0F) : (qs[j - QK / 2] >> 4); }
+PS_HD int code_q5(const uint8_t* qh, const uint8_t* qs, int j) {  // 0..31 (Q5_0, Q5_1)
+    return q4_code(qs, j) | ((qh[j / 8] >> (j % 8)) & 1) << 4;
+}
+// IQ4_NL's level for a nibble (blocks.h, kvalues_iq4nl; a local copy so the device can index it).
+PS_HD int iq4nl_level(int q) {
+    const int8_t v[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+    return v[q];
+}
+PS_HD int code_q2_k(const uint8_t* qs, int e) { return (qs[(e / 128) * 32 + e % 32] >> (2 * ((e % 128) / 32))) & 3; }
+PS_HD int code_q3_k(const uint8_t* hmask, const uint8_t* qs, int e) {  // -4..3: a set hmask bit means no -4
+    return code_q2_k(qs, e) - (((hmask[e % 32] >> (e / 32)) & 1) ? 0 : 4);
+}
+PS_HD int code_q4_k(const uint8_t* qs, int e) { return (qs[(e / 64) * 32 + e % 32] >> (4 * ((e % 64) / 32))) & 0x0F; }
+PS_HD int code_q5_k(const uint8_t* qh, const uint8_t* qs, int e) {  // 0..31
+    return code_q4_k(qs, e) | ((qh[e % 32] >> (e / 32)) & 1) << 4;
+}
+PS_HD int code_q6_k(const uint8_t* ql, const uint8_t* qh, int e) {  // -32..31
+    const int lo = (ql[(e / 128) * 64 + e % 64] >> (4 * ((e % 128) / 64))) & 0x0F;
+    const int hi = (qh[(e / 128) * 32 + e % 32] >> (2 * ((e % 128) / 32))) & 3;
+    return (lo | (hi << 4)) - 32;
+}
+// Q3_K's signed scale of sub-block j (< 16): blocks.h's unpack_q3_k_scales for one entry.
+PS_HD int q3_k_scale(const uint8_t* s, int j) {
+    const int lo = j < 8 ? (s[j] & 0xF) : (s[j - 8] >> 4);
+    const int hi = (s[8 + (j % 4)] >> (2 * (j / 4))) & 3;
+    return (lo | (hi << 4)) - 32;
+}
+
+// The exact integer dot of n (a multiple of 4) codes code(e0 ..) with the activation codes xq
+// (4-byte aligned): the codes packed four to a word (each fits a signed byte), then dot4.
+template <class Code>
+PS_HD int dot_codes(const Code& code, int e0, int n, const uint8_t* xq) {
+    int s = 0;
+    for (int i = 0; i < n; i += 4) {
+        uint32_t w = 0;
+        for (int l = 0; l < 4; ++l) w |= uint32_t(uint8_t(int8_t(code(e0 + i + l)))) << (8 * l);
+        s = dot4(w, load_u32_a4(xq + i), s);
+    }
+    return s;
+}
+
 // ---- The per-row chain over blocks (cpu/kernels.h, the batch-invariance rule) ----------------------
 // acc = 0; for each block b in order: acc = chain(acc, sumi_b, block_scale(d_b, dx_b)) and, for Q4_1,
 // acc = fma(m_b, s_b, acc) (apply_term below).
@@ -292,7 +384,6 @@ constexpr int kFloatLanes = 32;
 
 // Element j (< 32) of a block as the kernels dequantize it (cpu::KernelSet::dequant_row, the axpy):
 // Q8_0 d * q, Q4_0 d * (q - 8), Q4_1 fma(q, d, m).
-PS_HD int q4_code(const uint8_t* qs, int j) { return j < QK / 2 ? (qs[j] & 0x0F) : (qs[j - QK / 2] >> 4); }
 PS_HD float w_q8_0(const block_q8_0* b, int j) { return mul_rn(fp16_to_fp32(load_u16(reinterpret_cast<const uint8_t*>(&b->d))), float(b->qs[j])); }
 PS_HD float w_q4_0(const block_q4_0* b, int j) {
     return mul_rn(fp16_to_fp32(load_u16(reinterpret_cast<const uint8_t*>(&b->d))), float(q4_code(b->qs, j) - 8));
@@ -306,6 +397,52 @@ PS_HD float w_q4_1(const block_q4_1* b, int j) {
 PS_HD float w_q4_1_ref(const block_q4_1* b, int j) {
     const uint8_t* p = reinterpret_cast<const uint8_t*>(b);
     return add_rn(mul_rn(float(q4_code(b->qs, j)), fp16_to_fp32(load_u16(p))), fp16_to_fp32(load_u16(p + 2)));
+}
+
+// Element e of a block at p of the other quantized types, as the CPU's scalar dequantization (the
+// gguf package's numpy formulas, each product and difference rounded): Q5_0 d * (q - 16); Q5_1
+// d * q + m; IQ4_NL d * level(q); Q4_K, Q5_K, Q2_K (d * sc) * q - dmin * m; Q3_K, Q6_K (d * sc) * q.
+// quant.cpp's dequantize_row is the same for these types (it calls the scalar kernels).
+PS_HD float h16(const uint8_t* p) { return fp16_to_fp32(load_u16(p)); }
+template <GgmlType W>
+PS_HD float w_other(const uint8_t* p, int e) {
+    if constexpr (W == GgmlType::Q5_0) {
+        const block_q5_0* b = reinterpret_cast<const block_q5_0*>(p);
+        return mul_rn(h16(p), float(code_q5(b->qh, b->qs, e) - 16));
+    } else if constexpr (W == GgmlType::Q5_1) {
+        const block_q5_1* b = reinterpret_cast<const block_q5_1*>(p);
+        return add_rn(mul_rn(h16(p), float(code_q5(b->qh, b->qs, e))), h16(p + 2));
+    } else if constexpr (W == GgmlType::IQ4_NL) {
+        const block_iq4_nl* b = reinterpret_cast<const block_iq4_nl*>(p);
+        return mul_rn(h16(p), float(iq4nl_level(q4_code(b->qs, e))));
+    } else if constexpr (W == GgmlType::Q4_K || W == GgmlType::Q5_K) {
+        const block_q4_K* b = reinterpret_cast<const block_q4_K*>(p);  // Q5_K: the same head
+        uint8_t sc, m;
+        get_scale_min_k4(e / 32, b->scales, &sc, &m);
+        int q;
+        if constexpr (W == GgmlType::Q4_K) {
+            q = code_q4_k(b->qs, e);
+        } else {
+            const block_q5_K* b5 = reinterpret_cast<const block_q5_K*>(p);
+            q = code_q5_k(b5->qh, b5->qs, e);
+        }
+        return sub_rn(mul_rn(mul_rn(h16(p), float(sc)), float(q)), mul_rn(h16(p + 2), float(m)));
+    } else if constexpr (W == GgmlType::Q2_K) {
+        const block_q2_K* b = reinterpret_cast<const block_q2_K*>(p);
+        const int sc = b->scales[e / 16];
+        const uint8_t* d = p + offsetof(block_q2_K, d);
+        return sub_rn(mul_rn(mul_rn(h16(d), float(sc & 0xF)), float(code_q2_k(b->qs, e))),
+                      mul_rn(h16(d + 2), float(sc >> 4)));
+    } else if constexpr (W == GgmlType::Q3_K) {
+        const block_q3_K* b = reinterpret_cast<const block_q3_K*>(p);
+        const float dl = mul_rn(h16(p + offsetof(block_q3_K, d)), float(q3_k_scale(b->scales, e / 16)));
+        return mul_rn(dl, float(code_q3_k(b->hmask, b->qs, e)));
+    } else {
+        static_assert(W == GgmlType::Q6_K, "a quantized weight type");
+        const block_q6_K* b = reinterpret_cast<const block_q6_K*>(p);
+        const float dl = mul_rn(h16(p + offsetof(block_q6_K, d)), float(b->scales[e / 16]));
+        return mul_rn(dl, float(code_q6_k(b->ql, b->qh, e)));
+    }
 }
 
 // ---- The FFN activation (ffn.h, ffn_activation) --------------------------------------------------------
@@ -353,19 +490,56 @@ PS_HD int q8act_sum(const uint8_t* row, int64_t nb, int64_t b) {
 }
 // Bytes of a converted row in the CPU's layout (cpu::act_row_bytes).
 PS_HD int64_t act_row_bytes(GgmlType w, int64_t k) {
-    switch (w) {
-        case GgmlType::Q8_0: case GgmlType::Q4_0: return (k / QK) * (QK + 8);
-        case GgmlType::Q4_1: return (k / QK) * int64_t(sizeof(block_q8_1));
+    switch (act_fmt(w)) {
+        case ActFmt::Q8S: return (k / QK) * (QK + 8);
+        case ActFmt::Q8_1: return (k / QK) * int64_t(sizeof(block_q8_1));
+        case ActFmt::Q8K: return (k / QK_K) * int64_t(sizeof(block_q8_K));
         default: return k * 4;
     }
 }
 
-// Block b of activation row x (k = nb * 32 floats) converted for weights of type w into `row`: the
-// CPU's quantize_act, one block at a time (F32/F16/BF16 weights: the 32 floats copied; a float row's
-// tail past the last whole block is copied by the caller).
+// ggml's quantize_row_q8_K_ref on one 256-block as cpu/kernels_scalar.cpp's quantize_q8k: the element
+// of largest magnitude (the first such) m maps to -127, q = nearest_int(x * (-127 / m)) (half to
+// even) capped to [-128, 127], bsums of 16 codes, d = 1 / (-127 / m); a block whose largest
+// magnitude is 0 or not finite is all zero. y: a block_q8_K, 4-byte aligned.
+PS_HD void q8k_block(const float* x, uint8_t* y) {
+    float amax = 0.0f, max = 0.0f;
+    for (int j = 0; j < QK_K; ++j)
+        if (fabsf(x[j]) > amax) {
+            amax = fabsf(x[j]);
+            max = x[j];
+        }
+    if (!(amax > 0.0f) || !(amax <= 3.40282347e+38f)) {
+        for (size_t i = 0; i < sizeof(block_q8_K); ++i) y[i] = 0;
+        return;
+    }
+    const float iscale = div_rn(-127.0f, max);
+    int8_t* qs = reinterpret_cast<int8_t*>(y + 4);
+    for (int j = 0; j < QK_K; ++j) {
+        const float v = rintf(mul_rn(iscale, x[j]));
+        qs[j] = int8_t(v >= 127.0f ? 127 : v <= -128.0f ? -128 : int(v));
+    }
+    for (int j = 0; j < QK_K / 16; ++j) {
+        int s = 0;
+        for (int l = 0; l < 16; ++l) s += qs[16 * j + l];
+        const uint16_t u = uint16_t(int16_t(s));
+        y[260 + 2 * j] = uint8_t(u);
+        y[261 + 2 * j] = uint8_t(u >> 8);
+    }
+    const uint32_t db = f32_bits(div_rn(1.0f, iscale));
+    for (int i = 0; i < 4; ++i) y[i] = uint8_t(db >> (8 * i));
+}
+
+// Block b of activation row x (k = nb * block_elems(w) floats) converted for weights of type w into
+// `row`: the CPU's quantize_act, one block at a time (F32/F16/BF16 weights: 32 floats copied; a
+// float row's tail past the last whole block is copied by the caller).
 PS_HD void quantize_act_block(GgmlType w, const float* x, uint8_t* row, int64_t nb, int64_t b) {
+    if (act_fmt(w) == ActFmt::Q8K) {
+        q8k_block(x + b * QK_K, row + b * int64_t(sizeof(block_q8_K)));
+        return;
+    }
     const float* xb = x + b * QK;
-    if (w == GgmlType::Q8_0 || w == GgmlType::Q4_0) {
+    if (act_fmt(w) == ActFmt::Q8S) {
         int8_t* qs = reinterpret_cast<int8_t*>(row) + b * QK;
         int sum = 0;
         const float d = q8_0_act_scale(q8_block(xb, qs, &sum));
@@ -376,7 +550,7 @@ PS_HD void quantize_act_block(GgmlType w, const float* x, uint8_t* row, int64_t 
             dp[i] = uint8_t(db >> (8 * i));
             sp[i] = uint8_t(sb >> (8 * i));
         }
-    } else if (w == GgmlType::Q4_1) {
+    } else if (act_fmt(w) == ActFmt::Q8_1) {
         block_q8_1* y = reinterpret_cast<block_q8_1*>(row) + b;
         int sum = 0;
         const float d = q8_block(xb, y->qs, &sum);
@@ -392,22 +566,23 @@ PS_HD void quantize_act_block(GgmlType w, const float* x, uint8_t* row, int64_t 
 struct BlockTerm {
     int sumi = 0;
     float scale = 0.0f;  // weight scale * activation scale
-    float m = 0.0f;      // Q4_1: the weight block's min ...
-    float xs = 0.0f;     // ... and the activation block's s
+    float m = 0.0f;      // Q4_1, Q5_1: the weight block's min; Q4_K, Q5_K, Q2_K: -(integer min sum) ...
+    float xs = 0.0f;     // ... and the activation block's s; K-quants: dmin * activation scale
 };
 
-// Block b of a converted activation row xr of nb blocks for weights of type W (the row 16-byte
+// Block b of a 32-block activation row xr of nb blocks (Q8Act or block_q8_1; the row 16-byte
 // aligned on the device).
-template <GgmlType W>
-PS_HD XBlock load_xblock(const uint8_t* xr, int64_t nb, int64_t b) {
+template <ActFmt A>
+PS_HD XBlock load_xblock32(const uint8_t* xr, int64_t nb, int64_t b) {
     XBlock x;
-    if constexpr (W == GgmlType::Q4_1) {
+    if constexpr (A == ActFmt::Q8_1) {
         const uint8_t* p = xr + b * int64_t(sizeof(block_q8_1));
         x.d = f32_from_bits(load_u32_a4(p));
         x.s = f32_from_bits(load_u32_a4(p + 4));
         x.sum = 0;
         for (int i = 0; i < 8; ++i) x.qs[i] = load_u32_a4(p + 8 + 4 * i);
     } else {
+        static_assert(A == ActFmt::Q8S, "a quantized activation format");
         const uint8_t* p = xr + b * QK;
 #if defined(__CUDA_ARCH__)
         const uint4 lo = *reinterpret_cast<const uint4*>(p), hi = *reinterpret_cast<const uint4*>(p + 16);
@@ -423,17 +598,111 @@ PS_HD XBlock load_xblock(const uint8_t* xr, int64_t nb, int64_t b) {
     return x;
 }
 
-// A block's term of a row product.
+// Block b of a converted activation row xr of nb blocks for weights of type W: an XBlock, or for
+// the K-quants an XBlockK.
 template <GgmlType W>
-PS_HD BlockTerm term(const WBlock<W>& w, const XBlock& x) {
+PS_HD auto load_xblock(const uint8_t* xr, int64_t nb, int64_t b) {
+    if constexpr (act_fmt(W) == ActFmt::Q8K) return XBlockK{xr + b * int64_t(sizeof(block_q8_K))};
+    else return load_xblock32<act_fmt(W)>(xr, nb, b);
+}
+
+// The term of a Q5_0, Q5_1 or IQ4_NL block (at p) against a 32-block of activations: as the CPU's
+// scalar dot, sumi = sum of code * x (Q5_0 codes q - 16, IQ4_NL the levels, Q5_1 q with its min
+// through the second fma), scale = d * dx.
+template <GgmlType W>
+PS_HD BlockTerm term_32(const uint8_t* p, const XBlock& x) {
     BlockTerm t;
-    t.sumi = block_dot<W>(w, x);
-    t.scale = block_scale(w.d, x.d);
-    if constexpr (W == GgmlType::Q4_1) {
-        t.m = fp16_to_fp32(w.m);
+    const uint8_t* xq = reinterpret_cast<const uint8_t*>(x.qs);
+    if constexpr (W == GgmlType::Q5_0) {
+        const block_q5_0* b = reinterpret_cast<const block_q5_0*>(p);
+        t.sumi = dot_codes([&](int e) { return code_q5(b->qh, b->qs, e) - 16; }, 0, QK, xq);
+    } else if constexpr (W == GgmlType::Q5_1) {
+        const block_q5_1* b = reinterpret_cast<const block_q5_1*>(p);
+        t.sumi = dot_codes([&](int e) { return code_q5(b->qh, b->qs, e); }, 0, QK, xq);
+        t.m = h16(p + 2);
         t.xs = x.s;
+    } else {
+        static_assert(W == GgmlType::IQ4_NL, "a 32-weight block type");
+        const block_iq4_nl* b = reinterpret_cast<const block_iq4_nl*>(p);
+        t.sumi = dot_codes([&](int e) { return iq4nl_level(q4_code(b->qs, e)); }, 0, QK, xq);
+    }
+    t.scale = mul_rn(h16(p), x.d);
+    return t;
+}
+
+// The term of a K-quant super-block (at p) against a block_q8_K: as the CPU's scalar dot, sumi =
+// sum over sub-blocks of (integer scale) * (sub-block dot), scale = d * dx; Q4_K, Q5_K and Q2_K also
+// summ = sum over sub-blocks of (integer min) * (activation code sums), entering the chain as
+// fma(-summ, dmin * dx, acc).
+template <GgmlType W>
+PS_HD BlockTerm term_k(const uint8_t* p, const XBlockK& x) {
+    BlockTerm t;
+    const float dx = f32_from_bits(load_u32_a4(x.p));
+    const uint8_t* xq = x.p + 4;
+    auto bsum = [&](int j) { return int(int16_t(load_u16(x.p + 260 + 2 * j))); };
+    int sumi = 0, summ = 0;
+    float d, dmin = 0.0f;
+    if constexpr (W == GgmlType::Q4_K || W == GgmlType::Q5_K) {
+        const block_q4_K* b = reinterpret_cast<const block_q4_K*>(p);
+        const block_q5_K* b5 = reinterpret_cast<const block_q5_K*>(p);
+        for (int j = 0; j < 8; ++j) {
+            uint8_t sc, m;
+            get_scale_min_k4(j, b->scales, &sc, &m);
+            int s;
+            if constexpr (W == GgmlType::Q4_K) s = dot_codes([&](int e) { return code_q4_k(b->qs, e); }, 32 * j, 32, xq + 32 * j);
+            else s = dot_codes([&](int e) { return code_q5_k(b5->qh, b5->qs, e); }, 32 * j, 32, xq + 32 * j);
+            sumi += sc * s;
+            summ += m * (bsum(2 * j) + bsum(2 * j + 1));
+        }
+        d = h16(p);
+        dmin = h16(p + 2);
+    } else if constexpr (W == GgmlType::Q2_K) {
+        const block_q2_K* b = reinterpret_cast<const block_q2_K*>(p);
+        for (int j = 0; j < 16; ++j) {
+            sumi += (b->scales[j] & 0xF) * dot_codes([&](int e) { return code_q2_k(b->qs, e); }, 16 * j, 16, xq + 16 * j);
+            summ += (b->scales[j] >> 4) * bsum(j);
+        }
+        d = h16(p + offsetof(block_q2_K, d));
+        dmin = h16(p + offsetof(block_q2_K, dmin));
+    } else if constexpr (W == GgmlType::Q3_K) {
+        const block_q3_K* b = reinterpret_cast<const block_q3_K*>(p);
+        for (int j = 0; j < 16; ++j)
+            sumi += q3_k_scale(b->scales, j) *
+                    dot_codes([&](int e) { return code_q3_k(b->hmask, b->qs, e); }, 16 * j, 16, xq + 16 * j);
+        d = h16(p + offsetof(block_q3_K, d));
+    } else {
+        static_assert(W == GgmlType::Q6_K, "a K-quant type");
+        const block_q6_K* b = reinterpret_cast<const block_q6_K*>(p);
+        for (int j = 0; j < 16; ++j)
+            sumi += b->scales[j] * dot_codes([&](int e) { return code_q6_k(b->ql, b->qh, e); }, 16 * j, 16, xq + 16 * j);
+        d = h16(p + offsetof(block_q6_K, d));
+    }
+    t.sumi = sumi;
+    t.scale = mul_rn(d, dx);
+    if constexpr (has_min_term(W)) {
+        t.m = -float(summ);
+        t.xs = mul_rn(dmin, dx);
     }
     return t;
+}
+
+// A block's term of a row product.
+template <GgmlType W, class X>
+PS_HD BlockTerm term(const WBlock<W>& w, const X& x) {
+    if constexpr (act_fmt(W) == ActFmt::Q8K) {
+        return term_k<W>(w.p, x);
+    } else if constexpr (W == GgmlType::Q5_0 || W == GgmlType::Q5_1 || W == GgmlType::IQ4_NL) {
+        return term_32<W>(w.p, x);
+    } else {
+        BlockTerm t;
+        t.sumi = block_dot<W>(w, x);
+        t.scale = block_scale(w.d, x.d);
+        if constexpr (W == GgmlType::Q4_1) {
+            t.m = fp16_to_fp32(w.m);
+            t.xs = x.s;
+        }
+        return t;
+    }
 }
 
 // Block b of weight row wr against converted activation row xr (nb blocks).
@@ -442,11 +711,11 @@ PS_HD BlockTerm block_term(const uint8_t* wr, const uint8_t* xr, int64_t nb, int
     return term<W>(load_wblock<W>(wr, b), load_xblock<W>(xr, nb, b));
 }
 
-// The chain's step for one block: one fma, Q4_1 a second for the min.
+// The chain's step for one block: one fma, and a second for the min where the type has one.
 template <GgmlType W>
 PS_HD float apply_term(float acc, const BlockTerm& t) {
     acc = chain(acc, t.sumi, t.scale);
-    if constexpr (W == GgmlType::Q4_1) acc = fma_rn(t.m, t.xs, acc);
+    if constexpr (has_min_term(W)) acc = fma_rn(t.m, t.xs, acc);
     return acc;
 }
 
@@ -532,7 +801,8 @@ PS_HD BlockTerm mma_term(int dot, const WScales& w, const XScales& x) {
     return t;
 }
 
-// Element j of a row of type W, as the kernels dequantize it (Ref: as quant.cpp's dequantize_row).
+// Element j of a row of type W, as the kernels dequantize it (Ref: as quant.cpp's dequantize_row,
+// which differs from the kernels' for Q4_1 only).
 template <GgmlType W, bool Ref = false>
 PS_HD float weight_at(const uint8_t* row, int64_t j) {
     if constexpr (W == GgmlType::F32) {
@@ -545,10 +815,12 @@ PS_HD float weight_at(const uint8_t* row, int64_t j) {
         return w_q8_0(reinterpret_cast<const block_q8_0*>(row) + j / QK, int(j % QK));
     } else if constexpr (W == GgmlType::Q4_0) {
         return w_q4_0(reinterpret_cast<const block_q4_0*>(row) + j / QK, int(j % QK));
-    } else {
-        static_assert(W == GgmlType::Q4_1, "a weight type the kernels support");
+    } else if constexpr (W == GgmlType::Q4_1) {
         const block_q4_1* b = reinterpret_cast<const block_q4_1*>(row) + j / QK;
         return Ref ? w_q4_1_ref(b, int(j % QK)) : w_q4_1(b, int(j % QK));
+    } else {
+        constexpr int64_t be = block_elems(W);
+        return w_other<W>(row + (j / be) * block_bytes(W), int(j % be));
     }
 }
 

@@ -61,6 +61,14 @@ decltype(auto) with_type(GgmlType w, F&& f) {
         case GgmlType::Q8_0: return f(TypeC<GgmlType::Q8_0>{});
         case GgmlType::Q4_0: return f(TypeC<GgmlType::Q4_0>{});
         case GgmlType::Q4_1: return f(TypeC<GgmlType::Q4_1>{});
+        case GgmlType::Q5_0: return f(TypeC<GgmlType::Q5_0>{});
+        case GgmlType::Q5_1: return f(TypeC<GgmlType::Q5_1>{});
+        case GgmlType::IQ4_NL: return f(TypeC<GgmlType::IQ4_NL>{});
+        case GgmlType::Q2_K: return f(TypeC<GgmlType::Q2_K>{});
+        case GgmlType::Q3_K: return f(TypeC<GgmlType::Q3_K>{});
+        case GgmlType::Q4_K: return f(TypeC<GgmlType::Q4_K>{});
+        case GgmlType::Q5_K: return f(TypeC<GgmlType::Q5_K>{});
+        case GgmlType::Q6_K: return f(TypeC<GgmlType::Q6_K>{});
         default: fail(strfmt("no kernel for weight type %s", type_name(w)));
     }
 }
@@ -88,7 +96,7 @@ Tensor weight_view(uint32_t type, const nb::bytes& W, int64_t nr, int64_t k, con
 // nt activation rows of k floats converted for weights of type w, in the CPU's layout, one block at a
 // time as the quantize kernel does (a float row's tail past the last whole block copied as is).
 std::vector<uint8_t> bm_quantize_rows(GgmlType w, const float* x, int nt, int64_t k) {
-    const int64_t rb = bm::act_row_bytes(w, k), nb = k / QK;
+    const int64_t rb = bm::act_row_bytes(w, k), nb = k / (is_float_type(w) ? QK : bm::block_elems(w));
     std::vector<uint8_t> out(size_t(rb) * size_t(nt));
     for (int c = 0; c < nt; ++c) {
         uint8_t* row = out.data() + size_t(c) * size_t(rb);
@@ -111,7 +119,7 @@ float bm_row_dot(const uint8_t* wr, const uint8_t* xr, int64_t k) {
             for (int l = 0; l < off; ++l) s[l] = bm::add_rn(s[l], s[l + off]);
         return s[0];
     } else {
-        const int64_t nb = k / QK;
+        const int64_t nb = k / bm::block_elems(W);
         std::vector<bm::BlockTerm> terms(static_cast<size_t>(nb));  // the lanes' work, then the chain
         for (int64_t b = 0; b < nb; ++b) terms[size_t(b)] = bm::block_term<W>(wr, xr, nb, b);
         float acc = 0.0f;
@@ -619,7 +627,8 @@ void register_cuda_hooks(nb::module_& m) {
     t.def("bm_quantize_act", [](uint32_t type, F32In2 X) {
         const GgmlType w = GgmlType(type);
         const int64_t k = int64_t(X.shape(1));
-        if (cpu::weight_bytes(w, k) == 0 || (!is_float_type(w) && k % QK != 0)) fail("unsupported type or size");
+        if (cpu::weight_bytes(w, k) == 0 || (!is_float_type(w) && k % bm::block_elems(w) != 0))
+            fail("unsupported type or size");
         const std::vector<uint8_t> out = bm_quantize_rows(w, X.data(), int(X.shape(0)), k);
         return nb::bytes(reinterpret_cast<const char*>(out.data()), out.size());
     }, "type"_a, "X"_a);

@@ -50,7 +50,8 @@ int main() {
     void* p = buf;
     float* f = reinterpret_cast<float*>(buf);
 
-    for (GgmlType w : {GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1}) {
+    for (GgmlType w : {GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1,
+                       GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::IQ4_NL}) {
         CHECK(kernel_type_supported(w));
         for (int64_t k : {32, 352, 4096}) {
             const size_t b = act_bytes(w, k);
@@ -58,13 +59,24 @@ int main() {
             CHECK(b >= cpu::act_row_bytes(w, k) && b < cpu::act_row_bytes(w, k) + 16);
         }
     }
-    CHECK(!kernel_type_supported(GgmlType::Q4_K));
-    CHECK(refuses([] { act_bytes(GgmlType::Q4_K, 256); }, "q4_k"));
+    for (GgmlType w : {GgmlType::Q2_K, GgmlType::Q3_K, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K}) {
+        CHECK(kernel_type_supported(w));
+        for (int64_t k : {256, 768, 4096}) {
+            const size_t b = act_bytes(w, k);
+            CHECK(b % 16 == 0);
+            CHECK(b >= cpu::act_row_bytes(w, k) && b < cpu::act_row_bytes(w, k) + 16);
+        }
+        CHECK(refuses([w] { act_bytes(w, 352); }, "whole number of blocks"));
+    }
+    CHECK(!kernel_type_supported(GgmlType::IQ4_XS));
+    CHECK(refuses([] { act_bytes(GgmlType::IQ4_XS, 256); }, "iq4_xs"));
     CHECK(refuses([] { act_bytes(GgmlType::Q4_0, 33); }, "whole number of blocks"));
     CHECK(ffn_down_scratch_bytes(4096, 11008) == size_t(172) * 8 * 4096 * 4);
     CHECK(ffn_down_scratch_bytes(96, 77) == size_t(2) * 8 * 96 * 4);
 
-    CHECK(refuses([&] { gemm(GgmlType::Q4_K, 256, p, 144, 1, p, 1, f, 1, nullptr); }, "no kernel for weight type q4_k"));
+    CHECK(refuses([&] { gemm(GgmlType::IQ4_XS, 256, p, 136, 1, p, 1, f, 1, nullptr); }, "no kernel for weight type iq4_xs"));
+    CHECK(refuses([&] { gemm(GgmlType::Q4_K, 288, p, 162, 1, p, 1, f, 1, nullptr); }, "whole number of blocks"));
+    CHECK(refuses([&] { gemm(GgmlType::Q6_K, 256, p, 200, 1, p, 1, f, 1, nullptr); }, "shorter than a row"));
     CHECK(refuses([&] { gemm(GgmlType::Q4_0, 48, p, 36, 1, p, 1, f, 1, nullptr); }, "whole number of blocks"));
     CHECK(refuses([&] { gemm(GgmlType::Q4_1, 32, buf + 2, 20, 1, p, 1, f, 1, nullptr); }, "4-byte boundaries"));
     CHECK(refuses([&] { gemm(GgmlType::Q4_0, 64, p, 18, 1, p, 1, f, 1, nullptr); }, "shorter than a row"));
@@ -84,8 +96,8 @@ int main() {
     a.ldc = 9;
     CHECK(refuses([&] { ffn_hot_coef(a, nullptr); }, "ldc < n_hot"));
     a.ldc = 10;
-    a.up_type = GgmlType::Q5_0;
-    CHECK(refuses([&] { ffn_hot_coef(a, nullptr); }, "q5_0"));
+    a.up_type = GgmlType::IQ4_XS;
+    CHECK(refuses([&] { ffn_hot_coef(a, nullptr); }, "iq4_xs"));
 
     CHECK(refuses([&] { ffn_hot_down(GgmlType::Q4_0, 64, p, 36, 10, f, 9, buf, 1, f, 64, p, nullptr); }, "rows overlap"));
     CHECK(refuses([&] { ffn_hot_down(GgmlType::Q4_0, 64, p, 36, 10, f, 10, buf, 1, nullptr, 64, p, nullptr); },

@@ -13,13 +13,14 @@
 //     Kernels check nothing the host could have checked; values the host cannot see (token ids,
 //     positions on the device) are bounds-checked in the kernel and never read out of range.
 //   - Weight rows are the GGUF row layout (blocks.h), `w_stride` bytes apart. Row starts must be
-//     aligned to 4 bytes for F32 and Q4_1, 2 bytes for F16, BF16, Q8_0 and Q4_0. Converted
+//     aligned to 4 bytes for F32 and Q4_1, 2 bytes for every other type. Converted
 //     activations (xa) start 16-byte aligned (any cudaMalloc'd buffer is), float arrays 4-byte.
 //
 // The arithmetic is the CPU's (docs/design.md, "GPU kernels"): the block math lives in
 // block_math.h, which the CPU tests run. Quantized products give the same bits as the CPU's
-// KernelSet (per 32-block an exact integer dot, one fma per block into one accumulator in block
-// order), the down projection the same bits as cpu::KernelSet::axpy_rows for every weight type.
+// KernelSet (per block an exact integer dot (K-quants: per 256-weight super-block, the sub-block
+// dots times their integer scales), one fma per block into one accumulator in block order, a
+// second for the min of Q4_1, Q5_1, Q4_K, Q5_K and Q2_K), the down projection the same bits as cpu::KernelSet::axpy_rows for every weight type.
 // Float-weight products use a fixed order of their own (the same for any batch), within float
 // rounding of the CPU's. Norms and attention agree with the CPU within float rounding.
 #pragma once
@@ -36,7 +37,8 @@ namespace ps::cuda {
 
 using Stream = void*;  // cudaStream_t
 
-// The weight types the kernels compute with: F32, F16, BF16, Q8_0, Q4_0, Q4_1.
+// The weight types the kernels compute with: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL,
+// Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (every type the CPU kernels run).
 bool kernel_type_supported(GgmlType w);
 
 // ---- Activations and matrix products -----------------------------------------------------------
@@ -44,7 +46,8 @@ bool kernel_type_supported(GgmlType w);
 // Bytes of one converted activation row of k values for weights of type w, a multiple of 16 so
 // consecutive rows stay aligned. Layout within the row: as the CPU's (cpu/kernels.h): f32 values
 // for F32/F16/BF16 weights; Q8Act (codes [nb][32], then nb float scales, then nb int32 code sums)
-// for Q8_0/Q4_0; nb block_q8_1 for Q4_1; zero padding after.
+// for Q8_0/Q4_0/Q5_0/IQ4_NL; nb block_q8_1 for Q4_1/Q5_1; k / 256 block_q8_K for the K-quants; zero
+// padding after.
 size_t act_bytes(GgmlType w, int64_t k);
 
 // xa row c (act_bytes(w, k) bytes apart) = activation row c of x (rows ldx floats apart), c < nt,

@@ -1,9 +1,10 @@
 // Activation conversion, matrix products and the sparse FFN's kernels (cuda/kernels.h).
 //
-// A row product is the CPU's sequence of operations (block_math.h): per 32-block an exact integer
-// dot, then one fma per block into one accumulator in block order. A warp takes kRows weight rows
-// and up to kTok tokens: its 32 lanes compute the block terms of 32 consecutive blocks (coalesced
-// loads, each weight block loaded once for all the tokens), park them in shared memory, and then
+// A row product is the CPU's sequence of operations (block_math.h): per block (32 weights, or a
+// K-quant's 256) an exact integer dot, then one fma per block (two with a min) into one accumulator
+// in block order. A warp takes kRows weight rows and up to kTok tokens: its 32 lanes compute the
+// block terms of 32 consecutive blocks (coalesced loads; Q8_0/Q4_0/Q4_1 blocks loaded once for all
+// the tokens, the other types read in place per term), park them in shared memory, and then
 // one lane per (row, token) runs the fma chain over those 32 blocks in order. The result of a
 // (row, token) is the same whichever rows and tokens share its warp.
 #include "cuda/kernels_util.cuh"
@@ -21,7 +22,7 @@ constexpr int kTok = 8;    // tokens per pass over a row (kRows * kTok <= kLanes
 static_assert(kRows * kTok <= kLanes, "one chain lane per (row, token)");
 constexpr unsigned kFull = 0xFFFFFFFFu;
 
-__host__ __device__ constexpr bool quantized(GgmlType w) { return w == GgmlType::Q8_0 || w == GgmlType::Q4_0 || w == GgmlType::Q4_1; }
+__host__ __device__ constexpr bool quantized(GgmlType w) { return bm::is_quantized(w); }
 
 // Block terms parked between the lanes that compute them and the lanes that chain them; one more
 // column than lanes so the chain lanes' reads fall in different banks.
@@ -37,7 +38,7 @@ __device__ float rows_dot(const uint8_t* const* rows, unsigned row_mask, const u
     if (row_mask == 0) return 0.0f;  // warp-uniform: no row of this warp is read
     if constexpr (quantized(W)) {
         TermTile& sh = tiles[threadIdx.x / kLanes];
-        const int64_t nb = k / QK;
+        const int64_t nb = k / bm::block_elems(W);
         const int my_r = lane / kTok, my_c = lane % kTok;
         const bool chain_lane = lane < kRows * kTok && (row_mask >> my_r & 1u) && my_c < ntk;
         float acc = 0.0f;
@@ -51,7 +52,7 @@ __device__ float rows_dot(const uint8_t* const* rows, unsigned row_mask, const u
 #pragma unroll
                 for (int c = 0; c < kTok; ++c) {
                     if (c >= ntk) break;
-                    const bm::XBlock x = bm::load_xblock<W>(xa + size_t(c) * xs, nb, b);
+                    const auto x = bm::load_xblock<W>(xa + size_t(c) * xs, nb, b);
 #pragma unroll
                     for (int r = 0; r < kRows; ++r)
                         if (row_mask >> r & 1u) sh[r][c][lane] = bm::term<W>(w[r], x);
@@ -102,7 +103,7 @@ __device__ float rows_dot(const uint8_t* const* rows, unsigned row_mask, const u
 // ---- quantize_act ----
 
 __global__ void quantize_kernel(GgmlType w, int64_t k, const float* x, int64_t ldx, int nt, uint8_t* xa, size_t xs) {
-    const int64_t nb = k / QK;
+    const int64_t nb = quantized(w) ? k / bm::block_elems(w) : k / QK;
     const int64_t per_row = quantized(w) ? nb : k;
     const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
     if (i >= per_row * nt) return;
@@ -339,7 +340,10 @@ void check_tokens(const char* fn, int nt) { require(nt >= 0, fn, "negative token
 bool kernel_type_supported(GgmlType w) {
     switch (w) {
         case GgmlType::F32: case GgmlType::F16: case GgmlType::BF16:
-        case GgmlType::Q8_0: case GgmlType::Q4_0: case GgmlType::Q4_1: return true;
+        case GgmlType::Q8_0: case GgmlType::Q4_0: case GgmlType::Q4_1:
+        case GgmlType::Q5_0: case GgmlType::Q5_1: case GgmlType::IQ4_NL:
+        case GgmlType::Q2_K: case GgmlType::Q3_K: case GgmlType::Q4_K: case GgmlType::Q5_K: case GgmlType::Q6_K:
+            return true;
         default: return false;
     }
 }
@@ -355,7 +359,7 @@ void quantize_act(GgmlType w, int64_t k, const float* x, int64_t ldx, int nt, vo
     check_tokens("quantize_act", nt);
     require(ldx >= k, "quantize_act", "activation rows overlap (ldx < k)");
     require(aligned(x, 4) && aligned(xa, 16), "quantize_act", "x must be 4-byte and xa 16-byte aligned");
-    const int64_t per_row = is_float(w) ? k : k / QK;
+    const int64_t per_row = is_float(w) ? k : k / block_size(w);
     if (nt == 0 || per_row == 0) return;
     require(x && xa, "quantize_act", "null pointer");
     constexpr int kThreads = 256;

@@ -36,7 +36,7 @@ inline size_t row_align(GgmlType w) { return w == GgmlType::F32 || w == GgmlType
 inline bool is_float(GgmlType w) { return w == GgmlType::F32 || w == GgmlType::F16 || w == GgmlType::BF16; }
 
 // Elements per block of w (1 for the float types).
-inline int64_t block_size(GgmlType w) { return is_float(w) ? 1 : QK; }
+inline int64_t block_size(GgmlType w) { return bm::block_elems(w); }
 
 // Checks a weight matrix argument: a supported type, k a whole number of blocks, aligned rows at
 // least as long as the row's bytes.
@@ -64,6 +64,14 @@ void with_type(GgmlType w, F&& f) {
         case GgmlType::Q8_0: f(TypeC<GgmlType::Q8_0>{}); return;
         case GgmlType::Q4_0: f(TypeC<GgmlType::Q4_0>{}); return;
         case GgmlType::Q4_1: f(TypeC<GgmlType::Q4_1>{}); return;
+        case GgmlType::Q5_0: f(TypeC<GgmlType::Q5_0>{}); return;
+        case GgmlType::Q5_1: f(TypeC<GgmlType::Q5_1>{}); return;
+        case GgmlType::IQ4_NL: f(TypeC<GgmlType::IQ4_NL>{}); return;
+        case GgmlType::Q2_K: f(TypeC<GgmlType::Q2_K>{}); return;
+        case GgmlType::Q3_K: f(TypeC<GgmlType::Q3_K>{}); return;
+        case GgmlType::Q4_K: f(TypeC<GgmlType::Q4_K>{}); return;
+        case GgmlType::Q5_K: f(TypeC<GgmlType::Q5_K>{}); return;
+        case GgmlType::Q6_K: f(TypeC<GgmlType::Q6_K>{}); return;
         default: fail(strfmt("no CUDA kernel for weight type %s", type_name(w)));
     }
 }
