@@ -30,28 +30,12 @@ inline VF vadd(VF a, VF b) { return _mm256_add_ps(a, b); }
 inline VF vfma(VF a, VF b, VF c) { return _mm256_fmadd_ps(a, b, c); }
 inline VF vsub(VF a, VF b) { return _mm256_sub_ps(a, b); }
 inline VF vmax(VF a, VF b) { return _mm256_max_ps(a, b); }
+inline VF vmin(VF a, VF b) { return _mm256_min_ps(a, b); }
+inline VF vfnma(VF a, VF b, VF c) { return _mm256_fnmadd_ps(a, b, c); }  // c - a * b
 inline VF vround(VF v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }  // to nearest, ties to even
 // 2^n for integral n in [-127, 127] (n = -127 gives 0)
 inline VF vpow2(VF n) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
-}
-
-// e^x per lane: Cephes' expf (x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial, times 2^n), ~1
-// ulp. x is clamped to [-88, 88] (NaN stays NaN: max and min return their second operand for a
-// NaN); below about -87.3 the result is 0 rather than a denormal.
-inline VF vexp(VF x) {
-    x = _mm256_min_ps(vset1(88.0f), _mm256_max_ps(vset1(-88.0f), x));
-    const VF n = vround(vmul(x, vset1(1.44269504088896341f)));
-    VF r = _mm256_fnmadd_ps(n, vset1(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, vset1(-2.12194440e-4f), r);
-    VF y = vset1(1.9875691500e-4f);
-    y = vfma(y, r, vset1(1.3981999507e-3f));
-    y = vfma(y, r, vset1(8.3334519073e-3f));
-    y = vfma(y, r, vset1(4.1665795894e-2f));
-    y = vfma(y, r, vset1(1.6666665459e-1f));
-    y = vfma(y, r, vset1(5.0000001201e-1f));
-    y = vadd(vfma(y, vmul(r, r), r), vset1(1.0f));
-    return vmul(y, vpow2(n));
 }
 inline float vhsum(VF v);
 
