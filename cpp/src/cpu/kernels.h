@@ -155,9 +155,10 @@ struct KernelSet {
 
     // One tile of attention for one query head (attention.cpp): s_p = (q . k_p) * scale for the n
     // (<= kAttnTileMax) keys of the tile (K[p * hd + d], V likewise); m = max s_p,
-    // e_p = exp(s_p - m), l = sum of e_p in position order, o = sum of e_p v_p as an fma chain in
-    // position order. Writes part = (m, l, o[0..hd)). A dot's lane order is fixed per instruction
-    // set (as for float weights), so results are the same for any batch and thread count.
+    // e_p = exp(s_p - m), l = sum of e_p, o = sum of e_p v_p as an fma chain in position order.
+    // Writes part = (m, l, o[0..hd)). The exp, l's summation order (scalar: position order; x86:
+    // per-lane sums, then across the lanes) and a dot's lane order are fixed per instruction set
+    // (as for float weights), so results are the same for any batch and thread count.
     void (*attn_tile)(const float* q, const float* K, const float* V, int n, int hd, float scale, float* part) = nullptr;
 
     // Residual-stream vector routines (vec.h), the same bits in every set: y[i] = fma(a, x[i], y[i]);
