@@ -392,8 +392,11 @@ def _signal_while_writing(hf_dir, out, signum):
     import sys
     import time
 
+    # a shell without job control starts background jobs with SIGINT ignored, and Python keeps an
+    # ignored SIGINT ignored: give the child the default, as a terminal would
     p = subprocess.Popen([sys.executable, "-c", _SLOW_CONVERT, str(hf_dir), str(out), "--no-progress"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     tmp = out.with_name(f"{out.name}.tmp-{p.pid}")
     deadline = time.monotonic() + 60
     while not tmp.exists() and p.poll() is None and time.monotonic() < deadline:
