@@ -121,8 +121,9 @@ PS_HD uint32_t load_u32_a4(const void* p) {
 
 // ---- fp16 / bf16 ---------------------------------------------------------------------------------
 
-// Exact for every non-NaN half (every half is a float); quant.cpp's fp16_to_fp32 on the host. The
-// device uses the hardware conversion, which may quiet a signalling NaN's payload (as F16C does).
+// Exact for every non-NaN half (every half is a float); on the host this is quant.cpp's
+// fp16_to_fp32. The device uses the hardware conversion, which may quiet a signalling NaN's payload
+// (as F16C does).
 PS_HD float fp16_to_fp32(uint16_t h) {
 #if defined(__CUDA_ARCH__)
     return __half2float(__ushort_as_half(h));
@@ -130,9 +131,10 @@ PS_HD float fp16_to_fp32(uint16_t h) {
     const uint32_t sign = uint32_t(h & 0x8000u) << 16;
     const uint32_t exp = (h >> 10) & 0x1Fu;
     uint32_t mant = h & 0x3FFu;
-    if (exp == 0x1F) return f32_from_bits(sign | 0x7F800000u | (mant << 13));
+    if (exp == 0x1F) return f32_from_bits(sign | 0x7F800000u | (mant << 13));  // inf, NaN (payload kept)
     if (exp != 0) return f32_from_bits(sign | ((exp + 112) << 23) | (mant << 13));
-    if (mant == 0) return f32_from_bits(sign);
+    if (mant == 0) return f32_from_bits(sign);  // +-0
+    // Subnormal half: mant * 2^-24. Shift the leading 1 up to the implicit position.
     uint32_t e = 113;
     while ((mant & 0x400u) == 0) {
         mant <<= 1;
@@ -142,25 +144,27 @@ PS_HD float fp16_to_fp32(uint16_t h) {
 #endif
 }
 
-// Round to nearest even in integer arithmetic: quant.cpp's fp32_to_fp16 operation for operation
-// (NaN keeps its upper payload, made quiet), so the device's KV cache and activation scales are
-// the host's bits whatever the rounding mode.
+// Round to nearest even in integer arithmetic (NaN keeps its upper payload, made quiet): quant.cpp's
+// fp32_to_fp16 on the host too, so the device's KV cache and activation scales are the host's bits
+// whatever the rounding mode.
 PS_HD uint16_t fp32_to_fp16(float f) {
     const uint32_t x = f32_bits(f);
     const uint16_t sign = uint16_t((x >> 16) & 0x8000u);
     const uint32_t ax = x & 0x7FFFFFFFu;
-    if (ax > 0x7F800000u) return uint16_t(sign | 0x7E00u | ((ax >> 13) & 0x3FFu));
-    if (ax >= 0x47800000u) return uint16_t(sign | 0x7C00u);
+    if (ax > 0x7F800000u) return uint16_t(sign | 0x7E00u | ((ax >> 13) & 0x3FFu));  // NaN, made quiet
+    if (ax >= 0x47800000u) return uint16_t(sign | 0x7C00u);  // >= 2^16 (and inf): infinity
     const uint32_t e = ax >> 23;
     const uint32_t m = (ax & 0x7FFFFFu) | 0x800000u;
     if (e >= 113) {
+        // Normal half. Rounding may carry into the exponent; from 65520 up that yields 0x7C00, inf.
         uint32_t h = ((e - 112) << 10) | ((ax >> 13) & 0x3FFu);
         const uint32_t rem = ax & 0x1FFFu;
         if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;
         return uint16_t(sign | h);
     }
-    if (ax <= 0x33000000u) return sign;
-    const uint32_t shift = 126 - e;
+    if (ax <= 0x33000000u) return sign;  // <= 2^-25: half of the smallest subnormal ties to 0
+    // Subnormal half: the value is m * 2^(e-150), in units of 2^-24 that is m >> (126 - e).
+    const uint32_t shift = 126 - e;  // 14..24
     uint32_t h = m >> shift;
     const uint32_t rem = m & ((1u << shift) - 1);
     const uint32_t half = 1u << (shift - 1);

@@ -320,20 +320,6 @@ FfnIn ffn_in(const std::string& strategy, const std::string& act, float act_t, u
 }
 
 #if defined(PROSPARSE_HAVE_CUDA)
-// A device copy of a host buffer (device 0), or an empty device buffer of n bytes.
-cuda::DeviceBuffer up_bytes(const void* p, size_t n) {
-    cuda::DeviceBuffer b(0, n ? n : 1);
-    if (n) b.upload(p, n);
-    return b;
-}
-std::vector<float> down_floats(const cuda::DeviceBuffer& b, size_t n) {
-    std::vector<float> v(n);
-    if (n) b.download(v.data(), n * sizeof(float));
-    return v;
-}
-#endif
-
-#if defined(PROSPARSE_HAVE_CUDA)
 // A device copy of a host buffer (device 0; at least one byte so empty inputs still have an address).
 cuda::DeviceBuffer to_device(const void* p, size_t n) {
     cuda::DeviceBuffer b(0, n ? n : 1);

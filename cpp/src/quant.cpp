@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "block_math.h"
 #include "common.h"
 #include "cpu/kernels.h"
 
@@ -78,8 +79,6 @@ constexpr uint32_t kNumTypes = sizeof(kTypes) / sizeof(kTypes[0]);
 // same thread asks again (callers format it into a message immediately).
 thread_local char tl_unknown_name[32];
 
-inline uint32_t f32_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
-inline float f32_from_bits(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline uint16_t load_u16(const uint8_t* p) { uint16_t v; std::memcpy(&v, p, 2); return v; }
 inline void store_u16(uint8_t* p, uint16_t v) { std::memcpy(p, &v, 2); }
 
@@ -204,52 +203,16 @@ size_t row_bytes(GgmlType t, int64_t n) {
     return size_t(n / ti->block_size) * ti->block_bytes;
 }
 
-// ---- IEEE half <-> single, in integer arithmetic so that neither the FPU's rounding mode nor
-// flush-to-zero can change the result. ------------------------------------------------------
-float fp16_to_fp32(uint16_t h) {
-    const uint32_t sign = uint32_t(h & 0x8000u) << 16;
-    const uint32_t exp = (h >> 10) & 0x1Fu;
-    uint32_t mant = h & 0x3FFu;
-    if (exp == 0x1F) return f32_from_bits(sign | 0x7F800000u | (mant << 13));  // inf, NaN (payload kept)
-    if (exp != 0) return f32_from_bits(sign | ((exp + 112) << 23) | (mant << 13));
-    if (mant == 0) return f32_from_bits(sign);  // +-0
-    // Subnormal half: mant * 2^-24. Shift the leading 1 up to the implicit position.
-    uint32_t e = 113;
-    while ((mant & 0x400u) == 0) { mant <<= 1; --e; }
-    return f32_from_bits(sign | (e << 23) | ((mant & 0x3FFu) << 13));
-}
-
-uint16_t fp32_to_fp16(float f) {
-    const uint32_t x = f32_bits(f);
-    const uint16_t sign = uint16_t((x >> 16) & 0x8000u);
-    const uint32_t ax = x & 0x7FFFFFFFu;
-    if (ax > 0x7F800000u) return uint16_t(sign | 0x7E00u | ((ax >> 13) & 0x3FFu));  // NaN, made quiet
-    if (ax >= 0x47800000u) return uint16_t(sign | 0x7C00u);  // >= 2^16 (and inf): infinity
-    const uint32_t e = ax >> 23;
-    const uint32_t m = (ax & 0x7FFFFFu) | 0x800000u;
-    if (e >= 113) {
-        // Normal half. Rounding may carry into the exponent; from 65520 up that yields 0x7C00, inf.
-        uint32_t h = ((e - 112) << 10) | ((ax >> 13) & 0x3FFu);
-        const uint32_t rem = ax & 0x1FFFu;
-        if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;
-        return uint16_t(sign | h);
-    }
-    if (ax <= 0x33000000u) return sign;  // <= 2^-25: half of the smallest subnormal ties to 0
-    // Subnormal half: the value is m * 2^(e-150), in units of 2^-24 that is m >> (126 - e).
-    const uint32_t shift = 126 - e;  // 14..24
-    uint32_t h = m >> shift;
-    const uint32_t rem = m & ((1u << shift) - 1);
-    const uint32_t half = 1u << (shift - 1);
-    if (rem > half || (rem == half && (h & 1u))) ++h;  // may become 0x400, the smallest normal
-    return uint16_t(sign | h);
-}
-
-float bf16_to_fp32(uint16_t h) { return f32_from_bits(uint32_t(h) << 16); }
+// ---- IEEE half <-> single: block_math.h's integer arithmetic (the host branch), which the CUDA
+// kernels share, so neither the FPU's rounding mode nor flush-to-zero can change the result. ----
+float fp16_to_fp32(uint16_t h) { return bm::fp16_to_fp32(h); }
+uint16_t fp32_to_fp16(float f) { return bm::fp32_to_fp16(f); }
+float bf16_to_fp32(uint16_t h) { return bm::bf16_to_fp32(h); }
 
 uint16_t fp32_to_bf16(float f) {
     // ggml_compute_fp32_to_bf16 / gguf-py's BF16 quantizer: NaN keeps sign and upper payload
     // with the quiet bit set; everything else rounds to nearest even (overflow becomes inf).
-    const uint32_t u = f32_bits(f);
+    const uint32_t u = bm::f32_bits(f);
     if ((u & 0x7FFFFFFFu) > 0x7F800000u) return uint16_t((u >> 16) | 64u);
     return uint16_t((u + (0x7FFFu + ((u >> 16) & 1u))) >> 16);
 }
