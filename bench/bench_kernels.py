@@ -138,6 +138,8 @@ def main():
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
     isas = args.isas.split(",") if args.isas else _core._testing.isas()
+    from prosparse_bench.bandwidth import read_gbps
+    bw_before = {t: read_gbps(t) for t in args.threads}
     raw = []
     for rnd in range(args.rounds):
         for bname, bpath in builds:
@@ -146,11 +148,17 @@ def main():
                 env["PYTHONPATH"] = os.pathsep.join(p for p in (bpath, env.get("PYTHONPATH", "")) if p)
             for isa in isas:
                 raw.extend(run_worker(args, isa, env, bname, rnd))
+    bw_after = {t: read_gbps(t) for t in args.threads}
+    # the host's read bandwidth per thread count, mean of before and after the kernels ran
+    bw = {t: (bw_before[t]["median_gbps"] + bw_after[t]["median_gbps"]) / 2 for t in args.threads}
     results = pool_rounds(raw)
-    print_table(args, builds, isas, results)
+    for r in results:
+        r["of_read_bandwidth"] = r["GBps"] / bw[r["threads"]]
+    print_table(args, builds, isas, results, bw)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"cpu": cpu_name(), "args": vars(args), "results": results, "runs": raw}, f, indent=1)
+            json.dump({"cpu": cpu_name(), "args": vars(args), "read_bandwidth": {"before": bw_before, "after": bw_after},
+                       "results": results, "runs": raw}, f, indent=1)
     if args.plot:
         plot(args, builds, isas, results)
 
@@ -198,13 +206,16 @@ def cpu_name():
     return "unknown CPU"
 
 
-def print_table(args, builds, isas, results):
-    """One row per (type, op), one column per (build, isa, threads): GB/s of weight bytes read."""
+def print_table(args, builds, isas, results, bw):
+    """One row per (type, op), one column per (build, isa, threads): GB/s of weight bytes read, and
+    its share of the host's read bandwidth measured in the same run with as many threads."""
     cols = [(b, isa, t) for isa in isas for t in args.threads for b, _ in builds]
     label = lambda b, i, t: f"{b + ' ' if b else ''}{i} {t}t"
     print(f"\n7B-shaped kernels on {cpu_name()}, {args.tokens} token(s) per call, working set >= "
           f"{args.working_set:.0f} MB, {args.stat} call time, median of {args.rounds} round(s); GB/s of weights "
-          f"read (GFLOP/s)\n")
+          f"read (share of the host's read bandwidth, GFLOP/s)")
+    print("host read bandwidth measured in this run (mean of before and after): "
+          + ", ".join(f"{t} thread(s) {g:.1f} GB/s" for t, g in bw.items()) + "\n")
     print("| type | op | " + " | ".join(label(*c) for c in cols) + " |")
     print("|" + "---|" * (2 + len(cols)))
     index = {_key(r): r for r in results}
@@ -213,7 +224,7 @@ def print_table(args, builds, isas, results):
             cells = []
             for b, isa, t in cols:
                 r = index.get((b, isa, t, tname, o))
-                cells.append(f"{r['GBps']:.1f} ({r['GFLOPs']:.1f})" if r else "-")
+                cells.append(f"{r['GBps']:.1f} ({100 * r['of_read_bandwidth']:.0f}%, {r['GFLOPs']:.1f})" if r else "-")
             print(f"| {tname} | {o} | " + " | ".join(cells) + " |")
 
 

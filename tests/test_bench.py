@@ -120,6 +120,28 @@ def test_markdown_table_gives_the_byte_bound_from_the_best_llama_cpp_and_both_by
     assert ours.rstrip().endswith("| 8.00 (112%) |"), ours
 
 
+def test_markdown_table_takes_the_share_of_the_bandwidth_measured_in_the_run():
+    run = {"runtime": "prosparse-rt", "threads": 2, "bytes_per_token": 3e9, "strategy": "dense",
+           "tg": {"mean": 6.0, "sd": 0.1}}
+    res = {"dram_gbps_measured": {"mean": 24.0},
+           "models": [{"name": "m", "weights_bytes": 3.8e9, "bytes_per_token": 3e9, "pp": 512, "tg": 128,
+                       "runs": [run]}]}
+    table = report.markdown_table(res)
+    assert "of 24.0 measured" in table and "18.0 (75%)" in table  # 3 GB x 6 tok/s of 24 GB/s
+
+
+def test_read_bandwidth_reads_the_whole_buffer_and_refuses_bad_parameters():
+    from prosparse_bench.bandwidth import read_gbps
+    from prosparse_rt import _core
+    nbytes, times, _ = _core._testing.read_bandwidth(8.0, 2, 0.0)
+    assert nbytes == 8 * 2**20 and len(times) >= 3 and min(times) > 0
+    r = read_gbps(threads=1, mb=16, seconds=0.0)
+    assert r["best_gbps"] >= r["median_gbps"] > 0
+    for bad in ((0.0, 1, 0.1), (8.0, 0, 0.1), (8.0, 1, -1.0), (float("nan"), 1, 0.1)):
+        with pytest.raises(Exception, match="read_bandwidth"):
+            _core._testing.read_bandwidth(*bad)
+
+
 def test_cli_writes_table_json_and_plot(dense_q4, tmp_path, capsys):
     import json
     from prosparse_bench import cli
@@ -132,6 +154,9 @@ def test_cli_writes_table_json_and_plot(dense_q4, tmp_path, capsys):
     run = res["models"][0]["runs"][0]
     assert run["runtime"] == "prosparse-rt" and run["tg"]["n_tokens"] == [3, 3]
     assert len(list(tmp_path.glob("bench-*.png"))) == 1
+    bw = res["dram_gbps_measured"]  # the host's read bandwidth, before and after, in the same run
+    assert bw["before"]["median_gbps"] > 0 and bw["after"]["median_gbps"] > 0 and res["dram_gbps"] == bw["mean"]
+    assert "measured in this run" in table
 
 
 def test_rounds_pool_the_repetitions_of_every_configuration(dense_q4, tmp_path, capsys):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
 
-from . import report, synth
+from . import bandwidth, report, synth
 
 BENCH_DIR = Path(__file__).resolve().parent.parent
 
@@ -360,8 +360,8 @@ def print_results(results: dict, args) -> None:
         return
     reps = f"{args.reps} repetitions" + (f" x {args.rounds} rounds" if args.rounds > 1 else "")
     print(f"\n{args.threads} threads, pp{args.pp} / tg{args.tg}, {reps}, "
-          f"{results['cpu']}; GB/s = weight bytes read per token x tok/s "
-          f"(DRAM ~{report.DRAM_GBPS:.0f} GB/s)\n")
+          f"{results['cpu']}; GB/s = (weight + cache) bytes read per token x tok/s; "
+          f"{_bandwidth_line(results)}\n")
     print(report.markdown_table(results))
     for m in results["models"]:
         if "greedy_tokens_agree" in m:
@@ -379,10 +379,15 @@ def main(argv=None):
     results = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "threads": args.threads,
                "pp": args.pp, "tg": args.tg, "reps": args.reps, "rounds": args.rounds,
                "dram_gbps": report.DRAM_GBPS, "cpu": _cpu_name(), "models": []}
+    bw_before = bandwidth.read_gbps(args.threads)
     for spec in args.model or ["smollm2", "7b"]:
         m = bench_model(spec, args, peers)
         if m is not None:
             results["models"].append(m)
+    bw_after = bandwidth.read_gbps(args.threads)
+    results["dram_gbps_measured"] = {"before": bw_before, "after": bw_after,
+                                     "mean": (bw_before["median_gbps"] + bw_after["median_gbps"]) / 2}
+    results["dram_gbps"] = results["dram_gbps_measured"]["mean"]
 
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
@@ -393,6 +398,14 @@ def main(argv=None):
     print_results(results, args)
     print(f"\nwrote {jpath}" + (f" and {ppath}" if ppath else ""), file=sys.stderr)
     return 0
+
+
+def _bandwidth_line(results: dict) -> str:
+    m = results.get("dram_gbps_measured")
+    if not m:
+        return f"DRAM ~{report.DRAM_GBPS:.0f} GB/s (not measured in this run)"
+    return (f"DRAM read bandwidth measured in this run: {m['before']['median_gbps']:.1f} GB/s before, "
+            f"{m['after']['median_gbps']:.1f} after ({m['before']['threads']} threads)")
 
 
 def _cpu_name():

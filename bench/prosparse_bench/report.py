@@ -5,7 +5,13 @@ import functools
 import statistics
 from pathlib import Path
 
-DRAM_GBPS = 30.0  # measured read bandwidth of this 2-core machine (docs/design.md "Physical limits")
+DRAM_GBPS = 30.0  # typical read bandwidth of the 2-core machine, for results without a measured one
+
+
+def dram_gbps(results: dict) -> float:
+    """The run's measured read bandwidth (bandwidth.py, mean of before and after), else DRAM_GBPS."""
+    m = results.get("dram_gbps_measured")
+    return float(m["mean"]) if m else DRAM_GBPS
 
 
 def weight_bytes_per_token(path) -> dict:
@@ -114,8 +120,10 @@ def rows_of(results: dict):
 
 
 def markdown_table(results: dict) -> str:
+    bw = dram_gbps(results)
     head = ("| model | size | runtime | threads | test | t/s | vs best llama.cpp "
-            "| GB read/token (weights + cache) | GB/s (of ~30) | byte bound (ours of it) |\n"
+            f"| GB read/token (weights + cache) | GB/s (of {bw:.1f}{' measured' if 'dram_gbps_measured' in results else ''}) "
+            "| byte bound (ours of it) |\n"
             "|---|---:|---|---:|---|---:|---:|---:|---:|---:|")
     lines = [head]
     for r in rows_of(results):
@@ -124,7 +132,7 @@ def markdown_table(results: dict) -> str:
             continue
         ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else ""
         gbt = f"{r['gb_per_token']:.3f} + {r['kv_gb_per_token']:.3f}" if "gb_per_token" in r else ""
-        gbps = f"{r['gbps']:.1f} ({100 * r['gbps'] / DRAM_GBPS:.0f}%)" if "gbps" in r else ""
+        gbps = f"{r['gbps']:.1f} ({100 * r['gbps'] / bw:.0f}%)" if "gbps" in r else ""
         bound = (f"{r['byte_bound']:.2f} ({100 * r['mean'] / r['byte_bound']:.0f}%)"
                  if r.get("byte_bound") else "")
         lines.append(f"| {r['model']} | {r['size_gb']:.2f} GB | {r['runtime']} | {r['threads']} "
@@ -161,9 +169,10 @@ def plot(results: dict, path) -> Path:
             ax.set_xlabel("tokens/s")
             if t.startswith("tg"):
                 mm = next(x for x in results["models"] if x["name"] == m)
-                limit = DRAM_GBPS * 1e9 / mm["bytes_per_token"]
+                bw = dram_gbps(results)
+                limit = bw * 1e9 / mm["bytes_per_token"]
                 ax.axvline(limit, color="tab:red", ls="--", lw=1)
-                ax.text(limit, len(sel) - 0.5, f"dense limit at {DRAM_GBPS:.0f} GB/s ",
+                ax.text(limit, len(sel) - 0.5, f"dense limit at {bw:.1f} GB/s ",
                         color="tab:red", fontsize=7, va="bottom", ha="right")
     fig.tight_layout()
     path = Path(path)

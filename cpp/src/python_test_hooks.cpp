@@ -4,6 +4,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/tuple.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
@@ -13,6 +14,8 @@
 #include <cstring>
 #include <memory>
 #include <optional>
+#include <tuple>
+#include <vector>
 
 #include "common.h"
 #include "cpu/kernels.h"
@@ -323,6 +326,43 @@ void register_test_hooks(nb::module_& m) {
         return times;
     }, "op"_a, "type"_a, "W"_a, "nr"_a, "k"_a, "n_copies"_a, "n_tokens"_a, "n_active"_a,
        "n_threads"_a, "min_seconds"_a);
+    t.def("read_bandwidth", [](double mb, int n_threads, double min_seconds) {
+        // Seconds of each pass reading a buffer of `mb` MiB with n_threads (contiguous slices, one
+        // per thread, several independent sums): the host's read bandwidth from DRAM, measured in
+        // the same run as the decode speeds it bounds (prosparse-bench, bench_kernels.py).
+        if (!(mb >= 1.0 && mb <= 65536.0) || n_threads < 1 || n_threads > 256 || !(min_seconds >= 0.0))
+            throw ps::Error("read_bandwidth: mb in [1, 65536], n_threads in [1, 256], min_seconds >= 0");
+        const size_t n = size_t(mb * 1048576.0) / sizeof(uint64_t) / 64 * 64;
+        std::vector<uint64_t> buf(n);
+        for (size_t i = 0; i < n; ++i) buf[i] = i * 0x9E3779B97F4A7C15ull;  // pages in every page
+        nb::gil_scoped_release r;
+        ps::ThreadPool pool(n_threads);
+        std::atomic<uint64_t> sink{0};
+        auto pass = [&] {
+            pool.parallel_for(n_threads, [&](int64_t task, int) {
+                const size_t b = n * size_t(task) / size_t(n_threads) / 8 * 8;
+                const size_t e = n * size_t(task + 1) / size_t(n_threads) / 8 * 8;
+                uint64_t a[8] = {};
+                for (size_t i = b; i < e; i += 8)
+                    for (int j = 0; j < 8; ++j) a[j] += buf[i + size_t(j)];
+                uint64_t s = 0;
+                for (int j = 0; j < 8; ++j) s += a[j];
+                sink.fetch_add(s, std::memory_order_relaxed);
+            });
+        };
+        pass();  // warm-up
+        std::vector<double> times;
+        const auto t0 = std::chrono::steady_clock::now();
+        auto last = t0;
+        do {
+            pass();
+            const auto t = std::chrono::steady_clock::now();
+            times.push_back(std::chrono::duration<double>(t - last).count());
+            last = t;
+        } while (std::chrono::duration<double>(last - t0).count() < min_seconds || times.size() < 3);
+        // the checksum is returned so that the sums are live
+        return std::make_tuple(double(n * sizeof(uint64_t)), times, sink.load());
+    }, "mb"_a, "n_threads"_a, "min_seconds"_a);
     // ---- END kernel test/bench hooks ----
 }
 
