@@ -176,11 +176,14 @@ def test_a_serving_run_beside_a_stand_in_llama_server(tmp_path, monkeypatch, cap
     ok = [r for r in m["runs"] if "error" not in r]
     failed = [r for r in m["runs"] if "error" in r]
     # ours and the two flash-attention settings of the fake at 1 and 2 streams; its repack runs fail
+    # to start at 1 stream, and are not tried again
     assert sorted((r["config"], r["streams"]) for r in ok) == sorted(
         (c, n) for c in ("prosparse-server auto", "llama-server (fake)", "llama-server (fake fa)") for n in (1, 2))
     assert sorted((r["config"], r["streams"]) for r in failed) == sorted(
-        (c, n) for c in ("llama-server (fake repack)", "llama-server (fake repack fa)") for n in (1, 2))
-    assert all("exited with 132" in r["error"] for r in failed)
+        (c, 1) for c in ("llama-server (fake repack)", "llama-server (fake repack fa)"))
+    assert all("exited with 132 while starting" in r["error"] for r in failed)
+    assert set(m["dropped"]) == {"llama-server (fake repack)", "llama-server (fake repack fa)"}
+    assert "llama-server (fake repack fa): not run at more streams: did not start at 1 streams" in text
     for r in ok:  # every stream generated -n tokens; the aggregate is their sum over the wall time
         assert r["tokens"] == 5 * r["streams"]
         assert r["tok_s"] == pytest.approx(r["tokens"] / r["wall_s"][0])
@@ -204,3 +207,16 @@ def test_a_serving_run_beside_a_stand_in_llama_server(tmp_path, monkeypatch, cap
     assert {(b["temperature"], b["ignore_eos"], b["stream"]) for b in timed} == {(0, True, True)}
     assert {tuple(b["prompt"]) for b in timed} == {tuple(p) for p in serve.prompts(TINY.n_vocab, 2)}
     assert all(len(b["prompt"]) == serve.PROMPT_TOKENS for b in bodies)
+
+
+def test_peer_keep_runs_only_the_fastest_llama_server_configurations_further():
+    cfgs = [serve.ServerConfig("ours", "ours")] + [serve.ServerConfig("llama-server", f"p{i}") for i in range(4)]
+    cells = {("ours", 1): {"tok_s": 1.0}, ("p0", 1): {"tok_s": 5.0}, ("p1", 1): {"tok_s": 9.0},
+             ("p2", 1): {"error": "the server was killed by SIGILL while starting (log: x): ..."},
+             ("p3", 1): {"tok_s": 7.0}}
+    assert set(serve._drop_peers(cfgs, cells, 1, 0, {})) == {"p2"}
+    dropped = serve._drop_peers(cfgs, cells, 1, 2, {})
+    assert set(dropped) == {"p0", "p2"} and "--peer-keep" in dropped["p0"]  # p1 and p3 go on, and ours
+    # a failure during the timed run (not at start) keeps the configuration: it is reported where it fails
+    cells[("p2", 1)] = {"error": "streams generated [3] tokens, not 4 each"}
+    assert set(serve._drop_peers(cfgs, cells, 1, 0, {})) == set()

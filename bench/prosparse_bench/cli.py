@@ -202,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "and 7b-fatrelu; -n tokens per stream, -r runs per count; see prosparse_bench/serve.py)")
     ap.add_argument("--serve-ctx", type=int, default=512,
                     help="--serve: context per slot (llama-server gets -c N x this; default 512)")
+    ap.add_argument("--peer-keep", type=int, default=0, metavar="K",
+                    help="--serve: past the first concurrency, run only the K llama-server configurations that "
+                         "were fastest there (default 0: all; those that could not start there are dropped anyway)")
+    ap.add_argument("--estimate", action="store_true",
+                    help="--serve: print what would run and its estimated duration, and exit")
     ap.add_argument("--llama-server", default="auto",
                     help="--serve: llama-server binaries: auto ($PROSPARSE_LLAMA_SERVER, then "
                          "~/.cache/prosparse-bench/llama-server-*/ from bench/setup_peer.sh server), none, "
@@ -231,6 +236,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.reps = 2 if args.serve is not None else 3
     if args.rounds < 1 or args.reps < 1:
         ap.error("--rounds and --reps must be >= 1")
+    if args.peer_keep < 0:
+        ap.error("--peer-keep must be >= 0")
     if args.serve is not None and args.tg < 1:
         ap.error("-n: --serve needs at least one token per stream")
     if args.serve is not None and args.serve_ctx < serve.PROMPT_TOKENS + args.tg + 1:

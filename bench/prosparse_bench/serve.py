@@ -108,8 +108,13 @@ class ServerConfig:
 
 
 def peer_server_configs(servers, flash_attn: List[bool], repack: List[bool], waits: List[str]) -> List[ServerConfig]:
-    return [ServerConfig("llama-server", f"llama-server ({build}" + (" repack" if rp else "") + (" fa" if fa else "")
-                         + (f" omp-{w}" if len(waits) > 1 else "") + ")", exe=exe, flash_attn=fa, repack=rp, omp_wait=w)
+    def label(build, rp, w, fa):
+        parts = [build if build != "llama-server" else "", "repack" if rp else "", "fa" if fa else "",
+                 f"omp-{w}" if len(waits) > 1 else ""]
+        parts = [p for p in parts if p]
+        return "llama-server" + (f" ({' '.join(parts)})" if parts else "")
+
+    return [ServerConfig("llama-server", label(build, rp, w, fa), exe=exe, flash_attn=fa, repack=rp, omp_wait=w)
             for build, exe in servers for rp in repack for w in waits for fa in flash_attn]
 
 
@@ -215,6 +220,14 @@ def run_streams(port: int, prompt_ids: List[List[int]], max_tokens: int) -> dict
 
 
 # --------------------------------------------------------------------------- one server
+def _signal_name(num: int) -> str:
+    import signal
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return f"signal {num}"
+
+
 class Server:
     """A server process on a free port, its output in `log`; a context manager that stops it."""
 
@@ -233,8 +246,9 @@ class Server:
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.proc.returncode} while starting: "
-                                   + self._tail())
+                rc = self.proc.returncode
+                how = f"was killed by {_signal_name(-rc)}" if rc < 0 else f"exited with {rc}"
+                raise RuntimeError(f"the server {how} while starting (log: {self.log}): " + self._tail())
             try:
                 status, _ = get_json(self.port, "/health", timeout=5)
                 if status == 200:
@@ -297,19 +311,24 @@ def measure(cfg: ServerConfig, model: Path, n: int, prompt_ids: List[List[int]],
 
 
 # --------------------------------------------------------------------------- the run
-def estimate_seconds(models: List[Tuple[str, Path, Path]], counts: List[int], n_configs: Dict[str, int], args) -> float:
-    """A rough duration: per server start the file read at 1 GB/s plus 5 s, and per step of n
-    streams the weights read once at half of DRAM_GBPS plus 20% of that per extra stream (batched
-    decode is compute-bound past a few streams). A guide for choosing -n, -r and --rounds, not a
-    measurement."""
+def estimate_seconds(models: List[Tuple[str, Path, Path]], counts: List[int], n_configs: Dict[str, Tuple[int, int]],
+                     args) -> float:
+    """A rough duration on a quiet host, every configuration run at every count (configurations
+    dropped after the first count shorten it): per server start 2 s plus the file read at 2 GB/s, and
+    per step of n streams the weights read once at 80% of DRAM_GBPS plus 20% of that per extra
+    stream (batched decode turns compute-bound). A guide for choosing -n, -r, --rounds and the
+    peer settings, not a measurement."""
     total = 0.0
     for spec, path, _ in models:
         file_gb = path.stat().st_size / 1e9
-        step1 = report.weight_bytes_per_token(path)["bytes_per_token"] / (0.5 * report.DRAM_GBPS * 1e9)
+        step1 = report.weight_bytes_per_token(path)["bytes_per_token"] / (0.8 * report.DRAM_GBPS * 1e9)
         for n in counts:
             steps = (args.tg + PROMPT_TOKENS / 8) * args.reps + 4
-            per_run = 5.0 + file_gb + steps * step1 * (1 + 0.2 * (n - 1))
-            total += per_run * n_configs[spec] * args.rounds
+            per_run = 2.0 + file_gb / 2 + steps * step1 * (1 + 0.2 * (n - 1))
+            n_ours, n_peer = n_configs[spec]
+            if n != counts[0] and args.peer_keep > 0:
+                n_peer = min(n_peer, args.peer_keep)
+            total += per_run * (n_ours + n_peer) * args.rounds
     return total
 
 
@@ -339,11 +358,19 @@ def bench_serving(args, resolve_model, cpu_name: str) -> dict:
         ours = [] if args.no_ours else our_server_configs(spec, args.sparsity)
         targets.append((spec, name, path, peer_path))
         configs[spec] = ours + peers
-    est = estimate_seconds([(s, p, q) for s, _, p, q in targets], counts, {s: len(c) for s, c in configs.items()}, args)
-    print(f"prosparse-bench --serve: {sum(len(c) for c in configs.values()) * len(counts) * args.rounds} server runs "
+    est = estimate_seconds([(s, p, q) for s, _, p, q in targets], counts,
+                           {s: (len(c) - len(peers), len(peers)) for s, c in configs.items()}, args)
+    n_ours = {s: len(c) - len(peers) for s, c in configs.items()}
+    later = len(peers) if not args.peer_keep else min(len(peers), args.peer_keep)
+    n_runs = sum(args.rounds * (len(c) + (len(counts) - 1) * (n_ours[s] + later)) for s, c in configs.items())
+    print(f"prosparse-bench --serve: at most {n_runs} server runs "
           f"({', '.join(f'{s}: {len(c)} configurations' for s, c in configs.items())} x {len(counts)} concurrencies"
-          f" x {args.rounds} rounds), {args.tg} tokens per stream, {args.reps} repetitions each; "
+          f" x {args.rounds} rounds" + (f"; past {counts[0]} streams at most {args.peer_keep} llama-server "
+                                          "configurations" if args.peer_keep else "")
+          + f"), {args.tg} tokens per stream, {args.reps} repetitions each; "
           f"estimated {est / 60:.0f} min on a quiet host", file=sys.stderr, flush=True)
+    if args.estimate:
+        return {}
     stamp = time.strftime("%Y%m%d-%H%M%S")
     logs = Path(args.results) / f"serve-{stamp}-logs"
     results = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "mode": "serve", "cpu": cpu_name,
@@ -354,9 +381,14 @@ def bench_serving(args, resolve_model, cpu_name: str) -> dict:
     for spec, name, path, peer_path in targets:
         prompt_ids = prompts(min(_n_vocab(path), _n_vocab(peer_path)), max(counts))
         cells: Dict[Tuple[str, int], dict] = {}
+        dropped: Dict[str, str] = {}
         for rnd in range(args.rounds):
             for n in counts:
+                if rnd == 0 and n != counts[0]:
+                    dropped.update(_drop_peers(configs[spec], cells, counts[0], args.peer_keep, dropped))
                 for cfg in configs[spec]:
+                    if cfg.label in dropped:
+                        continue
                     model = path if cfg.runtime == "ours" else peer_path
                     log = logs / f"{spec}-{cfg.label.replace(' ', '_').replace('(', '').replace(')', '')}-np{n}-r{rnd}.log"
                     print(f"prosparse-bench: {name}: {cfg.label}, {n} streams"
@@ -367,10 +399,31 @@ def bench_serving(args, resolve_model, cpu_name: str) -> dict:
                     print("  " + (f"failed: {r['error']}" if "error" in r else f"{r['tok_s']:.2f} tok/s aggregate")
                           + f" [{time.perf_counter() - t0:.0f} s so far]", file=sys.stderr, flush=True)
         results["models"].append({"spec": spec, "name": name, "path": str(path), "peer_path": str(peer_path),
-                                  "runs": list(cells.values())})
+                                  "runs": list(cells.values()), "dropped": dropped})
     results["elapsed_s"] = time.perf_counter() - t0
     summarize(results)
     return results
+
+
+def _drop_peers(cfgs: List[ServerConfig], cells: Dict[Tuple[str, int], dict], first: int, keep: int,
+                dropped: Dict[str, str]) -> Dict[str, str]:
+    """The llama-server configurations not to run past the first concurrency: those that could not
+    start there (a build whose repacked weights use instructions this CPU refuses, say), and with
+    keep > 0 all but the `keep` fastest there. {label: why}."""
+    out: Dict[str, str] = {}
+    timed = []
+    for cfg in cfgs:
+        r = cells.get((cfg.label, first))
+        if cfg.runtime != "llama-server" or r is None or cfg.label in dropped:
+            continue
+        if "error" in r and "while starting" in r["error"]:
+            out[cfg.label] = f"did not start at {first} streams"
+        elif "error" not in r:
+            timed.append((r["tok_s"], cfg.label))
+    if keep > 0:
+        for _, label in sorted(timed, reverse=True)[keep:]:
+            out[label] = f"not among the {keep} fastest llama-server configurations at {first} streams (--peer-keep)"
+    return out
 
 
 def _pool(a: Optional[dict], b: dict) -> dict:
@@ -477,6 +530,8 @@ def markdown(results: dict) -> str:
         for r in m["runs"]:
             if "error" in r:
                 out.append(f"- {r['config']} at {r['streams']} streams failed: {r['error'][:200]}")
+        for label, why in m.get("dropped", {}).items():
+            out.append(f"- {label}: not run at more streams: {why}")
     return "\n".join(out)
 
 
@@ -527,6 +582,8 @@ def main(args, resolve_model, cpu_name: str) -> int:
     except ValueError as e:
         print(f"prosparse-bench: {e}", file=sys.stderr)
         return 2
+    if args.estimate:
+        return 0
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
