@@ -220,3 +220,14 @@ def test_peer_keep_runs_only_the_fastest_llama_server_configurations_further():
     # a failure during the timed run (not at start) keeps the configuration: it is reported where it fails
     cells[("p2", 1)] = {"error": "streams generated [3] tokens, not 4 each"}
     assert set(serve._drop_peers(cfgs, cells, 1, 0, {})) == set()
+
+
+def test_aims_need_every_figure_but_one_shortfall_decides():
+    row = lambda n, v1, vp: {"streams": n, "vs_ours_1": v1, "vs_peer": vp}  # noqa: E731
+    a = serve._aims("smollm2", [row(1, 1.0, 1.2), row(2, 1.3, None), row(4, 1.5, 1.1)])
+    assert (a["four_vs_one_met"], a["ahead_of_llama_server_everywhere"]) == (False, None)  # 1.5 < 1.6
+    a = serve._aims("smollm2", [row(1, 1.0, 0.9), row(2, 1.3, None), row(4, 1.7, 1.1)])
+    assert (a["four_vs_one_met"], a["ahead_of_llama_server_everywhere"]) == (True, False)
+    a = serve._aims("7b-fatrelu-r256", [row(2, 1.0, 1.2), row(4, 2.6, 1.1)])  # no 1-stream figure
+    assert (a["four_vs_one_aim"], a["four_vs_one"], a["four_vs_one_met"]) == (2.5, None, None)
+    assert serve._aims("model.gguf", [row(1, 1.0, 1.2)])["four_vs_one_aim"] is None
