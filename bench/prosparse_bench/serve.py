@@ -559,8 +559,16 @@ def plot(results: dict, path: Path) -> Path:
         for label in labels:
             pts = sorted((r["streams"], r["tok_s"]) for r in m["runs"] if r["config"] == label and "error" not in r)
             ours = label.startswith("prosparse")
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", lw=2 if ours else 1,
-                    color=None if ours else "tab:gray", alpha=1.0 if ours else 0.6, label=label)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if ours else ".", lw=2 if ours else 0.8,
+                    color=None if ours else "tab:gray", alpha=1.0 if ours else 0.5, label=label if ours else None)
+        best = {}
+        for r in m["runs"]:
+            if r["runtime"] == "llama-server" and "error" not in r:
+                best[r["streams"]] = max(best.get(r["streams"], 0.0), r["tok_s"])
+        if best:
+            xs = sorted(best)
+            ax.plot(xs, [best[x] for x in xs], marker="s", lw=2, color="black",
+                    label="llama-server, best configuration at each N (gray: each)")
         ax.set_xscale("log", base=2)
         ax.set_xticks(results["streams"], [str(n) for n in results["streams"]])
         ax.set_xlabel("concurrent streams")
@@ -588,7 +596,20 @@ def parse_counts(value: str) -> List[int]:
     return counts
 
 
+def lscpu_name(fallback: str) -> str:
+    """lscpu's "Model name", else `fallback`."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return fallback
+    for line in out.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip() or fallback
+    return fallback
+
+
 def main(args, resolve_model, cpu_name: str) -> int:
+    cpu_name = lscpu_name(cpu_name)
     try:
         results = bench_serving(args, resolve_model, cpu_name)
     except ValueError as e:
