@@ -71,3 +71,35 @@ def test_a_sequence_rewinds_alone_and_bad_batches_are_refused(fat):
         m.eval_batch(list(range(3, 19)), list(range(1, 17)), [1] * 16)  # positions 1..16 of 16
     with pytest.raises(ValueError, match="n_seq"):
         _core.Model(str(fat), n_ctx=16, n_seq=0)
+
+
+def test_stats_count_a_batched_decode_step_as_decode_tokens(fat):
+    """A sequence with one token in a call takes a decode step, one with several runs prompt,
+    whatever else shares the call: three sequences decoding together are three decode tokens (they
+    were once counted as a 3-token prompt), and a step mixing both counts each kind as what it is."""
+    m = _core.Model(str(fat), n_ctx=64, n_threads=2, n_seq=3)
+
+    def counts():
+        s = m.stats()
+        return s["n_prompt_tokens"], s["n_decode_tokens"], s["prompt_seconds"], s["decode_seconds"]
+
+    a, b, c = H.prompt_ids(9, seed=1), H.prompt_ids(14, seed=2), H.prompt_ids(4, seed=3)
+    toks = a + b + c
+    seq = [0] * len(a) + [1] * len(b) + [2] * len(c)
+    pos = list(range(len(a))) + list(range(len(b))) + list(range(len(c)))
+    m.eval_batch(toks, pos, seq)
+    n_p, n_d, s_p, s_d = counts()
+    assert (n_p, n_d, s_d) == (27, 0, 0.0) and s_p > 0
+    for _ in range(5):  # three sequences, one token each, in one call: decode
+        m.eval_batch([7, 8, 9], [m.seq_len(s) for s in range(3)], [0, 1, 2])
+    n_p, n_d, s_p2, s_d = counts()
+    assert (n_p, n_d, s_p2) == (27, 15, s_p) and s_d > 0
+    # sequence 0 decodes while sequence 1 runs two more prompt tokens and sequence 2 waits
+    m.eval_batch([3, 4, 5], [m.seq_len(0), m.seq_len(1), m.seq_len(1) + 1], [0, 1, 1])
+    n_p, n_d, s_p3, s_d3 = counts()
+    assert (n_p, n_d) == (29, 16)
+    assert s_p3 > s_p and s_d3 > s_d
+    # one sequence alone: one token is a decode step, several a prompt (as before)
+    m.eval([11])
+    m.eval([12, 13])
+    assert counts()[:2] == (31, 17)

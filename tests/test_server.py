@@ -305,6 +305,7 @@ def _error(r, status):
     ({"prompt": "x", "stream": "yes"}, "stream"),
     ({"prompt": "x", "stop": 5}, "stop"),
     ({"prompt": "x", "seed": 1.5}, "seed"),
+    ({"prompt": "x", "ignore_eos": 1}, "ignore_eos"),
     ({"prompt": 7}, "prompt"),
     ({"prompt": ""}, "prompt"),
     ({"prompt": ["a", "b"]}, "prompt"),

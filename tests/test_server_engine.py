@@ -293,3 +293,49 @@ def test_engine_refuses_a_prompt_that_does_not_fit(fat, alone):
                 engine.submit(Request(list(range(3, 19)), GREEDY, 4, lambda ev: None))
         finally:
             engine.close()
+
+
+class _EogAt:
+    """The native model with one more end-of-generation token (``eog``), recording each token the
+    decoder asks about: the sampled tokens, in order."""
+
+    def __init__(self, core, eog=None):
+        self._core, self.eog, self.seen = core, eog, []
+
+    def is_eog(self, tok):
+        self.seen.append(tok)
+        return tok == self.eog or self._core.is_eog(tok)
+
+    def __getattr__(self, name):
+        return getattr(self._core, name)
+
+
+def test_ignore_eos_generates_past_an_end_of_generation_token(fat, alone):
+    ids = _prompts(alone)[1]
+
+    def run(engine, ignore_eos):
+        q = queue.Queue()
+        engine.submit(Request(list(ids), GREEDY, 10, q.put, ignore_eos=ignore_eos))
+        pieces = []
+        while True:
+            ev = q.get(timeout=60)
+            pieces.append(ev.text)
+            if ev.last:
+                return "".join(pieces), ev
+
+    with Model(fat, n_ctx=N_CTX, n_threads=2, n_seq=2) as m:
+        engine = Engine(m)
+        try:
+            engine._core = spy = _EogAt(engine._core)
+            text, ev = run(engine, False)
+            assert ev.finish == "length" and ev.completion_tokens == 10
+            # the k-th sampled token (k >= 2, where it is sampled for the first time) becomes an EOG
+            k = next(i for i in range(2, 10) if spy.seen[i] not in spy.seen[:i])
+            spy.eog = spy.seen[k]
+            cut, ev_cut = run(engine, False)
+            assert (ev_cut.finish, ev_cut.completion_tokens) == ("stop", k)
+            assert text.startswith(cut) and len(cut) < len(text)
+            full, ev_full = run(engine, True)  # llama-server's ignore_eos: the EOG is just a token
+            assert (ev_full.finish, ev_full.completion_tokens, full) == ("length", 10, text)
+        finally:
+            engine.close()

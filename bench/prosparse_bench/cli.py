@@ -6,6 +6,8 @@ llama.cpp (llama-cpp-python) on the same GGUF with the same threads, llama-bench
     prosparse-bench -m smollm2 -p 512 -n 128 -r 5 -t 2 -o json
     prosparse-bench -m 7b-fatrelu --gen   # ours dense/exact/predict vs llama.cpp dense
     prosparse-bench -m smollm2 --depth 0,1024,4096   # pp and tg after that many tokens of context
+    prosparse-bench --serve 1,2,4,8 -m smollm2 -m 7b-fatrelu -n 64 -r 2
+                                          # prosparse-server beside llama-server -np N (serve.py)
 
 llama-cpp-python builds are found as ~/.cache/prosparse-bench/peer-*/ (bench/setup_peer.sh makes
 them); each model is run with every build and ours is compared with the faster one.
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
 
-from . import bandwidth, report, synth
+from . import bandwidth, report, serve, synth
 
 BENCH_DIR = Path(__file__).resolve().parent.parent
 
@@ -154,8 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "7b-fatrelu-rN (the same with a rank-N predictor), or a "
                          "GGUF path; repeatable (default: smollm2 and 7b)")
     ap.add_argument("-p", "--pp", type=int, default=512, help="prompt tokens (pp test; 0 skips)")
-    ap.add_argument("-n", "--tg", type=int, default=128, help="decoded tokens (tg test; 0 skips)")
-    ap.add_argument("-r", "--reps", type=int, default=3, help="repetitions (mean ± sd)")
+    ap.add_argument("-n", "--tg", type=int, default=None,
+                    help="decoded tokens (tg test; 0 skips; default 128); with --serve, tokens per stream (default 64)")
+    ap.add_argument("-r", "--reps", type=int, default=None,
+                    help="repetitions (mean ± sd; default 3); with --serve, runs at each concurrency (default 2)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="run every configuration this many times in turn (round robin), pooling "
                          "the repetitions: on a VM whose memory bandwidth drifts over minutes, each "
@@ -192,6 +196,21 @@ def build_parser() -> argparse.ArgumentParser:
                          "the CPU the rest; the placement is in the results)")
     ap.add_argument("--vram-budget", type=float, default=None, help="ours: GiB of GPU memory to place weights in")
     ap.add_argument("--no-ours", action="store_true", help="run only llama.cpp")
+    ap.add_argument("--serve", default=None, metavar="N,N,...",
+                    help="serving mode: aggregate decode tok/s of prosparse-server at these concurrent stream "
+                         "counts beside llama.cpp's llama-server -np N on the same file (default models smollm2 "
+                         "and 7b-fatrelu; -n tokens per stream, -r runs per count; see prosparse_bench/serve.py)")
+    ap.add_argument("--serve-ctx", type=int, default=512,
+                    help="--serve: context per slot (llama-server gets -c N x this; default 512)")
+    ap.add_argument("--peer-keep", type=int, default=0, metavar="K",
+                    help="--serve: past the first concurrency, run only the K llama-server configurations that "
+                         "were fastest there (default 0: all; those that could not start there are dropped anyway)")
+    ap.add_argument("--estimate", action="store_true",
+                    help="--serve: print what would run and its estimated duration, and exit")
+    ap.add_argument("--llama-server", default="auto",
+                    help="--serve: llama-server binaries: auto ($PROSPARSE_LLAMA_SERVER, then "
+                         "~/.cache/prosparse-bench/llama-server-*/ from bench/setup_peer.sh server), none, "
+                         "or NAME=PATH,...")
     ap.add_argument("-o", "--output", choices=["md", "json"], default="md", help="stdout format")
     ap.add_argument("--results", default=str(BENCH_DIR / "results"),
                     help="folder for the JSON and the PNG plot")
@@ -206,8 +225,24 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.omp_waits = parse_omp_waits(args.peer_omp_wait)
     except ValueError as e:
         ap.error(str(e))
+    if args.serve is not None:
+        try:
+            args.serve_counts = serve.parse_counts(args.serve)
+        except ValueError as e:
+            ap.error(str(e))
+    if args.tg is None:
+        args.tg = 64 if args.serve is not None else 128
+    if args.reps is None:
+        args.reps = 2 if args.serve is not None else 3
     if args.rounds < 1 or args.reps < 1:
         ap.error("--rounds and --reps must be >= 1")
+    if args.peer_keep < 0:
+        ap.error("--peer-keep must be >= 0")
+    if args.serve is not None and args.tg < 1:
+        ap.error("-n: --serve needs at least one token per stream")
+    if args.serve is not None and args.serve_ctx < serve.PROMPT_TOKENS + args.tg + 1:
+        ap.error(f"--serve-ctx {args.serve_ctx} does not hold a {serve.PROMPT_TOKENS}-token prompt and "
+                 f"{args.tg} tokens (-n)")
     try:
         args.depths = [int(d) for d in args.depth.split(",")]
     except ValueError:
@@ -372,6 +407,8 @@ def print_results(results: dict, args) -> None:
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.serve is not None:
+        return serve.main(args, resolve_model, _cpu_name())
     peers = find_peers(args.peer)
     if not peers and args.peer != "none":
         print("prosparse-bench: no llama-cpp-python build found (run bench/setup_peer.sh); "

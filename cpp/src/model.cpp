@@ -860,6 +860,12 @@ void Model::eval(const TokenBatch& in, bool all_logits, float* logits) {
         next[size_t(s)] += 1;
         last[size_t(s)] = i;
     }
+    // A sequence with one token in this call takes a decode step (what a generating sequence feeds);
+    // a sequence with several runs prompt. A step of several generating sequences is thus that many
+    // decode tokens (counted once it has run, below).
+    int64_t n_dec = 0;
+    for (size_t s = 0; s < next.size(); ++s)
+        if (next[s] - seq_len_[s] == 1) n_dec += 1;
     std::vector<uint8_t> wanted(size_t(n), all_logits ? 1 : 0);
     for (int i : last)
         if (i >= 0) wanted[size_t(i)] = 1;
@@ -932,12 +938,12 @@ void Model::eval(const TokenBatch& in, bool all_logits, float* logits) {
         stats_.weight_bytes_per_token = m.fixed_bytes_per_token + ffn_bytes;
         stats_.kv_bytes_per_token =
             2.0 * hp_.n_layer * hp_.n_head_kv * double(seq_len_[size_t(in.seq[0])]) * double(m.kv->row_bytes());
-        stats_.n_decode_tokens += 1;
-        stats_.decode_seconds += secs;
-    } else {
-        stats_.n_prompt_tokens += n;
-        stats_.prompt_seconds += secs;
     }
+    // a step mixing decode and prompt tokens splits its time between them in proportion to the tokens
+    stats_.n_decode_tokens += n_dec;
+    stats_.n_prompt_tokens += n - n_dec;
+    stats_.decode_seconds += secs * double(n_dec) / double(n);
+    stats_.prompt_seconds += secs * double(n - n_dec) / double(n);
 }
 
 }  // namespace ps

@@ -312,7 +312,9 @@ class Model:
 
     @property
     def stats(self) -> Dict[str, Any]:
-        """Counters since load: tokens and seconds for prompt and decode, tokens/s, the bytes
+        """Counters since load: tokens and seconds for prompt and decode (per sequence: a sequence's
+        one token in a call is a decode token, several are prompt; a call mixing both splits its
+        time by tokens), tokens/s, the bytes
         of weights the last decoded token read, and per layer (lists of n_layer, averaged over
         tokens): ``active_fraction`` (neurons whose activation is non-zero, where the strategy
         computes it), ``predicted_fraction`` and ``recall`` (predict; recall needs

@@ -289,7 +289,8 @@ class Server:
         _typed(body, "user", "str")
         _check_unsupported(body)
         return {"params": _sampling(body), "max_tokens": _max_tokens(body, default_max_tokens, max_tokens_name),
-                "stream": _typed(body, "stream", "bool", False), "include_usage": _include_usage(body)}
+                "stream": _typed(body, "stream", "bool", False), "include_usage": _include_usage(body),
+                "ignore_eos": _typed(body, "ignore_eos", "bool", False)}
 
     async def _prompt_ids(self, prompt: Union[str, List[int]]) -> List[int]:
         try:
@@ -320,7 +321,7 @@ class Server:
             except RuntimeError:  # the event loop has closed: nobody is listening
                 pass
 
-        req = GenRequest(ids, gen["params"], gen["max_tokens"], on_event)
+        req = GenRequest(ids, gen["params"], gen["max_tokens"], on_event, ignore_eos=gen["ignore_eos"])
         try:
             self.engine.submit(req)
         except QueueFull as e:

@@ -26,6 +26,10 @@ from ..model import Model, SamplingParams
 logger = logging.getLogger("prosparse_rt.server")
 
 
+def _never(_token: int) -> bool:
+    return False
+
+
 class QueueFull(Exception):
     """Every slot is busy and the queue of waiting requests is full."""
 
@@ -55,12 +59,14 @@ class Event:
 class Request:
     """One generation: the prompt's token ids (checked to fit the context), how to sample, and at
     most ``max_tokens`` new tokens (None: until the end of the context). ``on_event`` is called on the
-    engine's thread and must not block."""
+    engine's thread and must not block. ``ignore_eos`` (llama-server's field): an end-of-generation
+    token does not end it; it is generated as any other token."""
 
     ids: List[int]
     params: SamplingParams
     max_tokens: Optional[int]
     on_event: Callable[[Event], None]
+    ignore_eos: bool = False
     cancelled: bool = False
     cached_tokens: int = 0  # set when it gets a slot
 
@@ -215,8 +221,9 @@ class Engine:
             slot.cached = slot.cached[:keep]
             slot.request, slot.pending = req, list(req.ids[keep:])
             req.cached_tokens = keep
+            is_eog = _never if req.ignore_eos else self._core.is_eog
             slot.decoder = SequenceDecoder(req.ids, Model.sampler(req.params), req.max_tokens, req.params.stop,
-                                           self.n_ctx, self._core.is_eog, self._core.token_to_piece)
+                                           self.n_ctx, is_eog, self._core.token_to_piece)
             self.counters["requests"] += 1
             self.counters["cached_prompt_tokens"] += keep
 
