@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from prosparse_bench import cli, serve, synth  # noqa: E402
+from prosparse_bench import cli, report, serve, synth  # noqa: E402
 
 pytest.importorskip("uvicorn")
 REPO = Path(__file__).resolve().parent.parent
@@ -91,7 +91,7 @@ def _run(streams, label, runtime, tok_s, **kw):
 
 def test_table_ratios_and_aims_are_computed_from_the_runs():
     ours, peer_a, peer_b = "prosparse-server predict", "llama-server (x)", "llama-server (x fa)"
-    runs = [_run(1, ours, "ours", 10.0, union_sparsity=0.8), _run(2, ours, "ours", 17.0),
+    runs = [_run(1, ours, "ours", 10.0, union_sparsity=0.8), _run(2, ours, "ours", 17.0, gbps=1.25),
             _run(4, ours, "ours", 26.0, union_sparsity=0.5),
             _run(1, peer_a, "llama-server", 8.0), _run(1, peer_b, "llama-server", 9.0),
             _run(2, peer_a, "llama-server", 18.0), _run(2, peer_b, "llama-server", 12.0),
@@ -110,7 +110,7 @@ def test_table_ratios_and_aims_are_computed_from_the_runs():
     assert m["aims"] == {"four_vs_one": pytest.approx(2.6), "four_vs_one_aim": 2.5, "four_vs_one_met": True,
                          "ahead_of_llama_server_everywhere": False}  # behind at 2 streams
     md = serve.markdown(res)
-    assert "| 2 | prosparse-server predict | 17.00 ± 0.00 | 1.70x | - | llama-server (x) | 18.00 ± 0.00 | 2.00x | 0.94x |" in md
+    assert "| 2 | prosparse-server predict | 17.00 ± 0.00 | 1.2 | 1.70x | - | llama-server (x) | 18.00 ± 0.00 | - | 2.00x | 0.94x |" in md
     assert "4 streams vs 1: 2.60x (aim >= 2.5x: met)" in md and "ahead of llama-server at every concurrency: NO" in md
     assert "llama-server (x fa) at 4 streams failed: exit 132" in md
 
@@ -189,6 +189,11 @@ def test_a_serving_run_beside_a_stand_in_llama_server(tmp_path, monkeypatch, cap
         assert r["tok_s"] == pytest.approx(r["tokens"] / r["wall_s"][0])
     ours = {r["streams"]: r for r in ok if r["runtime"] == "ours"}
     assert ours[2]["union_sparsity"] is None  # a dense model: no union to report
+    # GB/s: a dense step reads every weight once, whatever its token count: the file's bytes
+    dense = report.weight_bytes_per_token(m["path"])["bytes_per_token"]
+    for r in ok:
+        assert r["weight_bytes_per_step"] == pytest.approx(dense, rel=0.02)
+        assert r["gbps"] == pytest.approx(r["weight_bytes_per_step"] * r["tok_s"] / r["streams"] / 1e9)
     assert m["texts_same_at_every_concurrency"] == {"prosparse-server auto": True}
     rows = {r["streams"]: r for r in m["table"]}
     best2 = max((r for r in ok if r["runtime"] == "llama-server" and r["streams"] == 2), key=lambda r: r["tok_s"])

@@ -73,6 +73,29 @@ def test_a_sequence_rewinds_alone_and_bad_batches_are_refused(fat):
         _core.Model(str(fat), n_ctx=16, n_seq=0)
 
 
+@pytest.mark.parametrize("sparsity", ["dense", "exact"])
+def test_stats_give_the_weight_bytes_of_a_decode_step_by_its_token_count(fat, sparsity):
+    """A decode step of n sequences reads every weight once (dense) or the union of its tokens'
+    active rows once (exact): at least any one token's rows, at most n tokens' own reads."""
+    m = _core.Model(str(fat), n_ctx=64, n_threads=2, n_seq=3, sparsity=sparsity)
+    for s, n in enumerate((5, 7, 6)):
+        m.eval_batch(H.prompt_ids(n, seed=s), list(range(n)), [s] * n)
+    assert m.stats()["weight_bytes_per_step_by_batch"] == {}  # prompts are not decode steps
+    one = []
+    for t in (7, 8, 9):  # each sequence alone, then the three together
+        m.eval_batch([t], [m.seq_len(0)], [0])
+        one.append(m.stats()["weight_bytes_per_token"])
+    for _ in range(4):
+        m.eval_batch([7, 8, 9], [m.seq_len(s) for s in range(3)], [0, 1, 2])
+    by_n = m.stats()["weight_bytes_per_step_by_batch"]
+    assert set(by_n) == {1, 3}
+    assert by_n[1] == pytest.approx(sum(one) / 3)
+    if sparsity == "dense":
+        assert by_n[3] == pytest.approx(by_n[1])
+    else:
+        assert min(one) <= by_n[3] < 3 * max(one)
+
+
 def test_stats_count_a_batched_decode_step_as_decode_tokens(fat):
     """A sequence with one token in a call takes a decode step, one with several runs prompt,
     whatever else shares the call: three sequences decoding together are three decode tokens (they

@@ -305,6 +305,10 @@ def measure(cfg: ServerConfig, model: Path, n: int, prompt_ids: List[List[int]],
                 out["union_sparsity"] = None if n not in u else 1.0 - u[n]
                 af = st.get("active_fraction")
                 out["token_sparsity"] = None if af is None else 1.0 - af
+                b = {int(k): v for k, v in st.get("weight_bytes_per_step_by_batch", {}).items()}
+                out["weight_bytes_per_step"] = b.get(n)  # the runtime's count for steps of n tokens
+            else:  # llama.cpp reads every weight once per step, whatever its token count
+                out["weight_bytes_per_step"] = report.weight_bytes_per_token(model)["bytes_per_token"]
             if not srv.alive():
                 raise RuntimeError("the server died during the run")
     except (RuntimeError, OSError) as e:
@@ -312,6 +316,8 @@ def measure(cfg: ServerConfig, model: Path, n: int, prompt_ids: List[List[int]],
         return out
     rates = [r["tok_s"] for r in runs]
     mean, sd, _ = report.summarize([r["wall_s"] for r in runs], [r["tokens"] for r in runs])
+    bps = out.get("weight_bytes_per_step")
+    out["gbps"] = None if bps is None else bps * mean / n / 1e9  # steps/s = tok/s / n
     out.update(tok_s=mean, sd=sd, rates=rates, tokens=runs[0]["tokens"], wall_s=[r["wall_s"] for r in runs],
                ttft_s=[r["ttft_s"] for r in runs], texts=runs[0]["texts"],
                texts_stable=all(r["texts"] == runs[0]["texts"] for r in runs))
@@ -470,6 +476,7 @@ def summarize(results: dict) -> None:
                     "ours_tok_s": mine and mine["tok_s"], "ours_sd": mine and mine["sd"],
                     "vs_ours_1": (mine["tok_s"] / one["tok_s"]) if mine and one else None,
                     "union_sparsity": mine and mine.get("union_sparsity"),
+                    "ours_gbps": mine and mine.get("gbps"), "peer_gbps": peer and peer.get("gbps"),
                     "peer": peer and peer["config"], "peer_tok_s": peer and peer["tok_s"], "peer_sd": peer and peer["sd"],
                     "peer_vs_1": (peer["tok_s"] / peer_one["tok_s"]) if peer and peer_one else None,
                     "vs_peer": (mine["tok_s"] / peer["tok_s"]) if mine and peer else None})
@@ -515,18 +522,20 @@ def markdown(results: dict) -> str:
     out = [f"prosparse-server beside llama-server, {results['threads']} threads, {results['cpu']}; "
            f"{results['tokens_per_stream']} greedy tokens per stream (ignore_eos) after {results['prompt_tokens']}-token "
            f"prompts, {results['reps']} repetitions x {results['rounds']} rounds; aggregate = all streams' "
-           "completion tokens / wall time"]
+           "completion tokens / wall time; GB/s = weight bytes one decode step reads (ours: the runtime's count "
+           "for steps of N tokens, the FFN union once; llama-server: every weight) x steps/s (tok/s / N)"]
     for m in results["models"]:
         out += ["", f"**{m['name']}** (ours: {Path(m['path']).name}; llama-server: {Path(m['peer_path']).name})", "",
-                f"| streams | ours | ours tok/s | vs ours at {results['streams'][0]} | FFN union sparsity "
-                f"| best llama-server | its tok/s | its vs {results['streams'][0]} | ours / llama-server |",
-                "|---:|---|---:|---:|---:|---|---:|---:|---:|"]
+                f"| streams | ours | ours tok/s | ours GB/s | vs ours at {results['streams'][0]} | FFN union sparsity "
+                f"| best llama-server | its tok/s | its GB/s | its vs {results['streams'][0]} | ours / llama-server |",
+                "|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
         for r in m["table"]:
             us = "-" if r["union_sparsity"] is None else f"{100 * r['union_sparsity']:.1f}%"
             ours_t = "-" if r["ours_tok_s"] is None else f"{r['ours_tok_s']:.2f} ± {r['ours_sd']:.2f}"
             peer_t = "-" if r["peer_tok_s"] is None else f"{r['peer_tok_s']:.2f} ± {r['peer_sd']:.2f}"
-            out.append(f"| {r['streams']} | {r['ours'] or '-'} | {ours_t} | {_f(r['vs_ours_1'], '{:.2f}x')} | {us} "
-                       f"| {r['peer'] or '-'} | {peer_t} | {_f(r['peer_vs_1'], '{:.2f}x')} | {_f(r['vs_peer'], '{:.2f}x')} |")
+            out.append(f"| {r['streams']} | {r['ours'] or '-'} | {ours_t} | {_f(r.get('ours_gbps'))} "
+                       f"| {_f(r['vs_ours_1'], '{:.2f}x')} | {us} | {r['peer'] or '-'} | {peer_t} | {_f(r.get('peer_gbps'))} "
+                       f"| {_f(r['peer_vs_1'], '{:.2f}x')} | {_f(r['vs_peer'], '{:.2f}x')} |")
         a = m["aims"]
         lines = []
         if a["four_vs_one_aim"] is not None and results["streams"][0] == 1:

@@ -932,9 +932,17 @@ void Model::eval(const TokenBatch& in, bool all_logits, float* logits) {
         stats_.cpu_wait_seconds += g.cpu_wait_seconds - gpu0.cpu_wait_seconds;
         if (n == 1) stats_.gpu_bytes_per_token = g.bytes_read - gpu0.bytes_read;
     }
+    double ffn_bytes = -ffn_bytes0;
+    for (const auto& ls : stats_.layers) ffn_bytes += ls.bytes;
+    if (n_dec == n) {
+        if (stats_.step_count.size() <= size_t(n)) {
+            stats_.step_count.resize(size_t(n) + 1, 0);
+            stats_.step_weight_bytes.resize(size_t(n) + 1, 0.0);
+        }
+        stats_.step_count[size_t(n)] += 1;
+        stats_.step_weight_bytes[size_t(n)] += m.fixed_bytes_per_token + ffn_bytes;
+    }
     if (n == 1) {
-        double ffn_bytes = -ffn_bytes0;
-        for (const auto& ls : stats_.layers) ffn_bytes += ls.bytes;
         stats_.weight_bytes_per_token = m.fixed_bytes_per_token + ffn_bytes;
         stats_.kv_bytes_per_token =
             2.0 * hp_.n_layer * hp_.n_head_kv * double(seq_len_[size_t(in.seq[0])]) * double(m.kv->row_bytes());

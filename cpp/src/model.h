@@ -45,6 +45,11 @@ struct ModelStats {
     int64_t n_down_t_built = 0;           // layers whose ffn_down_t was built at load from ffn_down
     double kv_cache_bytes = 0.0;          // the KV cache's size
     double kv_bytes_per_token = 0.0;      // bytes of the cache the last decode step read
+    // Decode steps (every token of the step a sequence's next token) by their token count n:
+    // step_weight_bytes[n] weight bytes read over step_count[n] steps. A batched step reads the
+    // union of its tokens' rows once (the serving bench's GB/s).
+    std::vector<double> step_weight_bytes;
+    std::vector<int64_t> step_count;
     std::string kv_type;                  // its type
     std::vector<FfnLayerStats> layers;    // FFN counters per layer since load
     // Where the weights are (docs/design.md, "The CPU/GPU hybrid"): the device asked for as

@@ -347,6 +347,11 @@ NB_MODULE(_core, m) {
                     union_by_n[nb::int_(n)] = sum / double(s.layers.size()) / mdl.hparams().n_ff;
             }
             d["union_fraction_by_batch"] = union_by_n;
+            // weight bytes one decode step of n tokens read, averaged over such steps
+            nb::dict step_bytes;
+            for (size_t n = 1; n < s.step_count.size(); ++n)
+                if (s.step_count[n] > 0) step_bytes[nb::int_(n)] = s.step_weight_bytes[n] / double(s.step_count[n]);
+            d["weight_bytes_per_step_by_batch"] = step_bytes;
             return d;
         });
 

@@ -324,7 +324,9 @@ class Model:
         layers whose neuron-major ``ffn_down_t`` was built at load (see ``layer_thresholds``);
         ``union_fraction_by_batch``, {n: the union of the active rows over a step's n tokens as a
         fraction of n_ff, averaged over layers and steps} (exact, predict: what a batch of several
-        sequences reads, against the per-token ``active_fraction``)."""
+        sequences reads, against the per-token ``active_fraction``); ``weight_bytes_per_step_by_batch``,
+        {n: weight bytes a decode step of n sequences read, averaged over such steps} (the union
+        once per step: what a server's aggregate GB/s is made of)."""
         s = self._native().stats()
         s["prompt_tokens_per_second"] = s["n_prompt_tokens"] / s["prompt_seconds"] if s["prompt_seconds"] else 0.0
         s["decode_tokens_per_second"] = s["n_decode_tokens"] / s["decode_seconds"] if s["decode_seconds"] else 0.0

@@ -165,7 +165,8 @@ class Engine:
         known = [x for x in s["active_fraction"] if x == x]  # NaN: not known for this strategy
         return {**c, "decode_batch_sizes": sizes, "strategy": s["strategy"],
                 "active_fraction": sum(known) / len(known) if known else None,
-                "union_fraction_by_batch": s["union_fraction_by_batch"]}
+                "union_fraction_by_batch": s["union_fraction_by_batch"],
+                "weight_bytes_per_step_by_batch": s["weight_bytes_per_step_by_batch"]}
 
     # ------------------------------------------------------------------ the engine thread
     def _free_slot_exists(self) -> bool:
