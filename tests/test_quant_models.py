@@ -152,3 +152,32 @@ def test_a_file_quantized_by_llama_cpp_loads_and_matches_transformers():
     assert {types["blk.0.attn_q.weight"], types["blk.0.ffn_down.weight"]} == {T.Q4_K, T.Q6_K}
     ref = H.hf_logits(H.llama_from_gguf(path, H.llama_config(**maker.CONFIG)), H.prompt_ids(20))
     assert H.rel_error(_logits(path), ref) < QUANT_TOL
+
+
+def test_llama_cpp_q4_k_m_file_gives_the_same_logits_interleaved(monkeypatch):
+    """The fixture's Q4_K and Q6_K matrices get interleaved copies (cpu/kernels.h, "Interleaved
+    rows"); a row gives the same bits in either layout, so the logits are equal with and without
+    them (PROSPARSE_INTERLEAVE=0), for a prompt batch and token by token."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent / "data" / "tiny-llama-cpp-q4_k_m.gguf"
+
+    def run():
+        with Model(str(path), n_ctx=64, kv_type="f32", n_threads=2, sparsity="dense") as m:
+            batch, n = m.logits(H.prompt_ids(20)), m.stats["n_interleaved"]
+        with Model(str(path), n_ctx=64, kv_type="f32", n_threads=1, n_batch=1, sparsity="dense") as m:
+            single = m.logits(H.prompt_ids(20))
+        return batch, single, n
+
+    batch, single, n = run()
+    types = _types(path)
+    # q, k, v, o, gate, up, down per layer and the output head, all Q4_K or Q6_K here
+    n_layer = sum(1 for name in types if name.endswith("attn_q.weight"))
+    assert {types["blk.0.attn_q.weight"], types["blk.0.attn_v.weight"], types["output.weight"]} == {T.Q4_K, T.Q6_K}
+    assert n == 7 * n_layer + 1
+    monkeypatch.setenv("PROSPARSE_INTERLEAVE", "0")
+    batch0, single0, n0 = run()
+    assert n0 == 0
+    np.testing.assert_array_equal(batch, batch0)
+    np.testing.assert_array_equal(single, single0)
+    np.testing.assert_array_equal(single, batch)
