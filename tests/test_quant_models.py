@@ -24,7 +24,7 @@ from prosparse_rt import Model
 # product, which transformers on the dequantized weights does not do; a layout or scale bug gives
 # errors of order 1.
 QUANT_TOL = 0.06
-MIXES = ["q5_0", "q5_1", "q6_k", "q5_k_m", "q4_k_m", "q3_k_m", "q2_k"]
+MIXES = ["q5_0", "q5_1", "q6_k", "q5_k_m", "q4_k_m", "q3_k_m", "q2_k", "iq4_nl"]
 
 
 @pytest.fixture(scope="module")
@@ -181,3 +181,16 @@ def test_llama_cpp_q4_k_m_file_gives_the_same_logits_interleaved(monkeypatch):
     np.testing.assert_array_equal(batch, batch0)
     np.testing.assert_array_equal(single, single0)
     np.testing.assert_array_equal(single, batch)
+
+
+def test_iq4_nl_file_holds_llama_cpps_mix(models):
+    types = _types(_file(models, "relu", "iq4_nl"))  # GQA 4: attn_v one step up
+    assert types["blk.0.attn_q.weight"] == T.IQ4_NL
+    assert types["blk.0.attn_v.weight"] == T.Q5_K
+    assert types["blk.0.ffn_gate.weight"] == T.IQ4_NL
+    assert types["token_embd.weight"] == T.Q6_K  # tied: the output head's type
+    assert types["blk.0.ffn_down_t.weight"] == T.IQ4_NL  # 2 layers: no first eighth
+    plain = _types(_file(models, "silu", "iq4_nl"))  # GQA 2
+    assert plain["blk.0.attn_v.weight"] == T.IQ4_NL
+    assert plain["blk.0.ffn_down.weight"] == T.IQ4_NL
+    assert plain["output.weight"] == T.Q6_K and plain["token_embd.weight"] == T.IQ4_NL
