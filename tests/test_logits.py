@@ -111,9 +111,10 @@ def test_llama_cpp_format_file_computes_the_same_model(tmp_path):
     assert H.rel_error(_ours(out, ids), H.hf_logits(ref_model, ids)) < F32_TOL
 
 
-@pytest.mark.parametrize("kind,outtype", [("silu_gqa_tied", "q4_0"), ("relu_gqa", "q4_0"), ("silu_gqa_tied", "q5_0")])
+@pytest.mark.parametrize("kind,outtype", [("silu_gqa_tied", "q4_0"), ("relu_gqa", "q4_0"), ("silu_gqa_tied", "q5_0"),
+                                          ("relu_gqa", "iq4_nl")])
 def test_interleaved_weights_compute_the_same_model(tmp_path, kind, outtype, monkeypatch):
-    # Q4_0 (Q5_0) matrices that matmul reads whole are re-laid out at load (cpu/kernels.h "Interleaved
+    # Quantized matrices that matmul reads whole are re-laid out at load (cpu/kernels.h "Interleaved
     # rows"); PROSPARSE_INTERLEAVE=0 keeps the file's rows. A row gives the same bits in either
     # layout (docs/design.md, "Determinism"), so the logits are equal, for a prompt batch and
     # token by token.

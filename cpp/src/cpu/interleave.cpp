@@ -22,7 +22,7 @@ struct Field {
 struct Layout {
     size_t plain_bytes = 0;
     int n = 0;
-    Field f[4] = {};
+    Field f[5] = {};
 };
 
 Layout layout_of(GgmlType w) {
@@ -47,6 +47,18 @@ Layout layout_of(GgmlType w) {
             return {sizeof(block_q6_K), 4,
                     {PS_HALF(block_q6_K, block_q6_Kx8, d), PS_BYTES(block_q6_K, block_q6_Kx8, scales),
                      PS_BYTES(block_q6_K, block_q6_Kx8, ql), PS_BYTES(block_q6_K, block_q6_Kx8, qh)}};
+        case GgmlType::Q5_1:
+            return {sizeof(block_q5_1), 4,
+                    {PS_HALF(block_q5_1, block_q5_1x8, d), PS_HALF(block_q5_1, block_q5_1x8, m),
+                     PS_BYTES(block_q5_1, block_q5_1x8, qh), PS_BYTES(block_q5_1, block_q5_1x8, qs)}};
+        case GgmlType::IQ4_NL:
+            return {sizeof(block_iq4_nl), 2,
+                    {PS_HALF(block_iq4_nl, block_iq4_nlx8, d), PS_BYTES(block_iq4_nl, block_iq4_nlx8, qs)}};
+        case GgmlType::Q5_K:
+            return {sizeof(block_q5_K), 5,
+                    {PS_HALF(block_q5_K, block_q5_Kx8, d), PS_HALF(block_q5_K, block_q5_Kx8, dmin),
+                     PS_BYTES(block_q5_K, block_q5_Kx8, scales), PS_BYTES(block_q5_K, block_q5_Kx8, qh),
+                     PS_BYTES(block_q5_K, block_q5_Kx8, qs)}};
         default:
             fail(strfmt("cannot interleave rows of type %s", type_name(w)));
     }
