@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-FTYPES = {"q2_k": 10, "q3_k_m": 12, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18, "q5_0": 8, "q5_1": 9}
+FTYPES = {"q2_k": 10, "q3_k_m": 12, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18, "q5_0": 8, "q5_1": 9, "iq4_nl": 25}
 
 LLAMA_QUANTIZE = """
 import sys, llama_cpp

@@ -86,6 +86,8 @@ CASES = [
     ("silu", "f32", "dense"),
     ("silu", "q8_0", "dense"),
     ("silu", "q4_0", "dense"),
+    ("silu", "q5_0", "dense"),  # interleaved Q5_0 (and the Q6_K/Q8_0 head)
+    ("fatrelu", "iq4_nl", "exact"),  # interleaved IQ4_NL attention, gathered IQ4_NL rows
     ("fatrelu", "f32", "dense"),
     ("fatrelu", "f16", "exact"),
     ("fatrelu", "q8_0", "exact"),
@@ -113,7 +115,7 @@ def test_logits_do_not_depend_on_batching_threads_or_prefix_reuse(root, dirs, mo
         # the single batch also takes exact's dense fallback (40 tokens' union is most neurons)
         with Model(path, n_ctx=64, n_threads=threads, sparsity=strategy, **kw) as m:
             assert m.strategy == strategy
-            if interleave == "1" and outtype in ("q8_0", "q4_0"):
+            if interleave == "1" and outtype != "f32" and outtype != "f16":
                 assert m.stats["n_interleaved"] > 0
             results[(threads, "batch")] = _eval_chunks(m, ids, [n])
             results[(threads, "single")] = _eval_chunks(m, ids, [1] * n)

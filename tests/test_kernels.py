@@ -213,9 +213,12 @@ def test_matmul_bitwise_identical_for_1_2_3_threads(name):
         np.testing.assert_array_equal(outs[0], T.gemm(T.active_isa(), int(TYPES[name]), wb, nr, k, x))
 
 
-# ---- interleaved rows (Q4_0 weights that matmul reads whole, re-laid out 8 rows a group) --------
+# ---- interleaved rows (weights that matmul reads whole, re-laid out 8 rows a group) ----------------
 
-IL_TYPES = ["Q4_0", "Q4_1", "Q8_0"]
+IL_TYPES = ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "IQ4_NL", "Q4_K", "Q5_K", "Q6_K"]
+# The later x8 types keep the plain rows' own kernels (row_dot); their interleaved copies give
+# the same bits per row.
+IL_PLAIN_ROWS = ["Q5_0", "Q5_1", "IQ4_NL", "Q4_K", "Q5_K", "Q6_K"]
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -268,7 +271,38 @@ def test_gathered_decode_rows_equal_the_interleaved_matrix_bitwise(isa, name):
         np.testing.assert_array_equal(T.gemm(isa, qt, wb, nr, k, x), il)
 
 
-@pytest.mark.parametrize("name,nr", [("Q4_0", 36), ("Q8_0", 20), ("F16", 40)])
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("name", IL_TYPES)
+@pytest.mark.parametrize("nc", [1, 2, 3, 5])
+def test_interleaved_rows_give_the_plain_rows_bits(isa, name, nc):
+    """The batch-invariance rule: a row gives the same bits from the interleaved copy as from the
+    file's rows, in every ISA, for any number of activation rows (odd sizes: 3 groups, 13 blocks
+    or 3 super-blocks)."""
+    nr, k = 24, 768 if name in K_TYPES else 416
+    qt = int(TYPES[name])
+    wb, _ = make_weights(name, nr, k, seed=11 + nc)
+    x = np.random.default_rng(30 + nc).standard_normal((nc, k)).astype(np.float32)
+    x[:, :32] *= 50.0  # a large first block: codes at the ends of their ranges
+    il = T.gemm(isa, qt, wb, nr, k, x, interleaved=True)
+    np.testing.assert_array_equal(il, T.gemm(isa, qt, wb, nr, k, x))
+    np.testing.assert_array_equal(il, T.gemm("scalar", qt, wb, nr, k, x))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("name", IL_PLAIN_ROWS)
+def test_interleaved_extreme_codes_equal_plain_rows(isa, name):
+    """Random bytes as blocks (every code and scale bit pattern, not only what a quantizer makes)
+    through the interleaved kernels equal the plain rows, bit for bit."""
+    nr, k = 16, 512
+    qt = TYPES[name]
+    rng = np.random.default_rng(5)
+    wb = random_blocks(qt, nr, k, rng).tobytes()
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    il = T.gemm(isa, int(qt), wb, nr, k, x, interleaved=True)
+    np.testing.assert_array_equal(il, T.gemm(isa, int(qt), wb, nr, k, x))
+
+
+@pytest.mark.parametrize("name,nr", [("Q4_0", 36), ("Q8_0", 20), ("Q4_K", 12), ("F16", 40), ("Q2_K", 40), ("Q3_K", 40)])
 def test_interleaving_refuses_other_types_and_row_counts(name, nr):
     wb, _ = make_weights(name, nr, k_for(name))
     x = np.ones((1, k_for(name)), dtype=np.float32)

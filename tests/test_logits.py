@@ -111,14 +111,15 @@ def test_llama_cpp_format_file_computes_the_same_model(tmp_path):
     assert H.rel_error(_ours(out, ids), H.hf_logits(ref_model, ids)) < F32_TOL
 
 
-@pytest.mark.parametrize("kind", ["silu_gqa_tied", "relu_gqa"])
-def test_interleaved_q4_0_weights_compute_the_same_model(tmp_path, kind, monkeypatch):
-    # Q4_0 matrices that matmul reads whole are re-laid out at load (cpu/kernels.h "Interleaved
+@pytest.mark.parametrize("kind,outtype", [("silu_gqa_tied", "q4_0"), ("relu_gqa", "q4_0"), ("silu_gqa_tied", "q5_0"),
+                                          ("relu_gqa", "iq4_nl")])
+def test_interleaved_weights_compute_the_same_model(tmp_path, kind, outtype, monkeypatch):
+    # Quantized matrices that matmul reads whole are re-laid out at load (cpu/kernels.h "Interleaved
     # rows"); PROSPARSE_INTERLEAVE=0 keeps the file's rows. A row gives the same bits in either
     # layout (docs/design.md, "Determinism"), so the logits are equal, for a prompt batch and
     # token by token.
     _, path = _case(tmp_path, kind)
-    out = convert(path, tmp_path / "m.gguf", outtype="q4_0", progress=False)
+    out = convert(path, tmp_path / "m.gguf", outtype=outtype, progress=False)
     ids = H.prompt_ids(20)
 
     def run():

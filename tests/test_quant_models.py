@@ -24,7 +24,7 @@ from prosparse_rt import Model
 # product, which transformers on the dequantized weights does not do; a layout or scale bug gives
 # errors of order 1.
 QUANT_TOL = 0.06
-MIXES = ["q5_0", "q5_1", "q6_k", "q5_k_m", "q4_k_m", "q3_k_m", "q2_k"]
+MIXES = ["q5_0", "q5_1", "q6_k", "q5_k_m", "q4_k_m", "q3_k_m", "q2_k", "iq4_nl"]
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +152,45 @@ def test_a_file_quantized_by_llama_cpp_loads_and_matches_transformers():
     assert {types["blk.0.attn_q.weight"], types["blk.0.ffn_down.weight"]} == {T.Q4_K, T.Q6_K}
     ref = H.hf_logits(H.llama_from_gguf(path, H.llama_config(**maker.CONFIG)), H.prompt_ids(20))
     assert H.rel_error(_logits(path), ref) < QUANT_TOL
+
+
+def test_llama_cpp_q4_k_m_file_gives_the_same_logits_interleaved(monkeypatch):
+    """The fixture's Q4_K and Q6_K matrices get interleaved copies (cpu/kernels.h, "Interleaved
+    rows"); a row gives the same bits in either layout, so the logits are equal with and without
+    them (PROSPARSE_INTERLEAVE=0), for a prompt batch and token by token."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent / "data" / "tiny-llama-cpp-q4_k_m.gguf"
+
+    def run():
+        with Model(str(path), n_ctx=64, kv_type="f32", n_threads=2, sparsity="dense") as m:
+            batch, n = m.logits(H.prompt_ids(20)), m.stats["n_interleaved"]
+        with Model(str(path), n_ctx=64, kv_type="f32", n_threads=1, n_batch=1, sparsity="dense") as m:
+            single = m.logits(H.prompt_ids(20))
+        return batch, single, n
+
+    batch, single, n = run()
+    types = _types(path)
+    # q, k, v, o, gate, up, down per layer and the output head, all Q4_K or Q6_K here
+    n_layer = sum(1 for name in types if name.endswith("attn_q.weight"))
+    assert {types["blk.0.attn_q.weight"], types["blk.0.attn_v.weight"], types["output.weight"]} == {T.Q4_K, T.Q6_K}
+    assert n == 7 * n_layer + 1
+    monkeypatch.setenv("PROSPARSE_INTERLEAVE", "0")
+    batch0, single0, n0 = run()
+    assert n0 == 0
+    np.testing.assert_array_equal(batch, batch0)
+    np.testing.assert_array_equal(single, single0)
+    np.testing.assert_array_equal(single, batch)
+
+
+def test_iq4_nl_file_holds_llama_cpps_mix(models):
+    types = _types(_file(models, "relu", "iq4_nl"))  # GQA 4: attn_v one step up
+    assert types["blk.0.attn_q.weight"] == T.IQ4_NL
+    assert types["blk.0.attn_v.weight"] == T.Q5_K
+    assert types["blk.0.ffn_gate.weight"] == T.IQ4_NL
+    assert types["token_embd.weight"] == T.Q6_K  # tied: the output head's type
+    assert types["blk.0.ffn_down_t.weight"] == T.IQ4_NL  # 2 layers: no first eighth
+    plain = _types(_file(models, "silu", "iq4_nl"))  # GQA 2
+    assert plain["blk.0.attn_v.weight"] == T.IQ4_NL
+    assert plain["blk.0.ffn_down.weight"] == T.IQ4_NL
+    assert plain["output.weight"] == T.Q6_K and plain["token_embd.weight"] == T.IQ4_NL

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "common.h"
 #include "cpu/kernels.h"
@@ -460,15 +461,28 @@ void interleaved_group(int64_t nb, const uint8_t* G, const uint8_t* xr, int i, f
     *out = acc;
 }
 
+// The later x8 types (Q5_0, Q5_1, IQ4_NL, Q4_K, Q5_K, Q6_K): each group back into 8 plain rows,
+// then the plain dot, so an interleaved row is the plain row by construction.
 template <GgmlType T>
 void gemm_interleaved_t(int64_t k, const uint8_t* W, int64_t n_groups, const uint8_t* X, size_t x_stride,
                         int64_t nc, float* Y, int64_t ldy) {
-    const int64_t nb = k / QK;
-    for (int64_t g = 0; g < n_groups; ++g) {
-        const uint8_t* G = W + size_t(g) * group_bytes(T, k);
-        for (int64_t c = 0; c < nc; ++c)
-            for (int i = 0; i < kGroupRows; ++i)
-                interleaved_group<T>(nb, G, X + size_t(c) * x_stride, i, Y + c * ldy + g * kGroupRows + i);
+    if constexpr (T != GgmlType::Q4_0 && T != GgmlType::Q4_1 && T != GgmlType::Q8_0) {
+        const size_t stride = weight_bytes(T, k);
+        std::vector<uint8_t> rows(stride * kGroupRows);
+        for (int64_t g = 0; g < n_groups; ++g) {
+            deinterleave_group(T, k, W + size_t(g) * group_bytes(T, k), rows.data(), stride);
+            for (int64_t c = 0; c < nc; ++c)
+                for (int i = 0; i < kGroupRows; ++i)
+                    Y[c * ldy + g * kGroupRows + i] = dot<T>(k, rows.data() + size_t(i) * stride, X + size_t(c) * x_stride);
+        }
+    } else {
+        const int64_t nb = k / QK;
+        for (int64_t g = 0; g < n_groups; ++g) {
+            const uint8_t* G = W + size_t(g) * group_bytes(T, k);
+            for (int64_t c = 0; c < nc; ++c)
+                for (int i = 0; i < kGroupRows; ++i)
+                    interleaved_group<T>(nb, G, X + size_t(c) * x_stride, i, Y + c * ldy + g * kGroupRows + i);
+        }
     }
 }
 
