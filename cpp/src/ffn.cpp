@@ -44,7 +44,20 @@ double rows_bytes(const Tensor& W, int64_t n_rows) { return double(W.row_stride(
 // The per-element passes over a batch's [n_tokens][neurons] arrays (activation, union, coefficients)
 // run on the pool too: serial, they were a few ms per layer of a 64-token prompt on the 7B shape,
 // the other threads idle. Each element is computed alone, so the split never changes a value.
-constexpr int64_t kNeuronChunk = 1024;  // neurons per task of a union
+// A single token, or fewer than kPoolMin elements, runs on the caller: the hand-off to the pool
+// would cost more than the pass (the test models' prompts, 40 x 320, take the pool).
+constexpr int64_t kNeuronChunk = 256;  // neurons per task of a union
+constexpr int64_t kPoolMin = 4096;     // elements
+
+// fn(t) for every token t < n_tokens of a [n_tokens][m] pass, on the pool when it is large.
+template <class Fn>
+void for_tokens(ThreadPool& pool, int64_t n_tokens, int64_t m, Fn fn) {
+    if (n_tokens == 1 || n_tokens * m < kPoolMin) {
+        for (int64_t t = 0; t < n_tokens; ++t) fn(t);
+        return;
+    }
+    pool.parallel_for(n_tokens, [&](int64_t t, int) { fn(t); });
+}
 
 // Sorted union over tokens of the neurons of r (absolute indices) whose flag pred(t, j) is set,
 // j counted from r.begin.
@@ -53,13 +66,18 @@ void union_rows(ThreadPool& pool, int n_tokens, FfnRange r, Pred pred, std::vect
                 std::vector<int32_t>& rows) {
     const int64_t m = r.end - r.begin;
     grow(mark, size_t(m));
-    pool.parallel_for((m + kNeuronChunk - 1) / kNeuronChunk, [&](int64_t ch, int) {
-        const int64_t j0 = ch * kNeuronChunk, j1 = std::min(m, j0 + kNeuronChunk);
+    const int64_t chunk = n_tokens == 1 || int64_t(n_tokens) * m < kPoolMin ? m : kNeuronChunk;
+    auto mark_chunk = [&](int64_t ch, int) {
+        const int64_t j0 = ch * chunk, j1 = std::min(m, j0 + chunk);
         std::fill(mark.begin() + j0, mark.begin() + j1, uint8_t(0));
         for (int t = 0; t < n_tokens; ++t)
             for (int64_t j = j0; j < j1; ++j)
                 if (pred(t, j)) mark[size_t(j)] = 1;
-    });
+    };
+    if (chunk >= m)
+        mark_chunk(0, 0);
+    else
+        pool.parallel_for((m + chunk - 1) / chunk, mark_chunk);
     rows.clear();
     for (int64_t j = 0; j < m; ++j)
         if (mark[size_t(j)]) rows.push_back(int32_t(r.begin + j));
@@ -94,7 +112,7 @@ void CpuFfnExecutor::prepare(const FfnCall& call, FfnRange r) {
     auto coef_all = [&] {
         whole(L.ffn_up, s_.up);
         grow(s_.coef, n);
-        pool_.parallel_for(nt, [&](int64_t t, int) {
+        for_tokens(pool_, nt, m, [&](int64_t t) {
             for (size_t i = size_t(t) * size_t(m), e = i + size_t(m); i < e; ++i) s_.coef[i] = s_.gate[i] * s_.up[i];
         });
         listed_ = false;
@@ -107,7 +125,7 @@ void CpuFfnExecutor::prepare(const FfnCall& call, FfnRange r) {
         grow(s_.coef, size_t(nt) * size_t(k2));
         matmul_rows(pool_, *L.ffn_up, s_.rows.data(), k2, call.h, nt, s_.up.data(), s_.act_buf);
         st.bytes += rows_bytes(*L.ffn_up, k2);
-        pool_.parallel_for(nt, [&](int64_t t, int) {
+        for_tokens(pool_, nt, m, [&](int64_t t) {
             for (int64_t i = 0; i < k2; ++i)
                 s_.coef[size_t(t) * k2 + i] =
                     s_.gate[size_t(t) * m + (s_.rows[size_t(i)] - r.begin)] * s_.up[size_t(t) * k2 + i];
@@ -115,7 +133,7 @@ void CpuFfnExecutor::prepare(const FfnCall& call, FfnRange r) {
     };
     auto activate = [&] {  // s_.gate = act(gate), counting the non-zero ones
         std::vector<int64_t> active(size_t(nt), 0);
-        pool_.parallel_for(nt, [&](int64_t t, int) {
+        for_tokens(pool_, nt, m, [&](int64_t t) {
             int64_t a = 0;
             for (size_t i = size_t(t) * size_t(m), e = i + size_t(m); i < e; ++i) {
                 s_.gate[i] = ffn_activation(hp.act, s_.gate[i], L.act_t);
@@ -157,7 +175,7 @@ void CpuFfnExecutor::prepare(const FfnCall& call, FfnRange r) {
             grow(s_.up, size_t(nt) * size_t(m2));
             if (m2) matmul_rows(pool_, *L.ffn_gate, s_.rows2.data(), m2, call.h, nt, s_.up.data(), s_.act_buf);
             st.bytes += rows_bytes(*L.ffn_gate, m2);
-            pool_.parallel_for(nt, [&](int64_t t, int) {
+            for_tokens(pool_, nt, m, [&](int64_t t) {
                 std::fill_n(s_.gate.begin() + std::ptrdiff_t(size_t(t) * size_t(m)), m, 0.0f);
                 for (int64_t i = 0; i < m2; ++i) {
                     const int64_t j = s_.rows2[size_t(i)] - r.begin;
@@ -241,7 +259,7 @@ void ffn_forward(ThreadPool& pool, const HParams& hp, const LayerWeights& L, con
         st.bytes += double(L.fc1->nbytes) + double(L.fc2->nbytes);
         // the always-on prefix: a logit of +inf passes every executor's test (logit > cut-off)
         std::vector<int64_t> predicted(size_t(n_tokens), 0);
-        pool.parallel_for(n_tokens, [&](int64_t t, int) {
+        for_tokens(pool, n_tokens, n_ff, [&](int64_t t) {
             float* logit = s.coef.data() + size_t(t) * size_t(n_ff);
             std::fill_n(logit, L.pred_always_on, INFINITY);
             int64_t p = 0;
