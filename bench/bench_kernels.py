@@ -17,7 +17,9 @@ build's prosparse_rt package) first on the workers' PYTHONPATH, NAME= uses the i
 the rounds, so that a VM whose bandwidth drifts over minutes affects every build alike.
 
 Operations: attn (4096x4096 matvec), up (11008 rows of 4096: gate/up), down (4096 rows of 11008),
-sparse_up (gate/up over 11% of the rows), sparse_down (axpy over 11% of ffn_down_t's rows).
+sparse_up (gate/up over 11% of the rows), sparse_down (axpy over 11% of ffn_down_t's rows),
+dense_down_t and union_down_t (axpy over all and over 90% of ffn_down_t's rows: a prompt's down
+projection on a sparse file, with --tokens 64).
 Each ISA runs in its own process (PROSPARSE_ISA picks the kernel set once per process).
 """
 
@@ -37,6 +39,10 @@ OPS = {
     "down": ("matmul", 4096, 11008, 1.0),
     "sparse_up": ("matmul_rows", 11008, 4096, 0.11),
     "sparse_down": ("axpy_rows", 11008, 4096, 0.11),
+    # a prompt's down projection on a sparse file (run with --tokens 64): every row of ffn_down_t
+    # (the dense fallback, or dense), and a union of 90% of the rows (exact, predict)
+    "dense_down_t": ("axpy_rows", 11008, 4096, 1.0),
+    "union_down_t": ("axpy_rows", 11008, 4096, 0.9),
 }
 TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "q2_k", "q3_k", "q4_k", "q5_k",
          "q6_k"]

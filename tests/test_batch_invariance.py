@@ -112,7 +112,7 @@ def test_logits_do_not_depend_on_batching_threads_or_prefix_reuse(root, dirs, mo
     rng = np.random.default_rng(zlib.crc32(f"{kind}{outtype}{strategy}{interleave}".encode()))
     results = {}
     for threads in (1, 2, 3):
-        # the single batch also takes exact's dense fallback (40 tokens' union is most neurons)
+        # the single batch's union (40 tokens) is most neurons, a prompt's case
         with Model(path, n_ctx=64, n_threads=threads, sparsity=strategy, **kw) as m:
             assert m.strategy == strategy
             if interleave == "1" and outtype != "f32" and outtype != "f16":

@@ -454,6 +454,64 @@ def test_axpy_rows_sums_in_neuron_groups_and_a_token_sees_only_its_own_rows(isa,
                                   T.axpy_rows(isa, qt, wb, nr, k, list(range(nr)), cd, y0[:2]))
 
 
+def _prompt_case(name, nr, nt, seed):
+    """A prompt-like down projection: weights of 3 column panels and a bit (odd block counts,
+    float tails), a union of most rows with gaps, each token its own subset of it with zeros
+    elsewhere (what ffn.cpp passes)."""
+    k = {"F32": 357 + 64, "F16": 357 + 64, "BF16": 357 + 64}.get(name, 768 if name in K_TYPES else 416)
+    wb, wd = make_weights(name, nr, k, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    union = sorted(rng.choice(nr, int(nr * 0.8), replace=False).tolist())
+    c = rng.standard_normal((nt, len(union))).astype(np.float32)
+    c[rng.random(c.shape) < 0.3] = 0.0
+    return k, wb, wd, union, c
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("name", TYPES)
+def test_axpy_rows_prompt_batch_gives_each_token_its_decode_bits(isa, name):
+    # 23 tokens: several register tiles of 4 (AVX-512) or 2 (AVX2) tokens and a remainder; 200
+    # rows: panels that hold whole groups, and groups cut short by the union's gaps. Each token's
+    # row of the batch must be the bits of the one-token (decode) kernel on its own rows alone,
+    # and of the scalar reference.
+    nr, nt = 200, 23
+    k, wb, wd, union, c = _prompt_case(name, nr, nt, seed=60)
+    qt = int(TYPES[name])
+    y0 = np.random.default_rng(62).standard_normal((nt, k)).astype(np.float32)
+    batch = T.axpy_rows(isa, qt, wb, nr, k, union, c, y0)
+    np.testing.assert_array_equal(batch, T.axpy_rows("scalar", qt, wb, nr, k, union, c, y0))
+    for t in range(nt):
+        own = [i for i in range(len(union)) if c[t, i] != 0.0]
+        alone = T.axpy_rows(isa, qt, wb, nr, k, [union[i] for i in own], c[t:t + 1, own], y0[t:t + 1])
+        np.testing.assert_array_equal(batch[t], alone[0], err_msg=f"token {t}")
+    sel = wd[union]
+    assert np.all(np.abs(batch - (y0 + c.astype(np.float64) @ sel)) <= 2 * axpy_bound(len(union) + 20, c, sel, y0))
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_axpy_rows_op_prompt_batch_equals_decode_for_1_2_3_threads(name):
+    # ops.axpy_rows cuts a batch's columns into fixed slices and a single token's into one slice
+    # per thread: whatever the cut and the thread count, a token's output in the batch is the
+    # bits it gets decoded alone, on the union (zero coefficients elsewhere) or on its own rows.
+    nr, nt = 300, 9
+    k, wb, wd, union, c = _prompt_case(name, nr, nt, seed=63)
+    qt = int(TYPES[name])
+    batch = [T.axpy_rows_op(qt, wb, nr, k, union, c, n) for n in (1, 2, 3)]
+    for b in batch[1:]:
+        np.testing.assert_array_equal(b, batch[0])
+    for t in range(nt):
+        own = [i for i in range(len(union)) if c[t, i] != 0.0]
+        for n in (1, 2, 3):
+            alone = T.axpy_rows_op(qt, wb, nr, k, [union[i] for i in own], np.ascontiguousarray(c[t:t + 1, own]), n)
+            np.testing.assert_array_equal(batch[0][t], alone[0], err_msg=f"token {t}, {n} threads")
+        in_union = T.axpy_rows_op(qt, wb, nr, k, union, np.ascontiguousarray(c[t:t + 1]), 2)
+        np.testing.assert_array_equal(batch[0][t], in_union[0], err_msg=f"token {t}")
+    # every row (the dense fallback): the union's coefficients scattered, zeros elsewhere
+    full = np.zeros((nt, nr), np.float32)
+    full[:, union] = c
+    np.testing.assert_array_equal(T.axpy_rows_op(qt, wb, nr, k, None, full, 2), batch[0])
+
+
 @pytest.mark.parametrize("n, hd", [(1, 64), (37, 64), (128, 64), (100, 40), (128, 128)])
 def test_attention_tile_matches_numpy_in_every_isa(n, hd):
     rng = np.random.default_rng(n * 1000 + hd)

@@ -41,16 +41,43 @@ void grow(std::vector<T>& v, size_t n) {
 
 double rows_bytes(const Tensor& W, int64_t n_rows) { return double(W.row_stride()) * double(n_rows); }
 
+// The per-element passes over a batch's [n_tokens][neurons] arrays (activation, union, coefficients)
+// run on the pool too: serial, they were a few ms per layer of a 64-token prompt on the 7B shape,
+// the other threads idle. Each element is computed alone, so the split never changes a value.
+// A single token, or fewer than kPoolMin elements, runs on the caller: the hand-off to the pool
+// would cost more than the pass (the test models' prompts, 40 x 320, take the pool).
+constexpr int64_t kNeuronChunk = 256;  // neurons per task of a union
+constexpr int64_t kPoolMin = 4096;     // elements
+
+// fn(t) for every token t < n_tokens of a [n_tokens][m] pass, on the pool when it is large.
+template <class Fn>
+void for_tokens(ThreadPool& pool, int64_t n_tokens, int64_t m, Fn fn) {
+    if (n_tokens == 1 || n_tokens * m < kPoolMin) {
+        for (int64_t t = 0; t < n_tokens; ++t) fn(t);
+        return;
+    }
+    pool.parallel_for(n_tokens, [&](int64_t t, int) { fn(t); });
+}
+
 // Sorted union over tokens of the neurons of r (absolute indices) whose flag pred(t, j) is set,
 // j counted from r.begin.
 template <class Pred>
-void union_rows(int n_tokens, FfnRange r, Pred pred, std::vector<uint8_t>& mark, std::vector<int32_t>& rows) {
+void union_rows(ThreadPool& pool, int n_tokens, FfnRange r, Pred pred, std::vector<uint8_t>& mark,
+                std::vector<int32_t>& rows) {
     const int64_t m = r.end - r.begin;
     grow(mark, size_t(m));
-    std::fill(mark.begin(), mark.begin() + m, uint8_t(0));
-    for (int t = 0; t < n_tokens; ++t)
-        for (int64_t j = 0; j < m; ++j)
-            if (pred(t, j)) mark[size_t(j)] = 1;
+    const int64_t chunk = n_tokens == 1 || int64_t(n_tokens) * m < kPoolMin ? m : kNeuronChunk;
+    auto mark_chunk = [&](int64_t ch, int) {
+        const int64_t j0 = ch * chunk, j1 = std::min(m, j0 + chunk);
+        std::fill(mark.begin() + j0, mark.begin() + j1, uint8_t(0));
+        for (int t = 0; t < n_tokens; ++t)
+            for (int64_t j = j0; j < j1; ++j)
+                if (pred(t, j)) mark[size_t(j)] = 1;
+    };
+    if (chunk >= m)
+        mark_chunk(0, 0);
+    else
+        pool.parallel_for((m + chunk - 1) / chunk, mark_chunk);
     rows.clear();
     for (int64_t j = 0; j < m; ++j)
         if (mark[size_t(j)]) rows.push_back(int32_t(r.begin + j));
@@ -85,7 +112,9 @@ void CpuFfnExecutor::prepare(const FfnCall& call, FfnRange r) {
     auto coef_all = [&] {
         whole(L.ffn_up, s_.up);
         grow(s_.coef, n);
-        for (size_t i = 0; i < n; ++i) s_.coef[i] = s_.gate[i] * s_.up[i];
+        for_tokens(pool_, nt, m, [&](int64_t t) {
+            for (size_t i = size_t(t) * size_t(m), e = i + size_t(m); i < e; ++i) s_.coef[i] = s_.gate[i] * s_.up[i];
+        });
         listed_ = false;
     };
     // coefficients for the listed neurons s_.rows only, act from the [nt][m] array in s_.gate
@@ -96,18 +125,23 @@ void CpuFfnExecutor::prepare(const FfnCall& call, FfnRange r) {
         grow(s_.coef, size_t(nt) * size_t(k2));
         matmul_rows(pool_, *L.ffn_up, s_.rows.data(), k2, call.h, nt, s_.up.data(), s_.act_buf);
         st.bytes += rows_bytes(*L.ffn_up, k2);
-        for (int t = 0; t < nt; ++t)
+        for_tokens(pool_, nt, m, [&](int64_t t) {
             for (int64_t i = 0; i < k2; ++i)
                 s_.coef[size_t(t) * k2 + i] =
                     s_.gate[size_t(t) * m + (s_.rows[size_t(i)] - r.begin)] * s_.up[size_t(t) * k2 + i];
+        });
     };
     auto activate = [&] {  // s_.gate = act(gate), counting the non-zero ones
-        int64_t active = 0;
-        for (size_t i = 0; i < n; ++i) {
-            s_.gate[i] = ffn_activation(hp.act, s_.gate[i], L.act_t);
-            active += s_.gate[i] != 0.0f;
-        }
-        st.active += double(active);
+        std::vector<int64_t> active(size_t(nt), 0);
+        for_tokens(pool_, nt, m, [&](int64_t t) {
+            int64_t a = 0;
+            for (size_t i = size_t(t) * size_t(m), e = i + size_t(m); i < e; ++i) {
+                s_.gate[i] = ffn_activation(hp.act, s_.gate[i], L.act_t);
+                a += s_.gate[i] != 0.0f;
+            }
+            active[size_t(t)] = a;
+        });
+        for (int64_t a : active) st.active += double(a);
     };
 
     switch (call.opt->strategy) {
@@ -120,14 +154,12 @@ void CpuFfnExecutor::prepare(const FfnCall& call, FfnRange r) {
             whole(L.ffn_gate, s_.gate);
             activate();
             const float* act = s_.gate.data();
-            union_rows(nt, r, [&](int t, int64_t j) { return act[size_t(t) * m + j] != 0.0f; }, s_.mark, s_.rows);
-            // a prompt batch whose union is mostly active: plain matrix-matrix work is faster,
-            // and the zero coefficients it adds change no sum (cpu/kernels.h)
+            union_rows(pool_, nt, r, [&](int t, int64_t j) { return act[size_t(t) * m + j] != 0.0f; }, s_.mark, s_.rows);
+            // Even a prompt whose union is nearly every neuron runs on the list: matmul_rows and
+            // axpy_rows run the whole-matrix kernels row for row (the same cost per row, measured),
+            // so reading every row instead would only add the inactive ones.
             st.add_union(nt, double(s_.rows.size()), 0);
-            if (nt > 1 && double(s_.rows.size()) > call.opt->dense_fallback * double(m))
-                coef_all();
-            else
-                coef_listed();
+            coef_listed();
             return;
         }
         case FfnStrategy::PREDICT: {
@@ -135,7 +167,7 @@ void CpuFfnExecutor::prepare(const FfnCall& call, FfnRange r) {
             const int64_t n_ff = hp.n_ff;
             const float thr = L.pred_threshold;
             auto predicted = [&](int t, int64_t j) { return logit[size_t(t) * n_ff + r.begin + j] > thr; };
-            union_rows(nt, r, predicted, s_.mark, s_.rows2);
+            union_rows(pool_, nt, r, predicted, s_.mark, s_.rows2);
             // gate on the predicted rows only, scattered into a [nt][m] activation array whose
             // unpredicted entries are zero: a missed neuron is dropped (the approximation)
             const int64_t m2 = int64_t(s_.rows2.size());
@@ -143,13 +175,14 @@ void CpuFfnExecutor::prepare(const FfnCall& call, FfnRange r) {
             grow(s_.up, size_t(nt) * size_t(m2));
             if (m2) matmul_rows(pool_, *L.ffn_gate, s_.rows2.data(), m2, call.h, nt, s_.up.data(), s_.act_buf);
             st.bytes += rows_bytes(*L.ffn_gate, m2);
-            std::fill(s_.gate.begin(), s_.gate.begin() + std::ptrdiff_t(n), 0.0f);
-            for (int t = 0; t < nt; ++t)
+            for_tokens(pool_, nt, m, [&](int64_t t) {
+                std::fill_n(s_.gate.begin() + std::ptrdiff_t(size_t(t) * size_t(m)), m, 0.0f);
                 for (int64_t i = 0; i < m2; ++i) {
                     const int64_t j = s_.rows2[size_t(i)] - r.begin;
-                    if (predicted(t, j))
+                    if (predicted(int(t), j))
                         s_.gate[size_t(t) * m + j] = ffn_activation(hp.act, s_.up[size_t(t) * m2 + i], L.act_t);
                 }
+            });
             if (call.opt->diag_recall) {
                 // the range's full gate, only to count which active neurons the predictor caught
                 grow(s_.diag_gate, n);
@@ -167,7 +200,7 @@ void CpuFfnExecutor::prepare(const FfnCall& call, FfnRange r) {
                 st.active += double(active);  // counted over the same tokens
             }
             const float* act = s_.gate.data();
-            union_rows(nt, r, [&](int t, int64_t j) { return act[size_t(t) * m + j] != 0.0f; }, s_.mark, s_.rows);
+            union_rows(pool_, nt, r, [&](int t, int64_t j) { return act[size_t(t) * m + j] != 0.0f; }, s_.mark, s_.rows);
             st.add_union(nt, double(s_.rows.size()), 0);
             coef_listed();
             return;
@@ -225,11 +258,15 @@ void ffn_forward(ThreadPool& pool, const HParams& hp, const LayerWeights& L, con
         matmul(pool, *L.fc2, s.pred_hidden.data(), n_tokens, s.coef.data(), s.act_buf);
         st.bytes += double(L.fc1->nbytes) + double(L.fc2->nbytes);
         // the always-on prefix: a logit of +inf passes every executor's test (logit > cut-off)
-        for (int t = 0; t < n_tokens; ++t)
-            std::fill_n(s.coef.begin() + std::ptrdiff_t(size_t(t) * size_t(n_ff)), L.pred_always_on, INFINITY);
-        int64_t predicted = 0;
-        for (size_t i = 0; i < n; ++i) predicted += s.coef[i] > L.pred_threshold;
-        st.predicted += double(predicted);
+        std::vector<int64_t> predicted(size_t(n_tokens), 0);
+        for_tokens(pool, n_tokens, n_ff, [&](int64_t t) {
+            float* logit = s.coef.data() + size_t(t) * size_t(n_ff);
+            std::fill_n(logit, L.pred_always_on, INFINITY);
+            int64_t p = 0;
+            for (int64_t j = 0; j < n_ff; ++j) p += logit[j] > L.pred_threshold;
+            predicted[size_t(t)] = p;
+        });
+        for (int64_t p : predicted) st.predicted += double(p);
         call.pred_logit = s.coef.data();
     }
     if (opt.strategy != FfnStrategy::PREDICT || opt.diag_recall) st.active_known += n_tokens;

@@ -26,7 +26,6 @@ const char* strategy_name(FfnStrategy s);
 struct FfnOptions {
     FfnStrategy strategy = FfnStrategy::DENSE;
     bool diag_recall = false;      // predict: also compute the full gate to measure recall
-    double dense_fallback = 0.5;   // batches whose active union exceeds this fraction run dense
 };
 
 // One layer's FFN for a batch: what every executor of the layer reads.
