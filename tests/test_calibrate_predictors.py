@@ -146,6 +146,60 @@ def test_recall_target_holds_on_eval_text_and_predict_stays_close_to_exact(calib
     assert len(rep.eval_layers) == N_LAYER
 
 
+def test_runtime_predicts_what_calibration_simulated(fatrelu, texts, tmp_path):
+    """Calibration chooses cut-offs on logits it computes in numpy; the runtime must select the same
+    neurons. Layer 0's input does not depend on predict's choices in earlier layers, so there the
+    runtime's counters (predicted and caught neurons) must equal the simulation's on the same tokens:
+    the stored Q8_0 fc1 applied to the residual stream quantized to Q8_0 as the runtime's product does
+    (fc2's rows of 16 are F16, with float activations), logit > cut-off, the always-on prefix.
+    Without simulating that quantization the count moves (a neuron's logit near the cut-off flips)."""
+    from gguf.quants import dequantize
+
+    from prosparse_convert.activations import active
+    from prosparse_convert.calibrate import predictor as P
+
+    out = tmp_path / "q8.gguf"
+    calibrate(fatrelu, out, Options(text=[texts[0]], tokens=3000, ctx=64, rank=RANK, epochs=3, predictor_type="q8_0",
+                                    neuron_order="frequency", progress=False, n_threads=1))
+    r = gguf.GGUFReader(str(out))
+    t = {x.name: x for x in r.tensors}
+    fc, types = [], []
+    for name in ("blk.0.fc1.weight", "blk.0.fc2.weight"):
+        shape = tuple(int(d) for d in reversed(t[name].shape))
+        fc.append(np.asarray(dequantize(np.asarray(t[name].data), t[name].tensor_type), np.float32).reshape(shape))
+        types.append(t[name].tensor_type.name.lower())
+    assert types == ["q8_0", "f16"]
+    cut, on = float(r.fields[LT].contents()[0]), int(r.fields[ON].contents()[0])
+    dense = _core.Model(str(out), n_ctx=64, n_threads=1, sparsity="dense")
+    pred = _core.Model(str(out), n_ctx=64, n_threads=1, sparsity="predict", diag_recall=True)
+    ids = dense.tokenize(texts[1].read_text()[:20_000], False, False)
+    wins = [ids[i:i + 64] for i in range(0, 64 * 12, 64)]
+    sim = {"q8": [0, 0], "float": [0, 0]}
+    n_act = 0
+    dense.set_capture(True)
+    for w in wins:
+        dense.rewind(0)
+        dense.eval(w)
+        pred.rewind(0)
+        pred.eval(w)
+        x, g = dense.captured(0)
+        y = active("fatrelu", g, FATRELU_T)
+        n_act += int(y.sum())
+        for k, lg in (("q8", P.runtime_logits(fc[0], fc[1], x, *types)), ("float", P.logits(fc[0], fc[1], x))):
+            sel = lg > np.float32(cut)
+            sel[:, :on] = True
+            sim[k][0] += int(sel.sum())
+            sim[k][1] += int((sel & y).sum())
+    st = pred.stats()
+    n = sum(len(w) for w in wins)
+    rt_computed = st["predicted_fraction"][0] * n * N_FF
+    rt_hit = st["recall"][0] * n_act
+    assert st["active_fraction"][0] * n * N_FF == pytest.approx(n_act, abs=0.5)
+    assert rt_computed == pytest.approx(sim["q8"][0], abs=0.5), (rt_computed, sim)
+    assert rt_hit == pytest.approx(sim["q8"][1], abs=0.5), (rt_hit, sim)
+    assert sim["float"][0] != sim["q8"][0]  # the quantization is not negligible at the cut-off
+
+
 def test_file_holds_the_chosen_cutoffs_and_prefixes(calibrated):
     rep, out = calibrated
     r = gguf.GGUFReader(str(out))
