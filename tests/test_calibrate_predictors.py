@@ -219,6 +219,44 @@ def test_bad_recall_option_is_refused(fatrelu, tmp_path):
     for v in (0.0, 1.0, 1.5):
         with pytest.raises(ConvertError, match="--recall"):
             calibrate(fatrelu, tmp_path / "o.gguf", Options(recall=v, progress=False))
+    with pytest.raises(ConvertError, match="--policy-rounds"):
+        calibrate(fatrelu, tmp_path / "o.gguf", Options(policy_rounds=-1, progress=False))
+
+
+def test_per_layer_recall_targets(fatrelu, texts, tmp_path):
+    """--recall a,b: each layer's cut-off is chosen for its own target (on the SmolLM2 of
+    docs/calibrate.md the early layers' misses cost far more than the late ones')."""
+    from prosparse_convert.calibrate.cli import build_parser
+
+    assert build_parser().parse_args(["a", "b", "--recall", "0.99,0.9"]).recall == [0.99, 0.9]
+    with pytest.raises(ConvertError, match="--recall lists 3 targets for 2 layers"):
+        calibrate(fatrelu, tmp_path / "o.gguf", Options(text=[texts[0]], tokens=3000, ctx=64, rank=RANK,
+                                                        recall=[0.9, 0.9, 0.9], progress=False, n_threads=1))
+    rep = calibrate(fatrelu, tmp_path / "o.gguf", Options(text=[texts[0]], tokens=3000, ctx=64, rank=RANK, epochs=3,
+                                                          recall=[0.99, 0.9], progress=False, n_threads=1))
+    a, b = rep.layers
+    assert a["tune_recall"] >= 0.99 and 0.9 <= b["tune_recall"] < 0.95
+    assert a["recall"] > b["recall"] and a["predicted_sparsity"] < b["predicted_sparsity"]
+
+
+def test_cutoffs_are_rewritten_in_place(calibrated, tmp_path):
+    """The on-policy rounds rewrite prosparse.predictor.layer_thresholds in the written file: only
+    those bytes change, and the runtime reads the new values."""
+    import shutil
+
+    from prosparse_convert.calibrate.write import patch_predictor_cutoffs
+
+    _, out = calibrated
+    f = tmp_path / "p.gguf"
+    shutil.copyfile(out, f)
+    patch_predictor_cutoffs(f, [1e30, -1e30])
+    assert gguf.GGUFReader(str(f)).fields[LT].contents() == [np.float32(1e30), np.float32(-1e30)]
+    a, b = out.read_bytes(), f.read_bytes()
+    assert len(a) == len(b) and sum(x != y for x, y in zip(a, b)) <= 8
+    on = gguf.GGUFReader(str(f)).fields[ON].contents()
+    assert _predicted(f) == [on[0] / N_FF, 1.0]
+    with pytest.raises(ConvertError, match="3 entries"):
+        patch_predictor_cutoffs(f, [0.0, 0.0, 0.0])
 
 
 # ---------------------------------------------------------------- the runtime

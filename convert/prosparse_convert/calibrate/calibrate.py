@@ -38,7 +38,7 @@ class Options:
     rank: Union[None, int, Sequence[int]] = None  # None: predictor.default_rank(n_embd)
     epochs: int = 10
     pos_weight: Optional[float] = None
-    recall: float = 0.95                  # predictors: each layer's recall target on the tuning windows
+    recall: Union[float, Sequence[float]] = 0.95  # predictors: recall target on the tuning windows (or one per layer)
     always_on: str = "auto"               # auto (chosen on the tuning windows, frequency order) | none
     policy_rounds: int = 2                # cut-offs re-chosen on the written file's own predict runs
     predictor_type: str = "q8_0"
@@ -96,8 +96,9 @@ def _check(o: Options) -> None:
         raise ConvertError(f"--down-type must be auto, f16 or q8_0, got {o.down_type!r}")
     if o.predictor_type not in ("f32", "f16", "q8_0", "q4_0"):
         raise ConvertError(f"--predictor-type must be f32, f16, q8_0 or q4_0, got {o.predictor_type!r}")
-    if not 0.0 < o.recall < 1.0:
-        raise ConvertError(f"--recall must be in (0, 1), got {o.recall}")
+    for r in ([o.recall] if isinstance(o.recall, (int, float)) else list(o.recall)):
+        if not 0.0 < r < 1.0:
+            raise ConvertError(f"--recall must be in (0, 1), got {r}")
     if o.policy_rounds < 0:
         raise ConvertError(f"--policy-rounds must be >= 0, got {o.policy_rounds}")
     if o.always_on not in ("auto", "none"):
@@ -121,6 +122,15 @@ def _roundtrip(a: np.ndarray, type_name: str) -> np.ndarray:
 
     qt = quant.tensor_type(a.shape, quant.outtype(type_name))
     return np.asarray(dequantize(quant.encode(a, qt), qt), np.float32).reshape(a.shape)
+
+
+def _recalls(o: Options, n_layer: int) -> List[float]:
+    if isinstance(o.recall, (int, float)):
+        return [float(o.recall)] * n_layer
+    r = [float(v) for v in o.recall]
+    if len(r) != n_layer:
+        raise ConvertError(f"--recall lists {len(r)} targets for {n_layer} layers")
+    return r
 
 
 def _ranks(o: Options, n_layer: int, n_embd: int) -> List[int]:
@@ -284,6 +294,7 @@ def _train_predictors(model, p, win, act, act_t, ranks, o: Options, add: Additio
     orders = hottest_first(add.act_freq) if o.neuron_order == "frequency" else [
         np.arange(F)] * L
     use_on = o.always_on == "auto" and in_freq_order
+    recalls = _recalls(o, L)
 
     def fit(l: int):
         x, y = p.x[l, :p.n_samples].astype(np.float32), p.masks(l, F)
@@ -294,7 +305,7 @@ def _train_predictors(model, p, win, act, act_t, ranks, o: Options, add: Additio
         t1, t2 = (quant.tensor_type(w.shape, quant.outtype(o.predictor_type)).name.lower() for w in (fc1, fc2))
         lg = lambda x: predictor.runtime_logits(fc1q, fc2q, x.astype(np.float32), t1, t2)  # noqa: E731
         ch = cutoffs.choose(lg(tune.x[l, :tune.n_samples]),
-                            tune.masks(l, F), o.recall, orders[l] if use_on else None, cand)
+                            tune.masks(l, F), recalls[l], orders[l] if use_on else None, cand)
         q = cutoffs.quality(lg(test.x[l, :test.n_samples]),
                             test.masks(l, F), ch.cutoff, ch.always_on, orders[l])
         return (fc1, fc2), ch, q
@@ -360,6 +371,7 @@ def _cutoffs_on_policy(out_path: Path, win, act: str, act_t: float, o: Options, 
 
     fc, types, on = _stored_predictors(out_path)
     L = len(fc)
+    recalls = _recalls(o, L)
     F = fc[0][1].shape[0]
     order = np.arange(F)
     for _ in range(o.policy_rounds):
@@ -377,7 +389,7 @@ def _cutoffs_on_policy(out_path: Path, win, act: str, act_t: float, o: Options, 
         cut, tune_recall = [], []
         for l in range(L):
             lg = predictor.runtime_logits(fc[l][0], fc[l][1], np.concatenate(xs[l]), *types[l])
-            ch = cutoffs.choose(lg, np.concatenate(ys[l]), o.recall, order if on[l] else None, [on[l]])
+            ch = cutoffs.choose(lg, np.concatenate(ys[l]), recalls[l], order if on[l] else None, [on[l]])
             cut.append(ch.cutoff)
             tune_recall.append(ch.recall)
             xs[l] = ys[l] = None

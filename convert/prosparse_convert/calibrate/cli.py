@@ -18,6 +18,13 @@ def _rank(s: str):
         raise argparse.ArgumentTypeError(f"--rank takes an integer or a comma-separated list, got {s!r}")
 
 
+def _recall(s: str):
+    try:
+        return [float(v) for v in s.split(",")] if "," in s else float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--recall takes a number or a comma-separated list, got {s!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = Options()
     ap = argparse.ArgumentParser(
@@ -51,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, default=d.epochs, help=f"training epochs (default {d.epochs})")
     g.add_argument("--pos-weight", type=float, help="weight of active neurons in the loss "
                    "(default: twice the inactive/active ratio, at most 30)")
-    g.add_argument("--recall", type=float, default=d.recall,
-                   help=f"recall each layer's cut-off reaches on the tuning windows (default {d.recall})")
+    g.add_argument("--recall", type=_recall, default=d.recall,
+                   help=f"recall each layer's cut-off reaches on the tuning windows, or one per layer "
+                        f"(default {d.recall})")
     g.add_argument("--always-on", default=d.always_on, choices=["auto", "none"],
                    help="auto (default): per layer, the prefix of most frequent neurons always computed, chosen "
                         "on the tuning windows; only with frequency order (--neuron-order frequency)")
