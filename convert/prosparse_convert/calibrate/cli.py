@@ -106,8 +106,8 @@ def _report(r, args) -> int:
               f"neither training nor the cut-offs saw: recall {100 * o['recall']:.1f}%, predicted sparsity "
               f"{100 * o['predicted_sparsity']:.1f}%, true sparsity {100 * o['actual_sparsity']:.1f}% (pooled "
               f"over layers; per layer below)" + (
-                  f"; in predict's own run (the runtime's counters), the dense model's stream gives recall "
-                  f"{100 * o['tf_recall']:.1f}%" if "tf_recall" in o else ""))
+                  f"; measured in predict's own run by the runtime's counters (on the dense model's "
+                  f"stream: recall {100 * o['tf_recall']:.1f}%)" if "tf_recall" in o else ""))
     if r.allocation:
         kl = ", ".join(f"{k} {v:.4f}" for k, v in r.allocation_kl.items())
         print(f"sparsity allocation: {r.allocation}" + (f" (KL from dense on probe tokens: {kl})" if kl else ""))
