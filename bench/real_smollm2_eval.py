@@ -43,18 +43,21 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=2048)
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--calibrated", default="sparse-cal.gguf", help="the calibrated sparse file, in OUT_DIR")
+    ap.add_argument("--skip-perplexity", action="store_true", help="decode speed only")
     ap.add_argument("--original", type=Path, default=Path.home() / ".cache/prosparse-rt/SmolLM2-135M-Instruct.Q4_1.gguf")
     a = ap.parse_args()
     d = a.out_dir
     text = (d / "outside.txt").read_text()
     res = {"outside_text": {}, "decode_tok_s": {}}
     for name, path in (("original SmolLM2 (SiLU, Q4_1)", a.original), ("baseline (SiLU, same training)", d / "baseline.gguf")):
-        res["outside_text"][name] = perplexity(path, text, a.ctx, a.eval_tokens, a.threads)
+        if not a.skip_perplexity:
+            res["outside_text"][name] = perplexity(path, text, a.ctx, a.eval_tokens, a.threads)
     for name, path, strategy in (("baseline, dense", d / "baseline.gguf", "dense"),
-                                 ("sparse, exact", d / "sparse-cal.gguf", "exact"),
-                                 ("sparse, predict", d / "sparse-cal.gguf", "predict")):
+                                 ("sparse, exact", d / a.calibrated, "exact"),
+                                 ("sparse, predict", d / a.calibrated, "predict")):
         res["decode_tok_s"][name] = decode_speed(path, strategy, a.threads)
-    (d / "eval.json").write_text(json.dumps(res, indent=2))
+    (d / ("eval.json" if not a.skip_perplexity else "speed.json")).write_text(json.dumps(res, indent=2))
     print("| model | out-of-corpus perplexity | tokens |\n|---|---|---|")
     for k, v in res["outside_text"].items():
         print(f"| {k} | {v['perplexity']:.3f} | {v['tokens']} |")

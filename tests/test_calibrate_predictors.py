@@ -146,6 +146,60 @@ def test_recall_target_holds_on_eval_text_and_predict_stays_close_to_exact(calib
     assert len(rep.eval_layers) == N_LAYER
 
 
+def test_runtime_predicts_what_calibration_simulated(fatrelu, texts, tmp_path):
+    """Calibration chooses cut-offs on logits it computes in numpy; the runtime must select the same
+    neurons. Layer 0's input does not depend on predict's choices in earlier layers, so there the
+    runtime's counters (predicted and caught neurons) must equal the simulation's on the same tokens:
+    the stored Q8_0 fc1 applied to the residual stream quantized to Q8_0 as the runtime's product does
+    (fc2's rows of 16 are F16, with float activations), logit > cut-off, the always-on prefix.
+    Without simulating that quantization the count moves (a neuron's logit near the cut-off flips)."""
+    from gguf.quants import dequantize
+
+    from prosparse_convert.activations import active
+    from prosparse_convert.calibrate import predictor as P
+
+    out = tmp_path / "q8.gguf"
+    calibrate(fatrelu, out, Options(text=[texts[0]], tokens=3000, ctx=64, rank=RANK, epochs=3, predictor_type="q8_0",
+                                    neuron_order="frequency", progress=False, n_threads=1))
+    r = gguf.GGUFReader(str(out))
+    t = {x.name: x for x in r.tensors}
+    fc, types = [], []
+    for name in ("blk.0.fc1.weight", "blk.0.fc2.weight"):
+        shape = tuple(int(d) for d in reversed(t[name].shape))
+        fc.append(np.asarray(dequantize(np.asarray(t[name].data), t[name].tensor_type), np.float32).reshape(shape))
+        types.append(t[name].tensor_type.name.lower())
+    assert types == ["q8_0", "f16"]
+    cut, on = float(r.fields[LT].contents()[0]), int(r.fields[ON].contents()[0])
+    dense = _core.Model(str(out), n_ctx=64, n_threads=1, sparsity="dense")
+    pred = _core.Model(str(out), n_ctx=64, n_threads=1, sparsity="predict", diag_recall=True)
+    ids = dense.tokenize(texts[1].read_text()[:20_000], False, False)
+    wins = [ids[i:i + 64] for i in range(0, 64 * 12, 64)]
+    sim = {"q8": [0, 0], "float": [0, 0]}
+    n_act = 0
+    dense.set_capture(True)
+    for w in wins:
+        dense.rewind(0)
+        dense.eval(w)
+        pred.rewind(0)
+        pred.eval(w)
+        x, g = dense.captured(0)
+        y = active("fatrelu", g, FATRELU_T)
+        n_act += int(y.sum())
+        for k, lg in (("q8", P.runtime_logits(fc[0], fc[1], x, *types)), ("float", P.logits(fc[0], fc[1], x))):
+            sel = lg > np.float32(cut)
+            sel[:, :on] = True
+            sim[k][0] += int(sel.sum())
+            sim[k][1] += int((sel & y).sum())
+    st = pred.stats()
+    n = sum(len(w) for w in wins)
+    rt_computed = st["predicted_fraction"][0] * n * N_FF
+    rt_hit = st["recall"][0] * n_act
+    assert st["active_fraction"][0] * n * N_FF == pytest.approx(n_act, abs=0.5)
+    assert rt_computed == pytest.approx(sim["q8"][0], abs=0.5), (rt_computed, sim)
+    assert rt_hit == pytest.approx(sim["q8"][1], abs=0.5), (rt_hit, sim)
+    assert sim["float"][0] != sim["q8"][0]  # the quantization is not negligible at the cut-off
+
+
 def test_file_holds_the_chosen_cutoffs_and_prefixes(calibrated):
     rep, out = calibrated
     r = gguf.GGUFReader(str(out))
@@ -165,6 +219,44 @@ def test_bad_recall_option_is_refused(fatrelu, tmp_path):
     for v in (0.0, 1.0, 1.5):
         with pytest.raises(ConvertError, match="--recall"):
             calibrate(fatrelu, tmp_path / "o.gguf", Options(recall=v, progress=False))
+    with pytest.raises(ConvertError, match="--policy-rounds"):
+        calibrate(fatrelu, tmp_path / "o.gguf", Options(policy_rounds=-1, progress=False))
+
+
+def test_per_layer_recall_targets(fatrelu, texts, tmp_path):
+    """--recall a,b: each layer's cut-off is chosen for its own target (on the SmolLM2 of
+    docs/calibrate.md the early layers' misses cost far more than the late ones')."""
+    from prosparse_convert.calibrate.cli import build_parser
+
+    assert build_parser().parse_args(["a", "b", "--recall", "0.99,0.9"]).recall == [0.99, 0.9]
+    with pytest.raises(ConvertError, match="--recall lists 3 targets for 2 layers"):
+        calibrate(fatrelu, tmp_path / "o.gguf", Options(text=[texts[0]], tokens=3000, ctx=64, rank=RANK,
+                                                        recall=[0.9, 0.9, 0.9], progress=False, n_threads=1))
+    rep = calibrate(fatrelu, tmp_path / "o.gguf", Options(text=[texts[0]], tokens=3000, ctx=64, rank=RANK, epochs=3,
+                                                          recall=[0.99, 0.9], progress=False, n_threads=1))
+    a, b = rep.layers
+    assert a["tune_recall"] >= 0.99 and 0.9 <= b["tune_recall"] < 0.95
+    assert a["recall"] > b["recall"] and a["predicted_sparsity"] < b["predicted_sparsity"]
+
+
+def test_cutoffs_are_rewritten_in_place(calibrated, tmp_path):
+    """The on-policy rounds rewrite prosparse.predictor.layer_thresholds in the written file: only
+    those bytes change, and the runtime reads the new values."""
+    import shutil
+
+    from prosparse_convert.calibrate.write import patch_predictor_cutoffs
+
+    _, out = calibrated
+    f = tmp_path / "p.gguf"
+    shutil.copyfile(out, f)
+    patch_predictor_cutoffs(f, [1e30, -1e30])
+    assert gguf.GGUFReader(str(f)).fields[LT].contents() == [np.float32(1e30), np.float32(-1e30)]
+    a, b = out.read_bytes(), f.read_bytes()
+    assert len(a) == len(b) and sum(x != y for x, y in zip(a, b)) <= 8
+    on = gguf.GGUFReader(str(f)).fields[ON].contents()
+    assert _predicted(f) == [on[0] / N_FF, 1.0]
+    with pytest.raises(ConvertError, match="3 entries"):
+        patch_predictor_cutoffs(f, [0.0, 0.0, 0.0])
 
 
 # ---------------------------------------------------------------- the runtime

@@ -38,8 +38,9 @@ class Options:
     rank: Union[None, int, Sequence[int]] = None  # None: predictor.default_rank(n_embd)
     epochs: int = 10
     pos_weight: Optional[float] = None
-    recall: float = 0.95                  # predictors: each layer's recall target on the tuning windows
+    recall: Union[float, Sequence[float]] = 0.95  # predictors: recall target on the tuning windows (or one per layer)
     always_on: str = "auto"               # auto (chosen on the tuning windows, frequency order) | none
+    policy_rounds: int = 2                # cut-offs re-chosen on the written file's own predict runs
     predictor_type: str = "q8_0"
     neuron_order: str = "original"
     down_type: str = "auto"               # ffn_down_t made from ffn_down: auto | f16 | q8_0
@@ -95,8 +96,11 @@ def _check(o: Options) -> None:
         raise ConvertError(f"--down-type must be auto, f16 or q8_0, got {o.down_type!r}")
     if o.predictor_type not in ("f32", "f16", "q8_0", "q4_0"):
         raise ConvertError(f"--predictor-type must be f32, f16, q8_0 or q4_0, got {o.predictor_type!r}")
-    if not 0.0 < o.recall < 1.0:
-        raise ConvertError(f"--recall must be in (0, 1), got {o.recall}")
+    for r in ([o.recall] if isinstance(o.recall, (int, float)) else list(o.recall)):
+        if not 0.0 < r < 1.0:
+            raise ConvertError(f"--recall must be in (0, 1), got {r}")
+    if o.policy_rounds < 0:
+        raise ConvertError(f"--policy-rounds must be >= 0, got {o.policy_rounds}")
     if o.always_on not in ("auto", "none"):
         raise ConvertError(f"--always-on must be auto or none, got {o.always_on!r}")
     if o.neuron_order not in ("original", "frequency"):
@@ -118,6 +122,15 @@ def _roundtrip(a: np.ndarray, type_name: str) -> np.ndarray:
 
     qt = quant.tensor_type(a.shape, quant.outtype(type_name))
     return np.asarray(dequantize(quant.encode(a, qt), qt), np.float32).reshape(a.shape)
+
+
+def _recalls(o: Options, n_layer: int) -> List[float]:
+    if isinstance(o.recall, (int, float)):
+        return [float(o.recall)] * n_layer
+    r = [float(v) for v in o.recall]
+    if len(r) != n_layer:
+        raise ConvertError(f"--recall lists {len(r)} targets for {n_layer} layers")
+    return r
 
 
 def _ranks(o: Options, n_layer: int, n_embd: int) -> List[int]:
@@ -213,6 +226,9 @@ def calibrate(model_path, out_path, options: Optional[Options] = None, **kw) -> 
         write(inp, out_path, add, L, F, progress=o.progress)
         report.down_type = add.down_type if has_down else None
 
+    if want_pred and o.policy_rounds:
+        _cutoffs_on_policy(out_path, win, act, act_t, o, report)
+
     if o.eval_text is not None:
         report.eval = evaluate_file(model_path, out_path, o.eval_text, ctx=o.ctx, max_tokens=o.eval_tokens,
                                     n_threads=o.n_threads, progress=o.progress, layers=report.eval_layers)
@@ -278,6 +294,7 @@ def _train_predictors(model, p, win, act, act_t, ranks, o: Options, add: Additio
     orders = hottest_first(add.act_freq) if o.neuron_order == "frequency" else [
         np.arange(F)] * L
     use_on = o.always_on == "auto" and in_freq_order
+    recalls = _recalls(o, L)
 
     def fit(l: int):
         x, y = p.x[l, :p.n_samples].astype(np.float32), p.masks(l, F)
@@ -285,9 +302,11 @@ def _train_predictors(model, p, win, act, act_t, ranks, o: Options, add: Additio
         del x, y
         fc1q, fc2q = _roundtrip(fc1, o.predictor_type), _roundtrip(fc2, o.predictor_type)
         cand = cutoffs.prefix_candidates(add.act_freq[l], orders[l]) if use_on else [0]
-        ch = cutoffs.choose(predictor.logits(fc1q, fc2q, tune.x[l, :tune.n_samples].astype(np.float32)),
-                            tune.masks(l, F), o.recall, orders[l] if use_on else None, cand)
-        q = cutoffs.quality(predictor.logits(fc1q, fc2q, test.x[l, :test.n_samples].astype(np.float32)),
+        t1, t2 = (quant.tensor_type(w.shape, quant.outtype(o.predictor_type)).name.lower() for w in (fc1, fc2))
+        lg = lambda x: predictor.runtime_logits(fc1q, fc2q, x.astype(np.float32), t1, t2)  # noqa: E731
+        ch = cutoffs.choose(lg(tune.x[l, :tune.n_samples]),
+                            tune.masks(l, F), recalls[l], orders[l] if use_on else None, cand)
+        q = cutoffs.quality(lg(test.x[l, :test.n_samples]),
                             test.masks(l, F), ch.cutoff, ch.always_on, orders[l])
         return (fc1, fc2), ch, q
 
@@ -310,6 +329,83 @@ def _train_predictors(model, p, win, act, act_t, ranks, o: Options, add: Additio
     add.predictors, add.predictor_layer_thresholds = trained, thr
     add.predictor_always_on = on if use_on else None
     report.overall = cutoffs.Quality.pooled(tests).as_dict()
+
+
+def _stored_predictors(path: Path) -> tuple:
+    """Per layer (fc1, fc2) as stored in `path` (dequantized, the file's neuron order), their type
+    names, and the always-on counts."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    r = GGUFReader(str(path))
+    tens = {t.name: t for t in r.tensors}
+    L = sum(1 for k in tens if k.endswith(".fc1.weight"))
+    fc, types = [], []
+    for l in range(L):
+        w, ty = [], []
+        for name in (N.FC1, N.FC2):
+            t = tens[name.format(i=l)]
+            shape = tuple(int(d) for d in reversed(t.shape))
+            w.append(np.asarray(dequantize(np.asarray(t.data), t.tensor_type), np.float32).reshape(shape))
+            ty.append(t.tensor_type.name.lower())
+        fc.append(w)
+        types.append(ty)
+    f = r.fields.get(N.PS_PREDICTOR_ALWAYS_ON)
+    on = [int(v) for v in f.contents()] if f is not None else [0] * L
+    return fc, types, on
+
+
+def _cutoffs_on_policy(out_path: Path, win, act: str, act_t: float, o: Options, report: Report) -> None:
+    """The cut-offs were chosen on the dense model's residual stream; under predict each layer sees
+    the stream predict's earlier layers made, where the predictors miss more (on the sparsified
+    SmolLM2, recall 95% teacher-forced became 92% in predict's own run). So, `policy_rounds` times:
+    run the written file under predict over the tuning windows with capture on (the runtime's
+    residual stream entering each FFN, and the full gate on it), choose each layer's cut-off there
+    for the recall target (always-on prefix kept), and rewrite the file's cut-offs. The test windows
+    are then measured the same way, by the runtime's own counters: recall, predicted and true
+    sparsity as predict meets them."""
+    from prosparse_rt import _core
+
+    from ..activations import active
+    from .write import patch_predictor_cutoffs
+
+    fc, types, on = _stored_predictors(out_path)
+    L = len(fc)
+    recalls = _recalls(o, L)
+    F = fc[0][1].shape[0]
+    order = np.arange(F)
+    for _ in range(o.policy_rounds):
+        m = _core.Model(str(out_path), n_ctx=o.ctx, n_threads=o.n_threads, sparsity="predict")
+        xs, ys = [[] for _ in range(L)], [[] for _ in range(L)]
+        m.set_capture(True)
+        for w in win.tune:
+            m.rewind(0)
+            m.eval(w)
+            for l in range(L):
+                x, g = m.captured(l)
+                xs[l].append(x)
+                ys[l].append(active(act, g, act_t))
+        del m
+        cut, tune_recall = [], []
+        for l in range(L):
+            lg = predictor.runtime_logits(fc[l][0], fc[l][1], np.concatenate(xs[l]), *types[l])
+            ch = cutoffs.choose(lg, np.concatenate(ys[l]), recalls[l], order if on[l] else None, [on[l]])
+            cut.append(ch.cutoff)
+            tune_recall.append(ch.recall)
+            xs[l] = ys[l] = None
+        patch_predictor_cutoffs(out_path, cut)
+    m = _core.Model(str(out_path), n_ctx=o.ctx, n_threads=o.n_threads, sparsity="predict", diag_recall=True)
+    for w in win.test:
+        m.rewind(0)
+        m.eval(w)
+    rows, pooled = evaluate.predict_stats(m)
+    del m
+    for l, row in enumerate(report.layers):
+        row["tf_recall"] = row.pop("recall")  # teacher-forced, the dense stream
+        row.update(cutoff=cut[l], tune_recall=tune_recall[l], recall=rows[l]["recall"],
+                   predicted_sparsity=rows[l]["predicted_sparsity"], actual_sparsity=rows[l]["actual_sparsity"])
+    report.overall = {**pooled, "tf_recall": report.overall["recall"]}
+    report.mean = {k: float(np.mean([r[k] for r in report.layers])) for k in report.layers[0]}
 
 
 def _workers(n_threads: int):

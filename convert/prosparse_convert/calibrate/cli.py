@@ -18,6 +18,13 @@ def _rank(s: str):
         raise argparse.ArgumentTypeError(f"--rank takes an integer or a comma-separated list, got {s!r}")
 
 
+def _recall(s: str):
+    try:
+        return [float(v) for v in s.split(",")] if "," in s else float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--recall takes a number or a comma-separated list, got {s!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = Options()
     ap = argparse.ArgumentParser(
@@ -51,11 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, default=d.epochs, help=f"training epochs (default {d.epochs})")
     g.add_argument("--pos-weight", type=float, help="weight of active neurons in the loss "
                    "(default: twice the inactive/active ratio, at most 30)")
-    g.add_argument("--recall", type=float, default=d.recall,
-                   help=f"recall each layer's cut-off reaches on the tuning windows (default {d.recall})")
+    g.add_argument("--recall", type=_recall, default=d.recall,
+                   help=f"recall each layer's cut-off reaches on the tuning windows, or one per layer "
+                        f"(default {d.recall})")
     g.add_argument("--always-on", default=d.always_on, choices=["auto", "none"],
                    help="auto (default): per layer, the prefix of most frequent neurons always computed, chosen "
                         "on the tuning windows; only with frequency order (--neuron-order frequency)")
+    g.add_argument("--policy-rounds", type=int, default=d.policy_rounds,
+                   help="times the cut-offs are re-chosen on the written file's own predict runs over the tuning "
+                        f"windows (0: on the dense model's activations only; default {d.policy_rounds})")
     g.add_argument("--predictor-type", default=d.predictor_type, choices=["f32", "f16", "q8_0", "q4_0"],
                    help=f"stored predictor type (default {d.predictor_type})")
     g = ap.add_argument_group("output")
@@ -78,7 +89,7 @@ def main(argv=None) -> int:
     o = Options(text=args.text, tokens=args.tokens, ctx=args.ctx, target_sparsity=args.target_sparsity,
                 allocation=args.allocation, probe_tokens=args.probe_tokens, predictors=args.predictors,
                 rank=args.rank, epochs=args.epochs, pos_weight=args.pos_weight,
-                recall=args.recall, always_on=args.always_on,
+                recall=args.recall, always_on=args.always_on, policy_rounds=args.policy_rounds,
                 predictor_type=args.predictor_type, neuron_order=args.neuron_order, down_type=args.down_type,
                 max_samples=args.max_samples, max_memory=args.max_memory_mb << 20, eval_text=args.eval,
                 eval_tokens=args.eval_tokens, n_threads=args.threads, seed=args.seed,
@@ -94,7 +105,9 @@ def _report(r, args) -> int:
         print(f"predictors: cut-offs chosen on {r.n_tune_tokens} tuning tokens; on {r.n_test_tokens} test tokens "
               f"neither training nor the cut-offs saw: recall {100 * o['recall']:.1f}%, predicted sparsity "
               f"{100 * o['predicted_sparsity']:.1f}%, true sparsity {100 * o['actual_sparsity']:.1f}% (pooled "
-              f"over layers; per layer below)")
+              f"over layers; per layer below)" + (
+                  f"; measured in predict's own run by the runtime's counters (on the dense model's "
+                  f"stream: recall {100 * o['tf_recall']:.1f}%)" if "tf_recall" in o else ""))
     if r.allocation:
         kl = ", ".join(f"{k} {v:.4f}" for k, v in r.allocation_kl.items())
         print(f"sparsity allocation: {r.allocation}" + (f" (KL from dense on probe tokens: {kl})" if kl else ""))

@@ -35,6 +35,30 @@ def logits(fc1: np.ndarray, fc2: np.ndarray, x: np.ndarray) -> np.ndarray:
     return np.maximum(x @ fc1.T, 0.0) @ fc2.T
 
 
+def q8_0_acts(x: np.ndarray) -> np.ndarray:
+    """x [n, k] (k a multiple of 32) as the runtime multiplies it with Q8_0/Q4_0 weights: llama.cpp's
+    reference Q8_0 values (per block of 32, scale max|x|/127 stored as float16, round half away
+    from zero), dequantized."""
+    from gguf import GGMLQuantizationType as T
+    from gguf.quants import dequantize, quantize
+
+    x = np.ascontiguousarray(x, np.float32)
+    return np.asarray(dequantize(quantize(x, T.Q8_0), T.Q8_0), np.float32).reshape(x.shape)
+
+
+Q8_ACTS = ("q8_0", "q4_0", "q5_0", "iq4_nl")  # weight types whose products take Q8_0 activations
+
+
+def runtime_logits(fc1: np.ndarray, fc2: np.ndarray, x: np.ndarray, fc1_type: str, fc2_type: str) -> np.ndarray:
+    """The logits the runtime computes from predictors stored at fc1_type/fc2_type (fc1, fc2 already
+    the stored weights, dequantized; type names lower case, as gguf's GGMLQuantizationType names
+    them): a matrix product with Q8_0/Q4_0 weights quantizes its activations (the residual stream x
+    for fc1, the hidden ReLU for fc2) to Q8_0 first; with float weights they stay float."""
+    x = np.asarray(x, np.float32)
+    h = np.maximum((q8_0_acts(x) if fc1_type in Q8_ACTS else x) @ fc1.T, 0.0)
+    return (q8_0_acts(h) if fc2_type in Q8_ACTS else h) @ fc2.T
+
+
 def train(x: np.ndarray, y: np.ndarray, rank: int, *, epochs: int = 10, batch: int = 64,
           lr: float = 1e-2, pos_weight: Optional[float] = None, max_pos_weight: float = 30.0,
           seed: int = 0) -> tuple:

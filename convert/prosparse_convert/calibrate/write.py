@@ -184,3 +184,18 @@ def write(inp: InputFile, out: Path, add: Additions, n_layer: int, n_ff: int, pr
     kv = metadata(inp, add, n_layer)
     write_gguf(Path(out), _Copy(inp, set(kv) | set(_OURS)), outs, kv, progress)
     return Path(out)
+
+
+def patch_predictor_cutoffs(path: Path, cutoffs: List[float]) -> None:
+    """Rewrites prosparse.predictor.layer_thresholds of a written file in place (same length: the
+    values change, nothing moves), so that cut-offs chosen on the file's own predict runs land in it."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(path), "r+")
+    f = r.fields.get(N.PS_PREDICTOR_LAYER_THRESHOLDS)
+    if f is None or len(f.data) != len(cutoffs):
+        raise ConvertError(f"{path} has no {N.PS_PREDICTOR_LAYER_THRESHOLDS} of {len(cutoffs)} entries to rewrite")
+    for i, di in enumerate(f.data):
+        f.parts[di][...] = np.float32(cutoffs[i])
+    r.data.flush()
+    del r
