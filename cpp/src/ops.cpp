@@ -195,4 +195,23 @@ std::unique_ptr<InterleavedSet> interleave(ThreadPool& pool, const std::vector<c
     return out;
 }
 
+uint64_t read_sweep(ThreadPool& pool, const uint64_t* buf, size_t n) {
+    const int T = pool.size();
+    std::vector<uint64_t> sums(size_t(T), 0);
+    pool.parallel_for(T, [&](int64_t task, int) {
+        const size_t b = n * size_t(task) / size_t(T) / 8 * 8, e = n * size_t(task + 1) / size_t(T) / 8 * 8;
+        uint64_t a[8] = {};
+        for (size_t i = b; i < e; i += 8) {
+            __builtin_prefetch(buf + std::min(i + 1024, n - 1));
+            for (int j = 0; j < 8; ++j) a[j] += buf[i + size_t(j)];
+        }
+        uint64_t s = 0;
+        for (int j = 0; j < 8; ++j) s += a[j];
+        sums[size_t(task)] = s;
+    });
+    uint64_t s = 0;
+    for (uint64_t x : sums) s += x;
+    return s;
+}
+
 }  // namespace ps

@@ -49,4 +49,10 @@ bool can_interleave(const Tensor& W);
 // Copies of ws (each must pass can_interleave, else this throws), in order. Throws if memory runs out.
 std::unique_ptr<InterleavedSet> interleave(ThreadPool& pool, const std::vector<const Tensor*>& ws);
 
+// Reads buf[0, n) once with the pool's threads (a contiguous slice each, several independent sums,
+// software prefetch 8 KiB ahead as the kernels do): one pass of the host read-bandwidth measurement
+// (_core._testing.read_bandwidth, bench/). Here rather than in the bindings, which nanobind builds
+// with -Os. Returns a checksum, so that the sums are live.
+uint64_t read_sweep(ThreadPool& pool, const uint64_t* buf, size_t n);
+
 }  // namespace ps
