@@ -25,6 +25,19 @@ from prosparse_convert.gguf_file import open_gguf_file
 from prosparse_rt import _core
 
 
+def read_predictors(tens: dict, n_layer: int) -> list:
+    """[[fc1, fc2] per layer] as float32 arrays ({out, in}) from a GGUF reader's tensors by name."""
+    fc = []
+    for l in range(n_layer):
+        w = []
+        for name in (N.FC1, N.FC2):
+            t = tens[name.format(i=l)]
+            shape = tuple(int(d) for d in reversed(t.shape))
+            w.append(np.asarray(dequantize(np.asarray(t.data), t.tensor_type), np.float32).reshape(shape))
+        fc.append(w)
+    return fc
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("file")
@@ -44,14 +57,7 @@ def main() -> None:
     act, act_t = hp["activation"], float(hp["activation_threshold"])
     thr = list(meta[N.PS_PREDICTOR_LAYER_THRESHOLDS])
     on = list(meta.get(N.PS_PREDICTOR_ALWAYS_ON, [0] * L))
-    fc = []
-    for l in range(L):
-        w = []
-        for name in (N.FC1, N.FC2):
-            t = tens[name.format(i=l)]
-            shape = tuple(int(d) for d in reversed(t.shape))
-            w.append(np.asarray(dequantize(np.asarray(t.data), t.tensor_type), np.float32).reshape(shape))
-        fc.append(w)
+    fc = read_predictors(tens, L)
     text = open(a.text, errors="replace").read()[a.skip_chars:]
     bos = dense.bos if dense.add_bos_default and dense.bos >= 0 else None
     win = text_mod.make_windows(lambda s: dense.tokenize(s, False, False), text, bos, a.ctx, a.tokens,

@@ -16,13 +16,14 @@ import shutil
 
 import numpy as np
 from gguf import GGUFReader
-from gguf.quants import dequantize
 
 from prosparse_convert import names as N
 from prosparse_convert.activations import active
 from prosparse_convert.calibrate import cutoffs, evaluate, predictor, text as text_mod
 from prosparse_convert.calibrate.write import patch_predictor_cutoffs
 from prosparse_rt import _core
+
+from predict_diag import read_predictors  # bench/ is the script's folder, first on sys.path
 
 
 def windows(model, path, skip, tokens, ctx):
@@ -53,15 +54,8 @@ def main() -> None:
     act, act_t = hp["activation"], float(hp["activation_threshold"])
     on = [int(v) for v in fields[N.PS_PREDICTOR_ALWAYS_ON].contents()] if N.PS_PREDICTOR_ALWAYS_ON in fields else [0] * L
     tens = {t.name: t for t in r.tensors}
-    fc, types = [], []
-    for l in range(L):
-        types.append([tens[name.format(i=l)].tensor_type.name.lower() for name in (N.FC1, N.FC2)])
-        w = []
-        for name in (N.FC1, N.FC2):
-            t = tens[name.format(i=l)]
-            shape = tuple(int(d) for d in reversed(t.shape))
-            w.append(np.asarray(dequantize(np.asarray(t.data), t.tensor_type), np.float32).reshape(shape))
-        fc.append(w)
+    types = [[tens[name.format(i=l)].tensor_type.name.lower() for name in (N.FC1, N.FC2)] for l in range(L)]
+    fc = read_predictors(tens, L)
     del r, tens, fields
     tune = windows(dense, a.tune_text, a.tune_skip_chars, a.tune_tokens, a.ctx)
     lg = [[] for _ in range(L)]

@@ -174,6 +174,12 @@ def plot(results: dict, path) -> Path:
                 ax.axvline(limit, color="tab:red", ls="--", lw=1)
                 ax.text(limit, len(sel) - 0.5, f"dense limit at {bw:.1f} GB/s ",
                         color="tab:red", fontsize=7, va="bottom", ha="right")
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path) -> Path:
+    """Lays out, writes (creating the folder) and closes a matplotlib figure; its path."""
+    import matplotlib.pyplot as plt
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -586,12 +586,7 @@ def plot(results: dict, path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     fig.suptitle(f"{results['cpu']}, {results['threads']} threads", fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return report.save_figure(fig, path)
 
 
 def parse_counts(value: str) -> List[int]:
