@@ -19,6 +19,8 @@ import argparse
 import json
 import sys
 
+from bench_kernels import make_matrix  # the CPU bench's inputs: bench/ is the script's folder
+
 OPS = {
     # name: (hook op, rows, k, fraction of rows whose bytes count)
     "attn": ("gemm", 4096, 4096, 1.0),
@@ -35,27 +37,6 @@ DEFAULT_OPS = ["attn", "up", "down", "coef", "sparse_down"]
 # the default: the original types and those of llama.cpp's Q4_K_M files (--types takes any of q5_1,
 # iq4_nl, q2_k, q3_k, q5_k too)
 TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q4_k", "q6_k"]
-
-
-def make_matrix(qtype, nr, k):
-    """nr x k valid weights of qtype: a 64-row random block quantized by the gguf package (the
-    K-quants: prosparse_convert.kquants; IQ4_NL, which neither quantizes: Q4_0's bytes, the same
-    layout), repeated."""
-    import numpy as np
-    from gguf import GGMLQuantizationType as QT
-    from gguf import quants
-
-    base = np.random.default_rng(0).standard_normal((64, k)).astype(np.float32)
-    if qtype == QT.F32:
-        raw = base.tobytes()
-    elif qtype.name.endswith("_K"):
-        from prosparse_convert import kquants
-
-        raw = kquants.quantize(base, qtype.name).tobytes()
-    else:
-        raw = quants.quantize(base, QT.Q4_0 if qtype == QT.IQ4_NL else qtype).tobytes()
-    reps, rest = divmod(nr, 64)
-    return raw * reps + raw[: len(raw) // 64 * rest]
 
 
 def main():
