@@ -454,6 +454,36 @@ def test_axpy_rows_sums_in_neuron_groups_and_a_token_sees_only_its_own_rows(isa,
                                   T.axpy_rows(isa, qt, wb, nr, k, list(range(nr)), cd, y0[:2]))
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("name", TYPES)
+def test_axpy_rows_decode_batch_skips_other_tokens_rows_with_the_same_bits(isa, name):
+    # A decode batch: each token's own rows are a small part of the step's union (most of its
+    # coefficients zero), so the kernel runs each token over its non-zero rows only; one token has
+    # no rows at all, one has rows in a single group. Every token must get the bits of the one-token
+    # kernel on its own rows and of the scalar reference.
+    nr, k = 300, k_for(name)
+    wb, wd = make_weights(name, nr, k, seed=44)
+    rng = np.random.default_rng(45)
+    union = sorted(rng.choice(nr, 200, replace=False).tolist())
+    nt = 6
+    c = rng.standard_normal((nt, len(union))).astype(np.float32)
+    c[rng.random(c.shape) < 0.85] = 0.0
+    c[2] = 0.0  # a token without rows in this union
+    c[4] = 0.0
+    c[4, :3] = 1.5  # rows in the first group only
+    y0 = rng.standard_normal((nt, k)).astype(np.float32)
+    qt = int(TYPES[name])
+    batch = T.axpy_rows(isa, qt, wb, nr, k, union, c, y0)
+    np.testing.assert_array_equal(batch, T.axpy_rows("scalar", qt, wb, nr, k, union, c, y0))
+    np.testing.assert_array_equal(batch[2], y0[2])
+    for t in range(nt):
+        own = [i for i in range(len(union)) if c[t, i] != 0.0]
+        alone = T.axpy_rows(isa, qt, wb, nr, k, [union[i] for i in own], c[t:t + 1, own], y0[t:t + 1])
+        np.testing.assert_array_equal(batch[t], alone[0], err_msg=f"token {t}")
+    sel = wd[union]
+    assert np.all(np.abs(batch - (y0 + c.astype(np.float64) @ sel)) <= 2 * axpy_bound(len(union) + 20, c, sel, y0))
+
+
 def _prompt_case(name, nr, nt, seed):
     """A prompt-like down projection: weights of 3 column panels and a bit (odd block counts,
     float tails), a union of most rows with gaps, each token its own subset of it with zeros

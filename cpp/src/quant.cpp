@@ -259,8 +259,8 @@ void quantize_row(GgmlType t, const float* src, void* dst, int64_t n) {
         case GgmlType::F32:
             if (n > 0) std::memcpy(dst, src, size_t(n) * 4);
             return;
-        case GgmlType::F16:
-            for (int64_t i = 0; i < n; ++i) store_u16(p + 2 * i, fp32_to_fp16(src[i]));
+        case GgmlType::F16:  // the KV cache's rows: block_math's conversion inlined, not a call per value
+            for (int64_t i = 0; i < n; ++i) store_u16(p + 2 * i, bm::fp32_to_fp16(src[i]));
             return;
         case GgmlType::BF16:
             for (int64_t i = 0; i < n; ++i) store_u16(p + 2 * i, fp32_to_bf16(src[i]));
