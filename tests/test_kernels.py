@@ -215,10 +215,10 @@ def test_matmul_bitwise_identical_for_1_2_3_threads(name):
 
 # ---- interleaved rows (weights that matmul reads whole, re-laid out 8 rows a group) ----------------
 
-IL_TYPES = ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "IQ4_NL", "Q4_K", "Q5_K", "Q6_K"]
-# The later x8 types keep the plain rows' own kernels (row_dot); their interleaved copies give
-# the same bits per row.
-IL_PLAIN_ROWS = ["Q5_0", "Q5_1", "IQ4_NL", "Q4_K", "Q5_K", "Q6_K"]
+IL_TYPES = ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+# The later x8 types keep the plain rows' own arithmetic (row_dot; Q2_K/Q3_K's plain rows run the
+# x8 tiles on transposed blocks); their interleaved copies give the same bits per row.
+IL_PLAIN_ROWS = ["Q5_0", "Q5_1", "IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -302,7 +302,7 @@ def test_interleaved_extreme_codes_equal_plain_rows(isa, name):
     np.testing.assert_array_equal(il, T.gemm(isa, int(qt), wb, nr, k, x))
 
 
-@pytest.mark.parametrize("name,nr", [("Q4_0", 36), ("Q8_0", 20), ("Q4_K", 12), ("F16", 40), ("Q2_K", 40), ("Q3_K", 40)])
+@pytest.mark.parametrize("name,nr", [("Q4_0", 36), ("Q8_0", 20), ("Q4_K", 12), ("F16", 40), ("Q2_K", 44), ("Q3_K", 12)])
 def test_interleaving_refuses_other_types_and_row_counts(name, nr):
     wb, _ = make_weights(name, nr, k_for(name))
     x = np.ones((1, k_for(name)), dtype=np.float32)
