@@ -102,8 +102,15 @@ def worker(args):
             run_op = "matmul" if op == "matmul_interleaved" and qtype in FLOAT_QTYPES else op
             layout = "interleaved" if run_op == "matmul_interleaved" else "plain"
             for threads in args.threads:
-                times = sorted(T.bench_op(run_op, int(qtype), W, nr, k, copies, args.tokens, n_active, threads,
-                                          args.seconds))
+                try:
+                    times = sorted(T.bench_op(run_op, int(qtype), W, nr, k, copies, args.tokens, n_active, threads,
+                                              args.seconds))
+                except ValueError as e:  # an older build given to --builds (Q2_K/Q3_K had no x8 form)
+                    if run_op != "matmul_interleaved" or "cannot be interleaved" not in str(e):
+                        raise
+                    run_op, layout = "matmul", "plain"
+                    times = sorted(T.bench_op(run_op, int(qtype), W, nr, k, copies, args.tokens, n_active,
+                                              threads, args.seconds))
                 sec = times[len(times) // 2] if args.stat == "median" else times[0]
                 flops = 2.0 * touched / len(one) * nr * k * args.tokens
                 print(json.dumps({
