@@ -310,6 +310,20 @@ def test_interleaving_refuses_other_types_and_row_counts(name, nr):
         T.matmul(int(TYPES[name]), wb, nr, k_for(name), x, 1, interleaved=True)
 
 
+def test_kernel_bench_times_every_quantized_type_interleaved():
+    """bench_kernels' attn_il times the interleaved product for every quantized type (Q2_K/Q3_K
+    included) and plain rows only for the float types, which have no x8 form."""
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "bench_kernels.py"
+    r = subprocess.run([sys.executable, str(script), "--worker", "--types", "q2_k,q3_k,q4_0,f16", "--ops", "attn_il",
+                        "--threads", "1", "--seconds", "0.001", "--working-set", "1"],
+                       capture_output=True, text=True, check=True)
+    layouts = {d["type"]: d["layout"] for d in map(json.loads, r.stdout.splitlines())}
+    assert layouts == {"q2_k": "interleaved", "q3_k": "interleaved", "q4_0": "interleaved", "f16": "plain"}
+
+
 # ---- sparse kernels: gathered rows and the down projection as a sum of rows ----------------------
 
 @pytest.mark.parametrize("isa", ISAS)
