@@ -94,7 +94,7 @@ struct Q8Act {
 // compute-bound on one core (15 GB/s on Zen 4). A group of 8 rows is nb blocks (super-blocks for
 // the K-quants) of the type's x8 block, the same bytes as 8 plain rows, by one rule:
 //   fp16 fields (d, m, dmin):  an array of 8, row i's at [i];
-//   byte fields (qs, qh, ql, scales): cut into 4-byte chunks, row i's chunk m at [m * 32 + 4i].
+//   byte fields (qs, qh, ql, scales, hmask): cut into 4-byte chunks, row i's chunk m at [m * 32 + 4i].
 // Q4_0/Q4_1: chunk m of qs holds columns 4m..4m+3 (low nibbles) and 16+4m..16+4m+3 (high);
 // Q8_0: chunk m columns 4m..4m+3; Q5_0/Q5_1: qh[4i..4i+3] is row i's qh; Q4_K/Q5_K: chunk 8j + m of qs
 // holds columns 64j + 4m.. (low nibbles, sub-block 2j) and 64j + 32 + 4m.. (high, 2j + 1), and
