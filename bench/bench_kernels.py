@@ -48,6 +48,9 @@ TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl",
          "q6_k"]
 
 
+FLOAT_QTYPES = {0, 1, 30}  # F32, F16, BF16 (ggml type ids)
+
+
 def weight_bytes(qtype, nr, k):
     from gguf import GGML_QUANT_SIZES
 
@@ -94,17 +97,20 @@ def worker(args):
             W = one * copies
             n_active = max(1, int(round(nr * frac)))
             touched = len(one) * n_active / nr
+            # Every quantized type has an interleaved form; the float types (no x8 form) keep plain
+            # rows in the model, so their "_il" ops time the plain product.
+            run_op = "matmul" if op == "matmul_interleaved" and qtype in FLOAT_QTYPES else op
+            layout = "interleaved" if run_op == "matmul_interleaved" else "plain"
             for threads in args.threads:
                 try:
-                    times = sorted(T.bench_op(op, int(qtype), W, nr, k, copies, args.tokens, n_active, threads,
+                    times = sorted(T.bench_op(run_op, int(qtype), W, nr, k, copies, args.tokens, n_active, threads,
                                               args.seconds))
-                    layout = "interleaved" if op == "matmul_interleaved" else "plain"
-                except ValueError as e:  # a type without an interleaved form: the model keeps plain rows
-                    if op != "matmul_interleaved" or "cannot be interleaved" not in str(e):
+                except ValueError as e:  # an older build given to --builds (Q2_K/Q3_K had no x8 form)
+                    if run_op != "matmul_interleaved" or "cannot be interleaved" not in str(e):
                         raise
-                    times = sorted(T.bench_op("matmul", int(qtype), W, nr, k, copies, args.tokens, n_active,
+                    run_op, layout = "matmul", "plain"
+                    times = sorted(T.bench_op(run_op, int(qtype), W, nr, k, copies, args.tokens, n_active,
                                               threads, args.seconds))
-                    layout = "plain"
                 sec = times[len(times) // 2] if args.stat == "median" else times[0]
                 flops = 2.0 * touched / len(one) * nr * k * args.tokens
                 print(json.dumps({

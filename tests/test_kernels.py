@@ -215,10 +215,10 @@ def test_matmul_bitwise_identical_for_1_2_3_threads(name):
 
 # ---- interleaved rows (weights that matmul reads whole, re-laid out 8 rows a group) ----------------
 
-IL_TYPES = ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "IQ4_NL", "Q4_K", "Q5_K", "Q6_K"]
-# The later x8 types keep the plain rows' own kernels (row_dot); their interleaved copies give
-# the same bits per row.
-IL_PLAIN_ROWS = ["Q5_0", "Q5_1", "IQ4_NL", "Q4_K", "Q5_K", "Q6_K"]
+IL_TYPES = ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+# The later x8 types keep the plain rows' own arithmetic (row_dot; Q2_K/Q3_K's plain rows run the
+# x8 tiles on transposed blocks); their interleaved copies give the same bits per row.
+IL_PLAIN_ROWS = ["Q5_0", "Q5_1", "IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -302,12 +302,26 @@ def test_interleaved_extreme_codes_equal_plain_rows(isa, name):
     np.testing.assert_array_equal(il, T.gemm(isa, int(qt), wb, nr, k, x))
 
 
-@pytest.mark.parametrize("name,nr", [("Q4_0", 36), ("Q8_0", 20), ("Q4_K", 12), ("F16", 40), ("Q2_K", 40), ("Q3_K", 40)])
+@pytest.mark.parametrize("name,nr", [("Q4_0", 36), ("Q8_0", 20), ("Q4_K", 12), ("F16", 40), ("Q2_K", 44), ("Q3_K", 12)])
 def test_interleaving_refuses_other_types_and_row_counts(name, nr):
     wb, _ = make_weights(name, nr, k_for(name))
     x = np.ones((1, k_for(name)), dtype=np.float32)
     with pytest.raises(ValueError, match="cannot be interleaved"):
         T.matmul(int(TYPES[name]), wb, nr, k_for(name), x, 1, interleaved=True)
+
+
+def test_kernel_bench_times_every_quantized_type_interleaved():
+    """bench_kernels' attn_il times the interleaved product for every quantized type (Q2_K/Q3_K
+    included) and plain rows only for the float types, which have no x8 form."""
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "bench_kernels.py"
+    r = subprocess.run([sys.executable, str(script), "--worker", "--types", "q2_k,q3_k,q4_0,f16", "--ops", "attn_il",
+                        "--threads", "1", "--seconds", "0.001", "--working-set", "1"],
+                       capture_output=True, text=True, check=True)
+    layouts = {d["type"]: d["layout"] for d in map(json.loads, r.stdout.splitlines())}
+    assert layouts == {"q2_k": "interleaved", "q3_k": "interleaved", "q4_0": "interleaved", "f16": "plain"}
 
 
 # ---- sparse kernels: gathered rows and the down projection as a sum of rows ----------------------

@@ -183,6 +183,37 @@ def test_llama_cpp_q4_k_m_file_gives_the_same_logits_interleaved(monkeypatch):
     np.testing.assert_array_equal(single, batch)
 
 
+@pytest.mark.parametrize("kind,outtype", [("silu", "q2_k"), ("silu", "q3_k_m"), ("relu", "q2_k")])
+def test_q2_k_and_q3_k_files_give_the_same_logits_interleaved(models, monkeypatch, kind, outtype):
+    """Q2_K and Q3_K matrices get interleaved copies too (block_q2_Kx8, block_q3_Kx8); a row gives
+    the same bits in either layout, so the logits equal those without the copies
+    (PROSPARSE_INTERLEAVE=0), for a prompt batch and token by token."""
+    path = _file(models, kind, outtype)
+    types = _types(path)
+    k23 = {name for name, t in types.items() if t in (T.Q2_K, T.Q3_K)}
+    assert {"blk.0.attn_q.weight", "blk.0.ffn_gate.weight"} & k23  # the mix's own types
+
+    def run():
+        with Model(str(path), n_ctx=64, kv_type="f32", n_threads=2, sparsity="dense") as m:
+            batch, n = m.logits(H.prompt_ids(20)), m.stats["n_interleaved"]
+        with Model(str(path), n_ctx=64, kv_type="f32", n_threads=1, n_batch=1, sparsity="dense") as m:
+            single = m.logits(H.prompt_ids(20))
+        return batch, single, n
+
+    batch, single, n = run()
+    n_layer = sum(1 for name in types if name.endswith("attn_q.weight"))
+    if kind == "silu":  # q, k, v, o, gate, up, down per layer and the untied head: every one copied
+        assert n == 7 * n_layer + 1
+    else:
+        assert n >= 5 * n_layer
+    monkeypatch.setenv("PROSPARSE_INTERLEAVE", "0")
+    batch0, single0, n0 = run()
+    assert n0 == 0
+    np.testing.assert_array_equal(batch, batch0)
+    np.testing.assert_array_equal(single, single0)
+    np.testing.assert_array_equal(single, batch)
+
+
 def test_iq4_nl_file_holds_llama_cpps_mix(models):
     types = _types(_file(models, "relu", "iq4_nl"))  # GQA 4: attn_v one step up
     assert types["blk.0.attn_q.weight"] == T.IQ4_NL

@@ -59,6 +59,14 @@ Layout layout_of(GgmlType w) {
                     {PS_HALF(block_q5_K, block_q5_Kx8, d), PS_HALF(block_q5_K, block_q5_Kx8, dmin),
                      PS_BYTES(block_q5_K, block_q5_Kx8, scales), PS_BYTES(block_q5_K, block_q5_Kx8, qh),
                      PS_BYTES(block_q5_K, block_q5_Kx8, qs)}};
+        case GgmlType::Q2_K:
+            return {sizeof(block_q2_K), 4,
+                    {PS_HALF(block_q2_K, block_q2_Kx8, d), PS_HALF(block_q2_K, block_q2_Kx8, dmin),
+                     PS_BYTES(block_q2_K, block_q2_Kx8, scales), PS_BYTES(block_q2_K, block_q2_Kx8, qs)}};
+        case GgmlType::Q3_K:
+            return {sizeof(block_q3_K), 4,
+                    {PS_HALF(block_q3_K, block_q3_Kx8, d), PS_BYTES(block_q3_K, block_q3_Kx8, scales),
+                     PS_BYTES(block_q3_K, block_q3_Kx8, hmask), PS_BYTES(block_q3_K, block_q3_Kx8, qs)}};
         default:
             fail(strfmt("cannot interleave rows of type %s", type_name(w)));
     }

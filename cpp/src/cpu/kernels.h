@@ -40,8 +40,8 @@ inline constexpr TypeTraits kTraits[kTypeSlots] = {
     /*  7 q5_1 */ {QK, sizeof(block_q5_1), Act::Q8_1, true},
     /*  8 q8_0 */ {QK, sizeof(block_q8_0), Act::Q8S, true},
     {},
-    /* 10 q2_k */ {QK_K, sizeof(block_q2_K), Act::Q8K, false},
-    /* 11 q3_k */ {QK_K, sizeof(block_q3_K), Act::Q8K, false},
+    /* 10 q2_k */ {QK_K, sizeof(block_q2_K), Act::Q8K, true},
+    /* 11 q3_k */ {QK_K, sizeof(block_q3_K), Act::Q8K, true},
     /* 12 q4_k */ {QK_K, sizeof(block_q4_K), Act::Q8K, true},
     /* 13 q5_k */ {QK_K, sizeof(block_q5_K), Act::Q8K, true},
     /* 14 q6_k */ {QK_K, sizeof(block_q6_K), Act::Q8K, true},
@@ -86,20 +86,23 @@ struct Q8Act {
 };
 
 // ---- Interleaved rows ---------------------------------------------------------------------------
-// Quantized weights (every type with kernels: Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, IQ4_NL, Q4_K, Q5_K, Q6_K;
-// not Q2_K/Q3_K) that matmul always reads whole (attention, output,
-// the dense FFN, the predictor) are re-laid out at load in groups of 8 rows, as llama.cpp repacks
+// Quantized weights (every quantized type with kernels: Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, IQ4_NL, Q2_K,
+// Q3_K, Q4_K, Q5_K, Q6_K) that matmul always reads whole (attention, output, the dense FFN, the
+// predictor) are re-laid out at load in groups of 8 rows, as llama.cpp repacks
 // Q4_0 into Q4_0x8 (the layout here is our own). With plain rows every weight row redoes the
 // activation-side work of a block and converts its own fp16 scale, which made decode
 // compute-bound on one core (15 GB/s on Zen 4). A group of 8 rows is nb blocks (super-blocks for
 // the K-quants) of the type's x8 block, the same bytes as 8 plain rows, by one rule:
 //   fp16 fields (d, m, dmin):  an array of 8, row i's at [i];
-//   byte fields (qs, qh, ql, scales): cut into 4-byte chunks, row i's chunk m at [m * 32 + 4i].
+//   byte fields (qs, qh, ql, scales, hmask): cut into 4-byte chunks, row i's chunk m at [m * 32 + 4i].
 // Q4_0/Q4_1: chunk m of qs holds columns 4m..4m+3 (low nibbles) and 16+4m..16+4m+3 (high);
 // Q8_0: chunk m columns 4m..4m+3; Q5_0/Q5_1: qh[4i..4i+3] is row i's qh; Q4_K/Q5_K: chunk 8j + m of qs
 // holds columns 64j + 4m.. (low nibbles, sub-block 2j) and 64j + 32 + 4m.. (high, 2j + 1), and
 // scales chunk t row i's scales[4t..4t+3], Q5_K's qh chunk m row i's qh[4m..4m+3]; Q6_K likewise
-// chunk by chunk of ql, qh and scales.
+// chunk by chunk of ql, qh and scales; Q2_K/Q3_K: chunk 8h + m of qs holds columns 128h + 32s + 4m..
+// (bits 2s, s < 4), Q2_K's scales chunk t row i's scales[4t..4t+3] (sub-blocks 4t..4t+3), Q3_K's
+// scales chunk t row i's packed scales[4t..4t+3] and hmask chunk m row i's hmask[4m..4m+3] (bit s:
+// the third bit of column 32s + 4m..).
 // One 32-byte chunk then holds 8 rows' codes for the same activation values (one vpdpbusd with a
 // broadcast activation word serves 8 rows), one load converts 8 scales, and a group is a single
 // sequential stream (scales and codes together, as the prefetcher wants).
@@ -113,6 +116,8 @@ struct block_q6_Kx8 { uint16_t d[8]; int8_t scales[128]; uint8_t ql[1024]; uint8
 struct block_q5_1x8 { uint16_t d[8]; uint16_t m[8]; uint8_t qh[32]; uint8_t qs[128]; };
 struct block_iq4_nlx8 { uint16_t d[8]; uint8_t qs[128]; };
 struct block_q5_Kx8 { uint16_t d[8]; uint16_t dmin[8]; uint8_t scales[96]; uint8_t qh[256]; uint8_t qs[1024]; };
+struct block_q2_Kx8 { uint16_t d[8]; uint16_t dmin[8]; uint8_t scales[128]; uint8_t qs[512]; };
+struct block_q3_Kx8 { uint16_t d[8]; uint8_t scales[96]; uint8_t hmask[256]; uint8_t qs[512]; };
 #pragma pack(pop)
 static_assert(sizeof(block_q4_0x8) == 8 * sizeof(block_q4_0), "block_q4_0x8 layout");
 static_assert(sizeof(block_q4_1x8) == 8 * sizeof(block_q4_1), "block_q4_1x8 layout");
@@ -123,6 +128,8 @@ static_assert(sizeof(block_q6_Kx8) == 8 * sizeof(block_q6_K), "block_q6_Kx8 layo
 static_assert(sizeof(block_q5_1x8) == 8 * sizeof(block_q5_1), "block_q5_1x8 layout");
 static_assert(sizeof(block_iq4_nlx8) == 8 * sizeof(block_iq4_nl), "block_iq4_nlx8 layout");
 static_assert(sizeof(block_q5_Kx8) == 8 * sizeof(block_q5_K), "block_q5_Kx8 layout");
+static_assert(sizeof(block_q2_Kx8) == 8 * sizeof(block_q2_K), "block_q2_Kx8 layout");
+static_assert(sizeof(block_q3_Kx8) == 8 * sizeof(block_q3_K), "block_q3_Kx8 layout");
 constexpr int kGroupRows = 8;
 inline bool can_interleave(GgmlType w, int64_t k, int64_t n_rows) {
     return traits(w).x8 && k > 0 && k % traits(w).block == 0 && n_rows % kGroupRows == 0 && n_rows > 0;

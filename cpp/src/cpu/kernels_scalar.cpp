@@ -461,7 +461,7 @@ void interleaved_group(int64_t nb, const uint8_t* G, const uint8_t* xr, int i, f
     *out = acc;
 }
 
-// The later x8 types (Q5_0, Q5_1, IQ4_NL, Q4_K, Q5_K, Q6_K): each group back into 8 plain rows,
+// The later x8 types (Q5_0, Q5_1, IQ4_NL, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K): each group back into 8 plain rows,
 // then the plain dot, so an interleaved row is the plain row by construction.
 template <GgmlType T>
 void gemm_interleaved_t(int64_t k, const uint8_t* W, int64_t n_groups, const uint8_t* X, size_t x_stride,
