@@ -652,3 +652,33 @@ def test_prosparse_isa_forces_the_kernel_set():
 def test_prosparse_isa_with_an_unknown_name_is_refused():
     r = run_with_isa("avx9000")
     assert r.returncode != 0 and "PROSPARSE_ISA=avx9000" in r.stderr
+
+
+@pytest.mark.parametrize("isa", [i for i in ISAS if i != "scalar"])
+@pytest.mark.parametrize("name", IL_PLAIN_ROWS)
+def test_gathered_rows_and_down_sums_of_random_blocks_equal_scalar_bitwise(isa, name):
+    """The later x8 types' SIMD gemm_rows (8 rows transposed at a time) and one-token axpy_rows
+    (steps of 2 or 8 blocks, AVX-512 table permutes in a transposed lane order) on random bytes
+    (every code and scale bit pattern): the scalar reference's bits for row lists of every length
+    around the group and step sizes, empty, single, unsorted with repeats (gemm_rows) or ascending
+    over several neuron groups (axpy_rows), and row lengths that leave partial steps."""
+    qt = TYPES[name]
+    rng = np.random.default_rng(77)
+    nr = 200
+    for nblocks in ((1, 2, 3) if name in K_TYPES else (1, 7, 9, 11, 17)):
+        k = nblocks * (256 if name in K_TYPES else 32)
+        wb = random_blocks(qt, nr, k, rng).tobytes()
+        x = rng.standard_normal((3, k)).astype(np.float32)
+        for n in (0, 1, 7, 8, 9, 16, 23):
+            rows = rng.integers(0, nr, n).tolist()  # unsorted, repeats allowed
+            for nc in (1, 3):
+                np.testing.assert_array_equal(T.gemm_rows(isa, int(qt), wb, nr, k, rows, x[:nc]),
+                                              T.gemm_rows("scalar", int(qt), wb, nr, k, rows, x[:nc]),
+                                              err_msg=f"gemm_rows k={k} n={n} nc={nc}")
+        for n in (0, 1, 5, 64, 65, 130):
+            rows = sorted(rng.choice(nr, n, replace=False).tolist())
+            c = rng.standard_normal((1, n)).astype(np.float32)
+            y0 = rng.standard_normal((1, k)).astype(np.float32)
+            np.testing.assert_array_equal(T.axpy_rows(isa, int(qt), wb, nr, k, rows, c, y0),
+                                          T.axpy_rows("scalar", int(qt), wb, nr, k, rows, c, y0),
+                                          err_msg=f"axpy_rows k={k} n={n}")
