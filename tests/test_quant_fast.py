@@ -122,3 +122,21 @@ def test_transposed_sums_are_numpys_row_sums_bit_for_bit(k):
     np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
     if k == 32:
         np.testing.assert_array_equal(iq4nl._pw(np.ascontiguousarray(x.T)).view(np.uint32), want.view(np.uint32))
+
+
+def test_bench_quant_speed_mode_times_every_type_and_checks_the_bytes(tmp_path):
+    """bench/bench_quant.py --speed (the timing behind the README's figure) runs from the source
+    tree, times the old version too, and finds the same bytes."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "bench_quant.py"
+    out = tmp_path / "speed.json"
+    r = subprocess.run([sys.executable, str(script), "--speed", "--speed-shapes", "8x512", "--speed-before",
+                        "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["seconds_per_mweight"]
+    assert [row["type"] for row in rows] == ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL"]
+    assert all(row["same_bytes"] and row["now"] > 0 and row["before"] > 0 for row in rows)
