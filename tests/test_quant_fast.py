@@ -121,7 +121,7 @@ def test_transposed_sums_are_numpys_row_sums_bit_for_bit(k):
     got = kquants._pw(np.ascontiguousarray(x.T))
     np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
     if k == 32:
-        np.testing.assert_array_equal(iq4nl._pw(np.ascontiguousarray(x.T)).view(np.uint32), want.view(np.uint32))
+        np.testing.assert_array_equal(kquants._pw(np.ascontiguousarray(x.T)).view(np.uint32), want.view(np.uint32))
 
 
 def test_bench_quant_speed_mode_times_every_type_and_checks_the_bytes(tmp_path):

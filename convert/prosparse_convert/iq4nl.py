@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import kquants
+from .kquants import _pw
 
 QK = 32
 F32 = np.float32
@@ -62,21 +63,11 @@ def _sums_t(xT, w, v2):
     |v2| < _TMAX: 2 (iscale x) is (2 iscale) x to the bit, as scaling by 2 commutes with rounding
     (and below the normal range floor() of either is 0 or -1, the same code)."""
     q = np.take(_LUT_Q, _slot(v2, False), mode="wrap")
-    wq = w * q
-    sumqx = _pw(wq * xT)
-    wq *= q
-    return sumqx, _pw(wq)
-
-
-def _pw(a):
-    """Row sums of the transposed blocks a (32, n), bit for bit numpy's sum(axis=1, dtype=float32)
-    of the rows (kquants._pw)."""
-    r = a[0:8] + a[8:16]
-    r += a[16:24]
-    r += a[24:32]
-    p = r[0::2] + r[1::2]
-    q = p[0::2] + p[1::2]
-    return (q[0] + q[1]) + F32(0)
+    s2 = np.empty((xT.shape[0], 2, xT.shape[1]), F32)  # w q x, w q q: summed in one go
+    np.multiply(w, q, out=s2[:, 1])
+    np.multiply(s2[:, 1], xT, out=s2[:, 0])
+    s2[:, 1] *= q
+    return _pw(s2)
 
 
 def quantize_iq4_nl(x):

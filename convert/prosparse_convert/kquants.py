@@ -38,7 +38,7 @@ def _f16(x):
 
 
 def _pw(a):
-    """Row sums of the transposed blocks a (k, n), k = 16 or 32, bit for bit what numpy's
+    """Sums over the first axis of the transposed blocks a (k, ...), k = 16 or 32, bit for bit what numpy's
     a.T.sum(axis=1, dtype=float32) gives on contiguous rows (the order the quantizer was
     validated in): the pairwise sum's eight accumulators r[j] = a[j] + a[j + 8] + ..., combined
     as ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7)), added to the reduction's initial 0."""
@@ -56,12 +56,10 @@ def _codes(t, lo, hi, bound):
     in float32 (the same values); otherwise through int32 as before, so that values beyond int32
     (and NaN) land where they did."""
     np.rint(t, out=t)
-    with np.errstate(over="ignore", invalid="ignore"):
-        small = bool(np.all(np.abs(bound) < F32(2 ** 30)))
+    small = bool((np.abs(bound) < F32(2 ** 30)).all())
     if small:  # a zero may come out as -0.0 here: it adds and multiplies into every sum alike
         return np.clip(t, F32(lo), F32(hi), out=t)
-    with np.errstate(invalid="ignore"):
-        return np.clip(t.astype(np.int32), lo, hi).astype(F32)
+    return np.clip(t.astype(np.int32), lo, hi).astype(F32)
 
 
 def _make_qkx2(x, w, nmax, rmin, rdelta, nstep, use_mad):
@@ -74,43 +72,47 @@ def _make_qkx2(x, w, nmax, rmin, rdelta, nstep, use_mad):
     copied at each improvement: the same operations on the same inputs, so the same codes."""
     x = x.astype(F32)
     w = w.astype(F32)
-    mn = np.minimum(x.min(axis=1), F32(0))
+    xmin = x.min(axis=1)
+    mn = np.minimum(xmin, F32(0))
     mx = x.max(axis=1)
     xT = np.ascontiguousarray(x.T)
     wT = np.ascontiguousarray(w.T)
-    xabs = np.maximum(np.abs(mx), np.abs(x.min(axis=1)))  # with |mn|: a bound of |x - mn|
+    xabs = np.maximum(np.abs(mx), np.abs(xmin))  # with |mn|: a bound of |x - mn|
     sum_w = _pw(wT)
     sum_x = _pw(wT * xT)
     flat = mx == mn
     span = np.where(flat, F32(1), mx - mn).astype(F32)
+    t = np.empty_like(xT)  # the codes of a candidate
+    d = np.empty_like(xT)
+    s3 = np.empty((xT.shape[0], 3, xT.shape[1]), F32)  # w L, w L x, w L L: summed in one go
+
+    def codes(iscale, mn):
+        np.subtract(xT, mn, out=t)
+        np.multiply(t, iscale, out=t)
+        return _codes(t, 0, nmax, np.abs(iscale) * (xabs + np.abs(mn)))
 
     def err(scale, mn_, L):
-        diff = scale * L
-        diff += mn_
-        diff -= xT
+        np.multiply(L, scale, out=d)
+        np.add(d, mn_, out=d)
+        np.subtract(d, xT, out=d)
         if use_mad:
-            np.abs(diff, out=diff)
+            np.abs(d, out=d)
         else:
-            diff *= diff
-        diff *= wT
-        return _pw(diff)
+            np.multiply(d, d, out=d)
+        np.multiply(d, wT, out=d)
+        return _pw(d)
 
     iscale = (F32(nmax) / span).astype(F32)
     scale = (F32(1) / iscale).astype(F32)
     best_is, best_mn = iscale, mn
-    def bound(iscale, mn):
-        with np.errstate(over="ignore", invalid="ignore"):
-            return np.abs(iscale) * (xabs + np.abs(mn))
-
-    best = err(scale, mn, _codes(iscale * (xT - mn), 0, nmax, bound(iscale, mn)))
+    best = err(scale, mn, codes(iscale, mn))
     for step in range(nstep + 1):
         iscale = ((F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / span).astype(F32)
-        La = _codes(iscale * (xT - mn), 0, nmax, bound(iscale, mn))
-        wl = wT * La
-        sum_l = _pw(wl)
-        sum_xl = _pw(wl * xT)
-        wl *= La
-        sum_l2 = _pw(wl)
+        La = codes(iscale, mn)
+        np.multiply(wT, La, out=s3[:, 0])
+        np.multiply(s3[:, 0], xT, out=s3[:, 1])
+        np.multiply(s3[:, 0], La, out=s3[:, 2])
+        sum_l, sum_xl, sum_l2 = _pw(s3)
         D = sum_w * sum_l2 - sum_l * sum_l
         ok = D > 0
         Ds = np.where(ok, D, F32(1))
@@ -118,8 +120,7 @@ def _make_qkx2(x, w, nmax, rmin, rdelta, nstep, use_mad):
         this_min = ((sum_l2 * sum_x - sum_l * sum_xl) / Ds).astype(F32)
         pos = this_min > 0
         this_min = np.where(pos, F32(0), this_min)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            this_scale = np.where(pos, sum_xl / np.where(sum_l2 == 0, F32(1), sum_l2), this_scale).astype(F32)
+        this_scale = np.where(pos, sum_xl / np.where(sum_l2 == 0, F32(1), sum_l2), this_scale).astype(F32)
         cur = err(this_scale, this_min, La)
         better = ok & (cur < best)
         best_is = np.where(better, iscale, best_is)
@@ -127,7 +128,7 @@ def _make_qkx2(x, w, nmax, rmin, rdelta, nstep, use_mad):
         best = np.where(better, cur, best)
         scale = np.where(better, this_scale, scale)
         mn = np.where(better, this_min, mn)
-    L = _codes(best_is * (xT - best_mn), 0, nmax, bound(best_is, best_mn))
+    L = codes(best_is, best_mn)
     L *= ~flat
     scale = np.where(flat, F32(0), scale)
     return scale.astype(F32), (-mn).astype(F32), np.ascontiguousarray(L.T).astype(np.int32)
@@ -151,13 +152,16 @@ def _make_qx(x, nmax):
     wx = w * xT
 
     xabs = np.abs(mxs)
+    t = np.empty_like(xT)
+    s2 = np.empty((xT.shape[0], 2, xT.shape[1]), F32)  # w x L, w L L: summed in one go
 
     def sums(iscale):
-        La = _codes(iscale * xT, -nmax, nmax - 1, np.abs(iscale) * xabs)
-        slx = _pw(wx * La)
-        wl = w * La
-        wl *= La
-        return slx, _pw(wl)
+        np.multiply(xT, iscale, out=t)
+        La = _codes(t, -nmax, nmax - 1, np.abs(iscale) * xabs)
+        np.multiply(wx, La, out=s2[:, 0])
+        np.multiply(w, La, out=s2[:, 1])
+        np.multiply(s2[:, 1], La, out=s2[:, 1])
+        return _pw(s2)
 
     iscale = (F32(-nmax) / mxs).astype(F32)
     best_is = iscale
@@ -202,8 +206,7 @@ def _make_q3(x, nmax):
             slx = sumlx - wxi * li
             pos = active & (slx > 0)
             sl2 = suml2 - wi * li * li
-            with np.errstate(divide="ignore", invalid="ignore"):
-                new_l = np.clip(_rint(np.where(pos, xi * sl2 / np.where(pos, slx, F32(1)), F32(0))), -nmax, nmax - 1)
+            new_l = np.clip(_rint(np.where(pos, xi * sl2 / np.where(pos, slx, F32(1)), F32(0))), -nmax, nmax - 1)
             new_l = new_l.astype(F32)
             diff = pos & (new_l != li)
             slx2 = slx + wxi * new_l
