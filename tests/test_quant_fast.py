@@ -1,8 +1,8 @@
 """The fast K-quant and IQ4_NL quantizers (prosparse_convert/kquants.py, iq4nl.py: every candidate
 scale for all blocks at once on transposed blocks, numpy's summation order emulated, chunked and
 threaded) against the straightforward implementation they replaced (tests/oracle_kquants.py,
-oracle_iq4nl.py, which bench/bench_quant.py validated against llama.cpp's quantizer): the same
-bytes for every type, on random and adversarial blocks (zero, -0.0, constant, flat negative
+oracle_iq4nl.py, which bench/bench_quant.py validated against llama.cpp's quantizer), with the
+scale searches in C++ (cpp/src/quant_search.cpp) and in numpy: the same bytes for every type, on random and adversarial blocks (zero, -0.0, constant, flat negative
 sub-blocks, one sign only, huge, tiny, subnormal, on the grid, sparse, outliers)."""
 
 from __future__ import annotations
@@ -55,8 +55,21 @@ def _adversarial(seed=0):
     return x
 
 
+@pytest.fixture(params=["native", "numpy"])
+def searches(request, monkeypatch):
+    """Both versions of the K-quant scale searches: C++ (prosparse_rt's core) and numpy."""
+    if request.param == "native" and kquants._native is None:
+        pytest.skip("prosparse_rt._core._quant_search is not built")
+    monkeypatch.setattr(kquants, "NATIVE", request.param == "native")
+    return request.param
+
+
+def test_the_native_searches_are_built_into_the_installed_package():
+    assert kquants._native is not None
+
+
 @pytest.mark.parametrize("qtype", K_TYPES)
-def test_k_quants_give_the_oracles_bytes_on_adversarial_blocks(qtype):
+def test_k_quants_give_the_oracles_bytes_on_adversarial_blocks(qtype, searches):
     x = _adversarial()
     with np.errstate(all="ignore"):
         want = oracle_kquants.quantize(x, qtype)
@@ -77,7 +90,7 @@ def test_iq4_nl_gives_the_oracles_bytes_on_adversarial_blocks():
 
 @pytest.mark.parametrize("qtype", K_TYPES + ["IQ4_NL"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_random_matrices_over_several_chunks_and_threads(qtype, threads, monkeypatch):
+def test_random_matrices_over_several_chunks_and_threads(qtype, threads, monkeypatch, searches):
     """More rows than one chunk (and not a multiple of it), log-normal magnitudes per row."""
     monkeypatch.setattr(kquants, "THREADS", threads)
     monkeypatch.setattr(kquants, "CHUNK_WEIGHTS", 1 << 13)

@@ -23,6 +23,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+try:  # the scale searches in C++ (prosparse_rt's core, cpp/src/quant_search.cpp): the same bytes
+    from prosparse_rt._core import _quant_search as _native
+except ImportError:  # the converter without the runtime's native module: numpy throughout
+    _native = None
+
+# Whether _make_qkx2 and _make_qx use the native searches when they are there (the tests switch
+# it off to compare with the numpy version).
+NATIVE = True
+
 QK_K = 256
 F32 = np.float32
 GROUP_MAX_EPS = F32(1e-15)
@@ -75,6 +84,14 @@ def _make_qkx2(x, w, nmax, rmin, rdelta, nstep, use_mad):
     xmin = x.min(axis=1)
     mn = np.minimum(xmin, F32(0))
     mx = x.max(axis=1)
+    if NATIVE and _native is not None:
+        flat = mx == mn
+        span = np.where(flat, F32(1), mx - mn).astype(F32)
+        scale, the_min = np.empty(x.shape[0], F32), np.empty(x.shape[0], F32)
+        L = np.empty(x.shape, np.int32)
+        _native.qkx2(np.ascontiguousarray(x), np.ascontiguousarray(w), mn, span, flat.view(np.uint8), nmax,
+                     float(rmin), float(rdelta), nstep, use_mad, scale, the_min, L)
+        return scale, the_min, L
     xT = np.ascontiguousarray(x.T)
     wT = np.ascontiguousarray(w.T)
     xabs = np.maximum(np.abs(mx), np.abs(xmin))  # with |mn|: a bound of |x - mn|
@@ -147,6 +164,10 @@ def _make_qx(x, nmax):
     mx = _abs_max(x)
     zero = np.abs(mx) < GROUP_MAX_EPS
     mxs = np.where(zero, F32(1), mx)
+    if NATIVE and _native is not None:
+        scale, L = np.empty(x.shape[0], F32), np.empty(x.shape, np.int32)
+        _native.qx(np.ascontiguousarray(x), mxs.astype(F32), zero.view(np.uint8), nmax, scale, L)
+        return scale, L
     xT = np.ascontiguousarray(x.T)
     w = xT * xT
     wx = w * xT
