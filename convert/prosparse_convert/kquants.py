@@ -11,8 +11,11 @@ measures it against llama.cpp's quantizer).
 Speed (issue 15): each candidate scale of a search runs for all blocks of a chunk at once, on the
 blocks transposed (weights x blocks) so that every operation is one long contiguous loop and the
 sums over a block are additions of whole rows in the order numpy's pairwise row sum takes (_pw);
-chunks of CHUNK_WEIGHTS keep the arrays in the L2 cache and run on THREADS threads. The bytes are
-those of the straightforward version kept in tests/oracle_kquants.py (tests/test_quant_fast.py).
+chunks of CHUNK_WEIGHTS keep the arrays in the L2 cache and run on THREADS threads. The searches
+of make_qkx2 and make_qx (Q2_K, Q4_K, Q5_K, Q6_K) run in C++ when prosparse_rt's native module is
+there (cpp/src/quant_search.cpp, the same float32 steps and sums, without the GIL). The bytes are
+those of the straightforward version kept in tests/oracle_kquants.py (tests/test_quant_fast.py,
+both with and without the C++ searches).
 """
 
 from __future__ import annotations
