@@ -2,8 +2,9 @@
 scale for all blocks at once on transposed blocks, numpy's summation order emulated, chunked and
 threaded) against the straightforward implementation they replaced (tests/oracle_kquants.py,
 oracle_iq4nl.py, which bench/bench_quant.py validated against llama.cpp's quantizer), with the
-scale searches in C++ (cpp/src/quant_search.cpp) and in numpy: the same bytes for every type, on random and adversarial blocks (zero, -0.0, constant, flat negative
-sub-blocks, one sign only, huge, tiny, subnormal, on the grid, sparse, outliers)."""
+scale searches in C++ (cpp/src/quant_search.cpp) and in numpy: the same bytes for every type, on
+random and adversarial blocks (zero, -0.0, constant, flat negative sub-blocks, one sign only, huge,
+tiny, subnormal, on the grid, sparse, outliers)."""
 
 from __future__ import annotations
 
