@@ -14,6 +14,14 @@ summation order.
 
     python bench/bench_quant.py --model ~/.cache/prosparse-rt/SmolLM2-135M-Instruct.Q4_1.gguf \\
         --mixes q4_k_m,q6_k --json quant.json
+
+--speed times our quantizer alone instead (no model, no llama.cpp): seconds per million weights
+for each type on random float32 matrices of the given shapes, wall clock and CPU time, with the
+threads the converter uses and with one; --speed-before also times the straightforward version
+it replaced (tests/oracle_*.py, run from a source checkout), and checks that the bytes agree.
+The machine's load changes these figures: take them on a quiet one.
+
+    python bench/bench_quant.py --speed --speed-shapes 576x1536,4096x11008 --speed-before
 """
 
 from __future__ import annotations
@@ -70,13 +78,95 @@ def rel_rmse(a, ref) -> float:
     return float(np.sqrt(np.mean((a.astype(np.float64) - ref) ** 2)) / np.sqrt(np.mean(ref.astype(np.float64) ** 2)))
 
 
+SPEED_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL")
+
+
+def speed(shapes, types, before: bool, json_path) -> int:
+    """Seconds per million weights of our quantizer for each type and shape (wall and CPU)."""
+    from prosparse_convert import iq4nl, kquants
+
+    oracles = None
+    if before:
+        tests = Path(__file__).resolve().parents[1] / "tests"
+        if not (tests / "oracle_kquants.py").exists():
+            print(f"--speed-before: no {tests / 'oracle_kquants.py'} (run from a source checkout)", file=sys.stderr)
+            return 1
+        sys.path.insert(0, str(tests))
+        import oracle_iq4nl
+        import oracle_kquants
+        oracles = (oracle_kquants, oracle_iq4nl)
+
+    def run(mods, t, a):
+        kq, iq = mods
+        return iq.quantize(a) if t == "IQ4_NL" else kq.quantize(a, t)
+
+    threads = kquants._threads()
+    res = {"cpu": cpu_name(), "threads": threads, "numpy": np.__version__, "seconds_per_mweight": []}
+    print(f"quantizer speed on {res['cpu']} (numpy {np.__version__}), seconds per million weights; "
+          f"wall clock and CPU time, on a machine that may be busy")
+    print(f"{'type':7s} {'shape':>11s} {f'{threads} thr wall':>12s} {'cpu':>7s} {'1 thr wall':>10s}"
+          + (f" {'before wall':>11s} {'cpu':>7s} {'speedup':>7s}" if oracles else ""))
+    rng = np.random.default_rng(0)
+    saved = kquants.THREADS
+    try:
+        for shape in shapes:
+            a = (rng.standard_normal(shape) * 0.02).astype(np.float32)
+            mw = a.size / 1e6
+            for t in types:
+                row = {"type": t, "shape": list(shape)}
+                for key, n in (("now", None), ("now_1thread", 1)):
+                    kquants.THREADS = n
+                    w0, c0 = time.perf_counter(), time.process_time()
+                    out = run((kquants, iq4nl), t, a)
+                    row[key] = (time.perf_counter() - w0) / mw
+                    row[key + "_cpu"] = (time.process_time() - c0) / mw
+                kquants.THREADS = saved
+                line = (f"{t:7s} {shape[0]:>5d}x{shape[1]:<5d} {row['now']:12.3f} {row['now_cpu']:7.3f} "
+                        f"{row['now_1thread']:10.3f}")
+                if oracles:
+                    w0, c0 = time.perf_counter(), time.process_time()
+                    with np.errstate(all="ignore"):
+                        old = run(oracles, t, a)
+                    row["before"] = (time.perf_counter() - w0) / mw
+                    row["before_cpu"] = (time.process_time() - c0) / mw
+                    row["same_bytes"] = bool(np.array_equal(old, out))
+                    line += (f" {row['before']:11.3f} {row['before_cpu']:7.3f} {row['before'] / row['now']:6.1f}x"
+                             + ("" if row["same_bytes"] else "  BYTES DIFFER"))
+                print(line, flush=True)
+                res["seconds_per_mweight"].append(row)
+    finally:
+        kquants.THREADS = saved
+    if json_path:
+        Path(json_path).write_text(json.dumps(res, indent=1))
+    return 0 if all(r.get("same_bytes", True) for r in res["seconds_per_mweight"]) else 1
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="a GGUF (any type the gguf package dequantizes)")
+    ap.add_argument("--model", help="a GGUF (any type the gguf package dequantizes)")
+    ap.add_argument("--speed", action="store_true", help="time our quantizer alone (no model, no llama.cpp)")
+    ap.add_argument("--speed-shapes", default="576x1536,4096x11008", help="comma list of ROWSxCOLS")
+    ap.add_argument("--speed-types", default=",".join(SPEED_TYPES), help="comma list of " + ", ".join(SPEED_TYPES))
+    ap.add_argument("--speed-before", action="store_true", help="also time the version it replaced (tests/oracle_*)")
     ap.add_argument("--mixes", default="q4_k_m,q6_k", help="comma list of " + ", ".join(FTYPES))
     ap.add_argument("--peer-python", default=default_peer(), help="a Python with llama_cpp (bench/setup_peer.sh)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.speed:
+        try:
+            shapes = [tuple(int(v) for v in sh.lower().split("x")) for sh in args.speed_shapes.split(",") if sh]
+        except ValueError:
+            ap.error(f"--speed-shapes: not ROWSxCOLS: {args.speed_shapes!r}")
+        types = [t.strip().upper() for t in args.speed_types.split(",") if t.strip()]
+        for t in types:
+            if t not in SPEED_TYPES:
+                ap.error(f"--speed-types: unknown type {t!r} (one of {', '.join(SPEED_TYPES)})")
+        for sh in shapes:
+            if len(sh) != 2 or sh[1] % 256 or sh[0] < 1:
+                ap.error(f"--speed-shapes: {sh} is not ROWSxCOLS with COLS a multiple of 256")
+        return speed(shapes, types, args.speed_before, args.json)
+    if not args.model:
+        ap.error("--model is required (or --speed)")
     mixes = [m.strip() for m in args.mixes.split(",") if m.strip()]
     for m in mixes:
         if m not in FTYPES:

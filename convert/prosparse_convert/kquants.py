@@ -7,11 +7,33 @@ Arithmetic is float32 as in C, with nearest_int = round half to even (np.rint). 
 run in numpy's order rather than C's sequential one, so a choice between two candidate scales
 that tie to the last bit may differ from llama.cpp's; the error stays the same (bench/bench_quant.py
 measures it against llama.cpp's quantizer).
+
+Speed (issue 15): each candidate scale of a search runs for all blocks of a chunk at once, on the
+blocks transposed (weights x blocks) so that every operation is one long contiguous loop and the
+sums over a block are additions of whole rows in the order numpy's pairwise row sum takes (_pw);
+chunks of CHUNK_WEIGHTS keep the arrays in the L2 cache and run on THREADS threads. The searches
+of make_qkx2 and make_qx (Q2_K, Q4_K, Q5_K, Q6_K) run in C++ when prosparse_rt's native module is
+there (cpp/src/quant_search.cpp, the same float32 steps and sums, without the GIL). The bytes are
+those of the straightforward version kept in tests/oracle_kquants.py (tests/test_quant_fast.py,
+both with and without the C++ searches).
 """
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
+
+try:  # the scale searches in C++ (prosparse_rt's core, cpp/src/quant_search.cpp): the same bytes
+    from prosparse_rt._core import _quant_search as _native
+except ImportError:  # the converter without the runtime's native module: numpy throughout
+    _native = None
+
+# Whether _make_qkx2 and _make_qx use the native searches when they are there (the tests switch
+# it off to compare with the numpy version).
+NATIVE = True
 
 QK_K = 256
 F32 = np.float32
@@ -27,33 +49,90 @@ def _f16(x):
     return np.asarray(x, F32).astype(np.float16).astype(F32)
 
 
+def _pw(a):
+    """Sums over the first axis of the transposed blocks a (k, ...), k = 16 or 32, bit for bit what numpy's
+    a.T.sum(axis=1, dtype=float32) gives on contiguous rows (the order the quantizer was
+    validated in): the pairwise sum's eight accumulators r[j] = a[j] + a[j + 8] + ..., combined
+    as ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7)), added to the reduction's initial 0."""
+    r = a[0:8] + a[8:16]
+    for i in range(16, a.shape[0], 8):
+        r += a[i:i + 8]
+    p = r[0::2] + r[1::2]
+    q = p[0::2] + p[1::2]
+    return (q[0] + q[1]) + F32(0)
+
+
+def _codes(t, lo, hi, bound):
+    """nearest_int of t (which it overwrites) clamped to lo..hi, as float32: _rint(t) clipped.
+    `bound` is an upper bound of |t| per block: where it is below 2^30 everywhere, the clamp runs
+    in float32 (the same values); otherwise through int32 as before, so that values beyond int32
+    (and NaN) land where they did."""
+    np.rint(t, out=t)
+    small = bool((np.abs(bound) < F32(2 ** 30)).all())
+    if small:  # a zero may come out as -0.0 here: it adds and multiplies into every sum alike
+        return np.clip(t, F32(lo), F32(hi), out=t)
+    return np.clip(t.astype(np.int32), lo, hi).astype(F32)
+
+
 def _make_qkx2(x, w, nmax, rmin, rdelta, nstep, use_mad):
     """make_qkx2_quants over rows of x (blocks x n): codes 0..nmax, scale and min with x ~ scale * L - min.
-    Returns (scale, the_min, L)."""
+    Returns (scale, the_min, L).
+
+    Every candidate scale runs for all blocks at once on the transposed blocks (n x blocks, so each
+    operation is one long contiguous loop); sums go through _pw in numpy's row order. The codes of
+    the best candidate are recomputed at the end from its inverse scale and offset rather than
+    copied at each improvement: the same operations on the same inputs, so the same codes."""
     x = x.astype(F32)
     w = w.astype(F32)
-    mn = np.minimum(x.min(axis=1), F32(0))
+    xmin = x.min(axis=1)
+    mn = np.minimum(xmin, F32(0))
     mx = x.max(axis=1)
-    sum_w = w.sum(axis=1, dtype=F32)
-    sum_x = (w * x).sum(axis=1, dtype=F32)
+    if NATIVE and _native is not None:
+        flat = mx == mn
+        span = np.where(flat, F32(1), mx - mn).astype(F32)
+        scale, the_min = np.empty(x.shape[0], F32), np.empty(x.shape[0], F32)
+        L = np.empty(x.shape, np.int32)
+        _native.qkx2(np.ascontiguousarray(x), np.ascontiguousarray(w), mn, span, flat.view(np.uint8), nmax,
+                     float(rmin), float(rdelta), nstep, use_mad, scale, the_min, L)
+        return scale, the_min, L
+    xT = np.ascontiguousarray(x.T)
+    wT = np.ascontiguousarray(w.T)
+    xabs = np.maximum(np.abs(mx), np.abs(xmin))  # with |mn|: a bound of |x - mn|
+    sum_w = _pw(wT)
+    sum_x = _pw(wT * xT)
     flat = mx == mn
     span = np.where(flat, F32(1), mx - mn).astype(F32)
+    t = np.empty_like(xT)  # the codes of a candidate
+    d = np.empty_like(xT)
+    s3 = np.empty((xT.shape[0], 3, xT.shape[1]), F32)  # w L, w L x, w L L: summed in one go
+
+    def codes(iscale, mn):
+        np.subtract(xT, mn, out=t)
+        np.multiply(t, iscale, out=t)
+        return _codes(t, 0, nmax, np.abs(iscale) * (xabs + np.abs(mn)))
 
     def err(scale, mn_, L):
-        diff = scale[:, None] * L + mn_[:, None] - x
-        diff = np.abs(diff) if use_mad else diff * diff
-        return (w * diff).sum(axis=1, dtype=F32)
+        np.multiply(L, scale, out=d)
+        np.add(d, mn_, out=d)
+        np.subtract(d, xT, out=d)
+        if use_mad:
+            np.abs(d, out=d)
+        else:
+            np.multiply(d, d, out=d)
+        np.multiply(d, wT, out=d)
+        return _pw(d)
 
     iscale = (F32(nmax) / span).astype(F32)
     scale = (F32(1) / iscale).astype(F32)
-    L = np.clip(_rint(iscale[:, None] * (x - mn[:, None])), 0, nmax).astype(F32)
-    best = err(scale, mn, L)
+    best_is, best_mn = iscale, mn
+    best = err(scale, mn, codes(iscale, mn))
     for step in range(nstep + 1):
         iscale = ((F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / span).astype(F32)
-        La = np.clip(_rint(iscale[:, None] * (x - mn[:, None])), 0, nmax).astype(F32)
-        sum_l = (w * La).sum(axis=1, dtype=F32)
-        sum_l2 = (w * La * La).sum(axis=1, dtype=F32)
-        sum_xl = (w * La * x).sum(axis=1, dtype=F32)
+        La = codes(iscale, mn)
+        np.multiply(wT, La, out=s3[:, 0])
+        np.multiply(s3[:, 0], xT, out=s3[:, 1])
+        np.multiply(s3[:, 0], La, out=s3[:, 2])
+        sum_l, sum_xl, sum_l2 = _pw(s3)
         D = sum_w * sum_l2 - sum_l * sum_l
         ok = D > 0
         Ds = np.where(ok, D, F32(1))
@@ -61,81 +140,103 @@ def _make_qkx2(x, w, nmax, rmin, rdelta, nstep, use_mad):
         this_min = ((sum_l2 * sum_x - sum_l * sum_xl) / Ds).astype(F32)
         pos = this_min > 0
         this_min = np.where(pos, F32(0), this_min)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            this_scale = np.where(pos, sum_xl / np.where(sum_l2 == 0, F32(1), sum_l2), this_scale).astype(F32)
+        this_scale = np.where(pos, sum_xl / np.where(sum_l2 == 0, F32(1), sum_l2), this_scale).astype(F32)
         cur = err(this_scale, this_min, La)
         better = ok & (cur < best)
-        L = np.where(better[:, None], La, L)
+        best_is = np.where(better, iscale, best_is)
+        best_mn = np.where(better, mn, best_mn)
         best = np.where(better, cur, best)
         scale = np.where(better, this_scale, scale)
         mn = np.where(better, this_min, mn)
+    L = codes(best_is, best_mn)
+    L *= ~flat
     scale = np.where(flat, F32(0), scale)
-    L = np.where(flat[:, None], F32(0), L)
-    return scale.astype(F32), (-mn).astype(F32), L.astype(np.int32)
+    return scale.astype(F32), (-mn).astype(F32), np.ascontiguousarray(L.T).astype(np.int32)
+
+
+def _abs_max(x):
+    """The element of largest magnitude of each row (the first one on a tie), sign kept."""
+    idx = np.abs(x).argmax(axis=1)
+    return np.take_along_axis(x, idx[:, None], axis=1)[:, 0]
 
 
 def _make_qx(x, nmax):
-    """make_qx_quants with rmse_type 1 (weights x^2), no importance: codes -nmax..nmax-1 (+ nmax)."""
+    """make_qx_quants with rmse_type 1 (weights x^2), no importance: codes -nmax..nmax-1 (+ nmax).
+    Transposed and vectorised over blocks like _make_qkx2."""
     x = x.astype(F32)
-    idx = np.abs(x).argmax(axis=1)
-    mx = np.take_along_axis(x, idx[:, None], axis=1)[:, 0]
+    mx = _abs_max(x)
     zero = np.abs(mx) < GROUP_MAX_EPS
     mxs = np.where(zero, F32(1), mx)
-    w = x * x
+    if NATIVE and _native is not None:
+        scale, L = np.empty(x.shape[0], F32), np.empty(x.shape, np.int32)
+        _native.qx(np.ascontiguousarray(x), mxs.astype(F32), zero.view(np.uint8), nmax, scale, L)
+        return scale, L
+    xT = np.ascontiguousarray(x.T)
+    w = xT * xT
+    wx = w * xT
 
-    def codes(iscale):
-        return np.clip(_rint(iscale[:, None] * x), -nmax, nmax - 1).astype(F32)
+    xabs = np.abs(mxs)
+    t = np.empty_like(xT)
+    s2 = np.empty((xT.shape[0], 2, xT.shape[1]), F32)  # w x L, w L L: summed in one go
+
+    def sums(iscale):
+        np.multiply(xT, iscale, out=t)
+        La = _codes(t, -nmax, nmax - 1, np.abs(iscale) * xabs)
+        np.multiply(wx, La, out=s2[:, 0])
+        np.multiply(w, La, out=s2[:, 1])
+        np.multiply(s2[:, 1], La, out=s2[:, 1])
+        return _pw(s2)
 
     iscale = (F32(-nmax) / mxs).astype(F32)
-    L = codes(iscale)
-    sumlx = (w * x * L).sum(axis=1, dtype=F32)
-    suml2 = (w * L * L).sum(axis=1, dtype=F32)
+    best_is = iscale
+    sumlx, suml2 = sums(iscale)
     scale = np.where(suml2 != 0, sumlx / np.where(suml2 == 0, F32(1), suml2), F32(0)).astype(F32)
     best = scale * sumlx
     for step in range(-9, 10):
         if step == 0:
             continue
         iscale = (-(F32(nmax) + F32(0.1) * F32(step)) / mxs).astype(F32)
-        La = codes(iscale)
-        slx = (w * x * La).sum(axis=1, dtype=F32)
-        sl2 = (w * La * La).sum(axis=1, dtype=F32)
+        slx, sl2 = sums(iscale)
         better = (sl2 > 0) & (slx * slx > best * sl2)
         sl2s = np.where(sl2 > 0, sl2, F32(1))
-        L = np.where(better[:, None], La, L)
+        best_is = np.where(better, iscale, best_is)
         scale = np.where(better, slx / sl2s, scale).astype(F32)
         best = np.where(better, scale * slx, best)
+    L = _codes(best_is * xT, -nmax, nmax - 1, np.abs(best_is) * xabs)
+    L *= ~zero
     scale = np.where(zero, F32(0), scale)
-    L = np.where(zero[:, None], F32(0), L)
-    return scale.astype(F32), (L + nmax).astype(np.int32)
+    return scale.astype(F32), (np.ascontiguousarray(L.T) + nmax).astype(np.int32)
 
 
 def _make_q3(x, nmax):
-    """make_q3_quants with do_rmse: codes -nmax..nmax-1, refined element by element (weights x^2)."""
+    """make_q3_quants with do_rmse: codes -nmax..nmax-1, refined element by element (weights x^2).
+    Transposed, so that each element's column is one contiguous row."""
     x = x.astype(F32)
-    idx = np.abs(x).argmax(axis=1)
-    mx = np.take_along_axis(x, idx[:, None], axis=1)[:, 0]
+    mx = _abs_max(x)
     zero = np.abs(mx) < GROUP_MAX_EPS
     iscale = (F32(-nmax) / np.where(zero, F32(1), mx)).astype(F32)
-    L = np.clip(_rint(iscale[:, None] * x), -nmax, nmax - 1).astype(F32)
-    w = x * x
-    sumlx = (w * x * L).sum(axis=1, dtype=F32)
-    suml2 = (w * L * L).sum(axis=1, dtype=F32)
+    xT = np.ascontiguousarray(x.T)
+    L = _codes(iscale * xT, -nmax, nmax - 1, np.abs(iscale) * np.abs(mx))
+    w = xT * xT
+    wx = w * xT
+    sumlx = _pw(wx * L)
+    suml2 = _pw(w * L * L)
     active = ~zero
     for _ in range(5):
         changed = np.zeros(x.shape[0], bool)
         for i in range(x.shape[1]):
-            wi, xi, li = w[:, i], x[:, i], L[:, i]
-            slx = sumlx - wi * xi * li
+            wi, xi, li = w[i], xT[i], L[i]
+            wxi = wx[i]
+            slx = sumlx - wxi * li
             pos = active & (slx > 0)
             sl2 = suml2 - wi * li * li
-            with np.errstate(divide="ignore", invalid="ignore"):
-                new_l = np.clip(_rint(np.where(pos, xi * sl2 / np.where(pos, slx, F32(1)), F32(0))), -nmax, nmax - 1)
+            new_l = np.clip(_rint(np.where(pos, xi * sl2 / np.where(pos, slx, F32(1)), F32(0))), -nmax, nmax - 1)
             new_l = new_l.astype(F32)
             diff = pos & (new_l != li)
-            slx2 = slx + wi * xi * new_l
+            slx2 = slx + wxi * new_l
             sl22 = sl2 + wi * new_l * new_l
             take = diff & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
-            L[:, i] = np.where(take, new_l, li)
+            L[i] = np.where(take, new_l, li)
             sumlx = np.where(take, slx2, sumlx).astype(F32)
             suml2 = np.where(take, sl22, suml2).astype(F32)
             changed |= take
@@ -144,8 +245,8 @@ def _make_q3(x, nmax):
             break
     scale = np.where(suml2 > 0, sumlx / np.where(suml2 > 0, suml2, F32(1)), F32(0)).astype(F32)
     scale = np.where(zero, F32(0), scale)
-    L = np.where(zero[:, None], F32(0), L)
-    return scale, (L + nmax).astype(np.int32)
+    L *= ~zero
+    return scale, (np.ascontiguousarray(L.T) + nmax).astype(np.int32)
 
 
 def _pack_k4_scales(ls, lm):
@@ -310,6 +411,53 @@ def quantize_q2_k(x):
     return np.concatenate([packed, _pack_2bit(L), _half_bytes(d), _half_bytes(dmin)], axis=1)
 
 
+# Weights quantized per call: small enough that a candidate's arrays stay in the L2 cache.
+CHUNK_WEIGHTS = 1 << 16
+
+
+# Threads that quantize chunks side by side (numpy releases the GIL inside each operation);
+# None: one per CPU this process may run on.
+THREADS: int | None = None
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+_pool_lock = threading.Lock()
+
+
+def _threads() -> int:
+    if THREADS is not None:
+        return max(1, THREADS)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _quiet(fn, blocks):
+    """fn(blocks) without numpy's warnings: blocks of extreme magnitudes overflow or divide by zero
+    in candidates that are then not taken (numpy's error state is per thread)."""
+    with np.errstate(all="ignore"):
+        return fn(blocks)
+
+
+def run_chunks(fn, blocks, rows):
+    """fn over consecutive slices of `rows` blocks, concatenated: every block is quantized on its
+    own, so the bytes do not depend on the slicing or on which thread runs a slice."""
+    global _pool
+    quiet = lambda b: _quiet(fn, b)  # noqa: E731
+    if blocks.shape[0] <= rows:
+        return quiet(blocks)
+    parts = [blocks[i:i + rows] for i in range(0, blocks.shape[0], rows)]
+    n = _threads()
+    if n == 1:
+        return np.concatenate([quiet(p) for p in parts], axis=0)
+    with _pool_lock:
+        if _pool is None or _pool[0] != n:
+            if _pool is not None:
+                _pool[1].shutdown()
+            _pool = (n, ThreadPoolExecutor(n, thread_name_prefix="prosparse-quant"))
+        pool = _pool[1]
+    return np.concatenate(list(pool.map(quiet, parts)), axis=0)
+
+
 QUANTIZERS = {"Q2_K": quantize_q2_k, "Q3_K": quantize_q3_k, "Q4_K": quantize_q4_k, "Q5_K": quantize_q5_k,
               "Q6_K": quantize_q6_k}
 
@@ -319,5 +467,5 @@ def quantize(a: np.ndarray, name: str) -> np.ndarray:
     a = np.ascontiguousarray(a, dtype=F32)
     if a.shape[-1] % QK_K:
         raise ValueError(f"{name} needs rows of a multiple of {QK_K} values, not {a.shape[-1]}")
-    blocks = QUANTIZERS[name](a.reshape(-1, QK_K))
+    blocks = run_chunks(QUANTIZERS[name], a.reshape(-1, QK_K), CHUNK_WEIGHTS // QK_K)
     return blocks.reshape(*a.shape[:-1], -1)

@@ -50,4 +50,7 @@ void register_test_hooks(nb::module_& m);
 // Registers the _testing_cuda submodule of `m` (python_cuda_hooks.cpp).
 void register_cuda_hooks(nb::module_& m);
 
+// _core._quant_search: the converter's K-quant scale searches (python_quant_search.cpp).
+void register_quant_search(nb::module_& m);
+
 }  // namespace ps::py

@@ -382,6 +382,7 @@ NB_MODULE(_core, m) {
 
     ps::py::register_test_hooks(m);
     ps::py::register_cuda_hooks(m);
+    ps::py::register_quant_search(m);
 
     auto cuda_status = []() {
         ps::cuda::Status st;
