@@ -16,7 +16,11 @@ measures it against llama.cpp's quantizer).
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
+
+from prosparse_convert import kquants as _fast
 
 QK_K = 256
 F32 = np.float32
@@ -153,166 +157,18 @@ def _make_q3(x, nmax):
     return scale, (L + nmax).astype(np.int32)
 
 
-def _pack_k4_scales(ls, lm):
-    """Q4_K/Q5_K: 8 six-bit scales and mins per super-block into 12 bytes (blocks x 12)."""
-    out = np.zeros((ls.shape[0], 12), np.uint8)
-    out[:, 0:4] = ls[:, 0:4]
-    out[:, 4:8] = lm[:, 0:4]
-    out[:, 8:12] = (ls[:, 4:8] & 0xF) | ((lm[:, 4:8] & 0xF) << 4)
-    out[:, 0:4] |= (ls[:, 4:8] >> 4) << 6
-    out[:, 4:8] |= (lm[:, 4:8] >> 4) << 6
-    return out
+# The packers and the per-type drivers (_pack_*, _q45_k, quantize_q*_k) did not change with the
+# fast searches: they are kquants.py's own, re-bound to this module's globals so that they call the
+# straightforward searches above. What this oracle checks is the searches; the packing is checked
+# against the gguf package's dequantization (tests/test_kquants.py, tests/test_quant_types.py).
+def _rebind(name):
+    f = getattr(_fast, name)
+    return types.FunctionType(f.__code__, globals(), name, f.__defaults__, f.__closure__)
 
 
-def _unpack_k4_scales(s):
-    sc = np.concatenate([s[:, 0:4] & 63, (s[:, 8:12] & 0xF) | ((s[:, 0:4] >> 6) << 4)], axis=1)
-    m = np.concatenate([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], axis=1)
-    return sc.astype(F32), m.astype(F32)
-
-
-def _le_u8(v):
-    """nearest_int result stored into a uint8_t, as C does (wrapping)."""
-    return (v.astype(np.int64) & 0xFF).astype(np.uint8)
-
-
-def _q45_k(x, nmax, rmin, nstep):
-    """Shared part of Q4_K and Q5_K: per super-block (d, dmin, packed scales, codes 0..nmax)."""
-    nb = x.shape[0]
-    sub = x.reshape(nb * 8, 32)
-    av = np.sqrt((sub * sub).sum(axis=1, dtype=F32) / F32(32)).astype(F32)
-    weights = av[:, None] + np.abs(sub)
-    scales, mins, L = _make_qkx2(sub, weights, nmax, rmin, 0.1, nstep, False)
-    scales, mins, L = scales.reshape(nb, 8), mins.reshape(nb, 8), L.reshape(nb, 256)
-    max_scale = np.maximum(scales.max(axis=1), F32(0))
-    max_min = np.maximum(mins.max(axis=1), F32(0))
-    inv_scale = np.where(max_scale > 0, F32(63) / np.where(max_scale > 0, max_scale, F32(1)), F32(0)).astype(F32)
-    inv_min = np.where(max_min > 0, F32(63) / np.where(max_min > 0, max_min, F32(1)), F32(0)).astype(F32)
-    ls = np.minimum(_le_u8(_rint(inv_scale[:, None] * scales)), 63)
-    lm = np.minimum(_le_u8(_rint(inv_min[:, None] * mins)), 63)
-    packed = _pack_k4_scales(ls, lm)
-    d = (max_scale / F32(63)).astype(np.float16)
-    dmin = (max_min / F32(63)).astype(np.float16)
-    sc, m = _unpack_k4_scales(packed)
-    dd = d.astype(F32)[:, None] * sc
-    dm = dmin.astype(F32)[:, None] * m
-    xs = x.reshape(nb, 8, 32)
-    ok = dd != 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        Ln = np.clip(_rint((xs + dm[:, :, None]) / np.where(ok, dd, F32(1))[:, :, None]), 0, nmax)
-    L = np.where(ok[:, :, None], Ln, L.reshape(nb, 8, 32)).reshape(nb, 256)
-    return d, dmin, packed, L
-
-
-def _pack_nibbles_k(L):
-    """Q4_K/Q5_K low nibbles: each 64 codes -> 32 bytes (j low, j + 32 high)."""
-    L = (L & 0xF).astype(np.uint8).reshape(-1, 4, 2, 32)
-    return (L[:, :, 0] | (L[:, :, 1] << 4)).reshape(-1, 128)
-
-
-def _pack_2bit(L):
-    """Q2_K/Q3_K low bits: each 128 codes -> 32 bytes, code j + 32 s in bits 2s."""
-    L = (L & 3).astype(np.uint8).reshape(-1, 2, 4, 32)
-    return (L[:, :, 0] | (L[:, :, 1] << 2) | (L[:, :, 2] << 4) | (L[:, :, 3] << 6)).reshape(-1, 64)
-
-
-def _half_bytes(v):
-    return v.astype(np.float16).view(np.uint8).reshape(-1, 2)
-
-
-def quantize_q4_k(x):
-    d, dmin, packed, L = _q45_k(x, 15, -1.0, 20)
-    return np.concatenate([_half_bytes(d), _half_bytes(dmin), packed, _pack_nibbles_k(L)], axis=1)
-
-
-def quantize_q5_k(x):
-    d, dmin, packed, L = _q45_k(x, 31, -0.5, 15)
-    hi = (L >> 4).astype(np.uint8).reshape(-1, 8, 32)  # bit s of qh[j]: code j + 32 s
-    qh = np.zeros((L.shape[0], 32), np.uint8)
-    for s in range(8):
-        qh |= hi[:, s] << s
-    return np.concatenate([_half_bytes(d), _half_bytes(dmin), packed, qh, _pack_nibbles_k(L)], axis=1)
-
-
-def quantize_q6_k(x):
-    nb = x.shape[0]
-    scales, L = _make_qx(x.reshape(nb * 16, 16), 32)
-    scales, L = scales.reshape(nb, 16), L.reshape(nb, 256)
-    idx = np.abs(scales).argmax(axis=1)
-    max_scale = np.take_along_axis(scales, idx[:, None], axis=1)[:, 0]
-    zero = np.abs(max_scale) < GROUP_MAX_EPS
-    iscale = (F32(-128) / np.where(zero, F32(1), max_scale)).astype(F32)
-    d = np.where(zero, F32(0), F32(1) / iscale).astype(np.float16)
-    sc = np.minimum(_rint(iscale[:, None] * scales), 127)
-    sc = np.where(zero[:, None], 0, sc).astype(np.int8)
-    dd = d.astype(F32)[:, None] * sc.astype(F32)
-    ok = dd != 0
-    xs = x.reshape(nb, 16, 16)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        Ln = np.clip(_rint(xs / np.where(ok, dd, F32(1))[:, :, None]), -32, 31) + 32
-    L = np.where(ok[:, :, None], Ln, L.reshape(nb, 16, 16)).reshape(nb, 256)
-    L = np.where(zero[:, None], 0, L)
-    Lr = L.astype(np.uint8).reshape(nb, 2, 4, 32)  # [half][quarter][l]
-    ql = np.concatenate([(Lr[:, :, 0] & 0xF) | ((Lr[:, :, 2] & 0xF) << 4),
-                         (Lr[:, :, 1] & 0xF) | ((Lr[:, :, 3] & 0xF) << 4)], axis=2).reshape(nb, 128)
-    qh = ((Lr[:, :, 0] >> 4) | ((Lr[:, :, 1] >> 4) << 2) | ((Lr[:, :, 2] >> 4) << 4)
-          | ((Lr[:, :, 3] >> 4) << 6)).reshape(nb, 64)
-    return np.concatenate([ql, qh, sc.view(np.uint8), _half_bytes(d)], axis=1)
-
-
-def quantize_q3_k(x):
-    nb = x.shape[0]
-    scales, L = _make_q3(x.reshape(nb * 16, 16), 4)
-    scales, L = scales.reshape(nb, 16), L.reshape(nb, 256)
-    idx = np.abs(scales).argmax(axis=1)
-    max_scale = np.take_along_axis(scales, idx[:, None], axis=1)[:, 0]
-    has = max_scale != 0
-    iscale = (F32(-32) / np.where(has, max_scale, F32(1))).astype(F32)
-    l6 = (np.clip(_rint(iscale[:, None] * scales), -32, 31) + 32).astype(np.uint8)
-    l6 = np.where(has[:, None], l6, 0).astype(np.uint8)
-    packed = np.zeros((nb, 12), np.uint8)
-    packed[:, 0:8] = (l6[:, 0:8] & 0xF) | ((l6[:, 8:16] & 0xF) << 4)
-    hi = l6 >> 4
-    for j in range(16):
-        packed[:, 8 + j % 4] |= hi[:, j] << (2 * (j // 4))
-    d = np.where(has, F32(1) / iscale, F32(0)).astype(np.float16)
-    sc = np.where(has[:, None], l6.astype(np.int32) - 32, 0)
-    dd = d.astype(F32)[:, None] * sc.astype(F32)
-    ok = dd != 0
-    xs = x.reshape(nb, 16, 16)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        Ln = np.clip(_rint(xs / np.where(ok, dd, F32(1))[:, :, None]), -4, 3) + 4
-    L = np.where(ok[:, :, None], Ln, L.reshape(nb, 16, 16)).reshape(nb, 256)
-    high = (L > 3).reshape(nb, 8, 32)  # bit s of hmask[m]: code 32 s + m
-    hmask = np.zeros((nb, 32), np.uint8)
-    for s in range(8):
-        hmask |= high[:, s].astype(np.uint8) << s
-    L = np.where(L > 3, L - 4, L)
-    return np.concatenate([hmask, _pack_2bit(L), packed, _half_bytes(d)], axis=1)
-
-
-def quantize_q2_k(x):
-    nb = x.shape[0]
-    sub = x.reshape(nb * 16, 16)
-    scales, mins, L = _make_qkx2(sub, np.abs(sub), 3, -0.5, 0.1, 15, True)
-    scales, mins, L = scales.reshape(nb, 16), mins.reshape(nb, 16), L.reshape(nb, 256)
-    max_scale = np.maximum(scales.max(axis=1), F32(0))
-    max_min = np.maximum(mins.max(axis=1), F32(0))
-    q4 = F32(15)
-    iscale = (q4 / np.where(max_scale > 0, max_scale, F32(1))).astype(F32)
-    lsc = np.where(max_scale[:, None] > 0, _rint(iscale[:, None] * scales), 0)
-    imin = (q4 / np.where(max_min > 0, max_min, F32(1))).astype(F32)
-    lmn = np.where(max_min[:, None] > 0, _rint(imin[:, None] * mins), 0)
-    packed = _le_u8(lsc) | _le_u8(_le_u8(lmn).astype(np.int64) << 4)
-    d = np.where(max_scale > 0, max_scale / q4, F32(0)).astype(np.float16)
-    dmin = np.where(max_min > 0, max_min / q4, F32(0)).astype(np.float16)
-    dd = d.astype(F32)[:, None] * (packed & 0xF).astype(F32)
-    dm = dmin.astype(F32)[:, None] * (packed >> 4).astype(F32)
-    ok = dd != 0
-    xs = x.reshape(nb, 16, 16)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        Ln = np.clip(_rint((xs + dm[:, :, None]) / np.where(ok, dd, F32(1))[:, :, None]), 0, 3)
-    L = np.where(ok[:, :, None], Ln, L.reshape(nb, 16, 16)).reshape(nb, 256)
-    return np.concatenate([packed, _pack_2bit(L), _half_bytes(d), _half_bytes(dmin)], axis=1)
+for _name in ("_pack_k4_scales", "_unpack_k4_scales", "_le_u8", "_q45_k", "_pack_nibbles_k", "_pack_2bit",
+              "_half_bytes", "quantize_q4_k", "quantize_q5_k", "quantize_q6_k", "quantize_q3_k", "quantize_q2_k"):
+    globals()[_name] = _rebind(_name)
 
 
 QUANTIZERS = {"Q2_K": quantize_q2_k, "Q3_K": quantize_q3_k, "Q4_K": quantize_q4_k, "Q5_K": quantize_q5_k,

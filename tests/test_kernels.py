@@ -468,6 +468,20 @@ def test_axpy_rows_sums_in_neuron_groups_and_a_token_sees_only_its_own_rows(isa,
                                   T.axpy_rows(isa, qt, wb, nr, k, list(range(nr)), cd, y0[:2]))
 
 
+def _check_batch_is_each_token_alone(isa, qt, wb, wd, nr, k, union, c, y0):
+    """axpy_rows over the union for every token at once: the scalar reference's bits, each token's
+    row the one-token kernel's bits on its own (non-zero) rows alone, and close to float64."""
+    batch = T.axpy_rows(isa, qt, wb, nr, k, union, c, y0)
+    np.testing.assert_array_equal(batch, T.axpy_rows("scalar", qt, wb, nr, k, union, c, y0))
+    for t in range(c.shape[0]):
+        own = [i for i in range(len(union)) if c[t, i] != 0.0]
+        alone = T.axpy_rows(isa, qt, wb, nr, k, [union[i] for i in own], c[t:t + 1, own], y0[t:t + 1])
+        np.testing.assert_array_equal(batch[t], alone[0], err_msg=f"token {t}")
+    sel = wd[union]
+    assert np.all(np.abs(batch - (y0 + c.astype(np.float64) @ sel)) <= 2 * axpy_bound(len(union) + 20, c, sel, y0))
+    return batch
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("name", TYPES)
 def test_axpy_rows_decode_batch_skips_other_tokens_rows_with_the_same_bits(isa, name):
@@ -487,15 +501,8 @@ def test_axpy_rows_decode_batch_skips_other_tokens_rows_with_the_same_bits(isa, 
     c[4, :3] = 1.5  # rows in the first group only
     y0 = rng.standard_normal((nt, k)).astype(np.float32)
     qt = int(TYPES[name])
-    batch = T.axpy_rows(isa, qt, wb, nr, k, union, c, y0)
-    np.testing.assert_array_equal(batch, T.axpy_rows("scalar", qt, wb, nr, k, union, c, y0))
+    batch = _check_batch_is_each_token_alone(isa, qt, wb, wd, nr, k, union, c, y0)
     np.testing.assert_array_equal(batch[2], y0[2])
-    for t in range(nt):
-        own = [i for i in range(len(union)) if c[t, i] != 0.0]
-        alone = T.axpy_rows(isa, qt, wb, nr, k, [union[i] for i in own], c[t:t + 1, own], y0[t:t + 1])
-        np.testing.assert_array_equal(batch[t], alone[0], err_msg=f"token {t}")
-    sel = wd[union]
-    assert np.all(np.abs(batch - (y0 + c.astype(np.float64) @ sel)) <= 2 * axpy_bound(len(union) + 20, c, sel, y0))
 
 
 def _prompt_case(name, nr, nt, seed):
@@ -522,14 +529,7 @@ def test_axpy_rows_prompt_batch_gives_each_token_its_decode_bits(isa, name):
     k, wb, wd, union, c = _prompt_case(name, nr, nt, seed=60)
     qt = int(TYPES[name])
     y0 = np.random.default_rng(62).standard_normal((nt, k)).astype(np.float32)
-    batch = T.axpy_rows(isa, qt, wb, nr, k, union, c, y0)
-    np.testing.assert_array_equal(batch, T.axpy_rows("scalar", qt, wb, nr, k, union, c, y0))
-    for t in range(nt):
-        own = [i for i in range(len(union)) if c[t, i] != 0.0]
-        alone = T.axpy_rows(isa, qt, wb, nr, k, [union[i] for i in own], c[t:t + 1, own], y0[t:t + 1])
-        np.testing.assert_array_equal(batch[t], alone[0], err_msg=f"token {t}")
-    sel = wd[union]
-    assert np.all(np.abs(batch - (y0 + c.astype(np.float64) @ sel)) <= 2 * axpy_bound(len(union) + 20, c, sel, y0))
+    _check_batch_is_each_token_alone(isa, qt, wb, wd, nr, k, union, c, y0)
 
 
 @pytest.mark.parametrize("name", TYPES)
