@@ -383,6 +383,9 @@ def test_pinned_neurons_are_first_and_always_computed(fatrelu, texts, tmp_path, 
     out = {x.name: np.array(x.data) for x in r.tensors}["blk.0.ffn_gate.weight"]
     assert np.array_equal(out[0], gate[PIN])  # the rows moved with their neuron
     assert r.fields[ON].contents()[0] == a["always_on"]
+    # stored as hot as the hottest: the frequencies stay in order for the GPU placement
+    freq = {x.name: np.array(x.data) for x in r.tensors}["blk.0.ffn_act_freq"]
+    assert _core.is_frequency_ordered(freq.astype(np.float32)) and freq[0] == freq.max()
     f = _with_keys(tmp_path / "pin.gguf", tmp_path / "p2.gguf", **{K_LT: ([1e30, 1e30], "f32[]")})
     assert _predicted(f)[0] == a["always_on"] / N_FF
     rep0 = calibrate(fatrelu, tmp_path / "nopin.gguf", Options(**o, pin_first=0.0))

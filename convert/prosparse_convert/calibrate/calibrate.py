@@ -333,6 +333,13 @@ def _train_predictors(model, p, win, act, act_t, ranks, o: Options, add: Additio
         if o.neuron_order == "frequency" else [np.arange(F)] * L
     if pins is not None:
         add.neuron_perms = orders
+        # pinned neurons run on every token under predict: the file stores them as hot as the layer's
+        # hottest, so that its frequencies stay non-increasing (the runtime's GPU placement reads them
+        # as a hot prefix, and refuses a file whose frequencies are not in order)
+        add.act_freq = [f.copy() for f in add.act_freq]
+        for f, q in zip(add.act_freq, pins):
+            if len(q):
+                f[q] = f.max()
     use_on = (o.always_on == "auto" and in_freq_order) or any(n_pin)
     recalls = _recalls(o, L)
 
