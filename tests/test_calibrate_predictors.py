@@ -315,3 +315,82 @@ def test_bad_predictor_keys_are_refused_naming_the_key(calibrated, tmp_path, kv,
     f = _with_keys(out, tmp_path / "bad.gguf", **kv)
     with pytest.raises(ValueError, match=msg):
         _core.Model(str(f), n_ctx=64, n_threads=1, sparsity="predict")
+
+
+# ---------------------------------------------------------------- pinned sink neurons
+
+def test_sink_neurons_are_those_of_the_windows_first_tokens():
+    """pinned(): neurons firing on the first token of at least half of the windows and 10x as often
+    there as on an average token, most specific first; none in a layer with more than --pin-first
+    of its neurons so; None when off."""
+    from prosparse_convert.calibrate.calibrate import pinned
+    from prosparse_convert.calibrate.profile import Profile
+
+    F = 400
+    p = Profile("fatrelu", n_tokens=1000, n_windows=10)
+    c0, c = np.zeros(F, np.int64), np.full(F, 300, np.int64)
+    c0[[5, 9, 17]] = [10, 6, 10]       # first token of 10, 6 and 10 windows
+    c[[5, 9, 17]] = [40, 12, 10]       # 4%, 1.2%, 1% of all tokens
+    c0[30], c[30] = 9, 200             # fires on 90% of first tokens but on 20% of all: not specific
+    c0[40], c[40] = 4, 4               # specific, but on fewer than half of the first tokens
+    many = np.zeros(F, np.int64)
+    many[:10] = 10                     # 10 sink neurons: more than 1% of the layer's 400
+    p.first_counts, p.counts = [c0, many], [c, np.full(F, 10, np.int64)]
+    got = pinned(p, Options(pin_first=0.01))
+    assert got[0].tolist() == [17, 9, 5] and got[1].tolist() == []
+    assert pinned(p, Options(pin_first=0.05))[1].tolist() == list(range(10))
+    assert pinned(p, Options(pin_first=0.0)) is None
+
+
+def test_profile_counts_each_windows_first_token(fatrelu, texts):
+    from prosparse_convert.activations import active
+    from prosparse_convert.calibrate import profile as P
+
+    m = _core.Model(str(fatrelu), n_ctx=64, n_threads=1, sparsity="exact")
+    win = TX.make_windows(lambda s: m.tokenize(s, False, False), texts[0].read_text(), None, 64, 640).calib
+    prof = P.profile(m, win, "fatrelu", FATRELU_T, max_samples=64, progress=False)
+    want = [np.zeros(N_FF, np.int64) for _ in range(N_LAYER)]
+    m.set_capture(True)
+    for w in win:
+        m.rewind(0)
+        m.eval(w[:1])
+        for l in range(N_LAYER):
+            want[l] += active("fatrelu", m.captured(l)[1], FATRELU_T)[0]
+    assert prof.n_windows == len(win)
+    assert all(np.array_equal(a, b) for a, b in zip(prof.first_counts, want)) and want[0].sum() > 0
+
+
+PIN = 77
+
+
+def test_pinned_neurons_are_first_and_always_computed(fatrelu, texts, tmp_path, monkeypatch):
+    """The pinned neurons move to the front of their layer's order (rows with them) and inside its
+    always-on prefix, so predict computes them whatever the predictor says; --pin-first 0 pins none."""
+    import importlib
+
+    CAL = importlib.import_module("prosparse_convert.calibrate.calibrate")
+
+    o = dict(text=[texts[0]], tokens=2000, ctx=64, rank=RANK, epochs=2, predictor_type="f16", recall=0.9,
+             neuron_order="frequency", progress=False, n_threads=1, policy_rounds=0)
+    real = CAL.pinned
+    monkeypatch.setattr(CAL, "pinned", lambda p, o: None if real(p, o) is None else
+                        [np.array([PIN], np.int64), np.array([], np.int64)])
+    gate = {x.name: np.array(x.data) for x in gguf.GGUFReader(str(fatrelu)).tensors}["blk.0.ffn_gate.weight"]
+    rep = calibrate(fatrelu, tmp_path / "pin.gguf", Options(**o))
+    a, b = rep.layers
+    assert a["pinned"] == 1 and a["always_on"] >= 1 and b["pinned"] == 0
+    r = gguf.GGUFReader(str(tmp_path / "pin.gguf"))
+    out = {x.name: np.array(x.data) for x in r.tensors}["blk.0.ffn_gate.weight"]
+    assert np.array_equal(out[0], gate[PIN])  # the rows moved with their neuron
+    assert r.fields[ON].contents()[0] == a["always_on"]
+    # stored as hot as the hottest: the frequencies stay in order for the GPU placement
+    freq = {x.name: np.array(x.data) for x in r.tensors}["blk.0.ffn_act_freq"]
+    assert _core.is_frequency_ordered(freq.astype(np.float32)) and freq[0] == freq.max()
+    f = _with_keys(tmp_path / "pin.gguf", tmp_path / "p2.gguf", **{K_LT: ([1e30, 1e30], "f32[]")})
+    assert _predicted(f)[0] == a["always_on"] / N_FF
+    rep0 = calibrate(fatrelu, tmp_path / "nopin.gguf", Options(**o, pin_first=0.0))
+    assert rep0.layers[0]["pinned"] == 0
+    out0 = {x.name: np.array(x.data) for x in gguf.GGUFReader(str(tmp_path / "nopin.gguf")).tensors}["blk.0.ffn_gate.weight"]
+    assert not np.array_equal(out0[0], gate[PIN])
+    with pytest.raises(ConvertError, match="--pin-first"):
+        calibrate(fatrelu, tmp_path / "x.gguf", Options(**{**o, "pin_first": -1.0}))

@@ -16,7 +16,6 @@ import numpy as np
 
 from .. import names as N
 from .. import quant
-from ..convert import hottest_first
 from ..errors import ConvertError
 from . import cutoffs, evaluate, predictor, profile as prof_mod, text as text_mod, thresholds as thr_mod
 from .write import Additions, InputFile, write
@@ -40,6 +39,7 @@ class Options:
     pos_weight: Optional[float] = None
     recall: Union[float, Sequence[float]] = 0.95  # predictors: recall target on the tuning windows (or one per layer)
     always_on: str = "auto"               # auto (chosen on the tuning windows, frequency order) | none
+    pin_first: float = 0.01               # sink neurons always on where at most this fraction of a layer (0: off)
     policy_rounds: int = 2                # cut-offs re-chosen on the written file's own predict runs
     predictor_type: str = "q8_0"
     neuron_order: str = "original"
@@ -101,6 +101,8 @@ def _check(o: Options) -> None:
             raise ConvertError(f"--recall must be in (0, 1), got {r}")
     if o.policy_rounds < 0:
         raise ConvertError(f"--policy-rounds must be >= 0, got {o.policy_rounds}")
+    if not (0.0 <= o.pin_first <= 1.0):
+        raise ConvertError(f"--pin-first must be a fraction in [0, 1] (0: off), got {o.pin_first}")
     if o.always_on not in ("auto", "none"):
         raise ConvertError(f"--always-on must be auto or none, got {o.always_on!r}")
     if o.neuron_order not in ("original", "frequency"):
@@ -208,7 +210,7 @@ def calibrate(model_path, out_path, options: Optional[Options] = None, **kw) -> 
         add.act_freq = p.freq()
         if want_pred:
             in_freq_order = o.neuron_order == "frequency" or inp.get(N.PS_NEURON_ORDER) == "frequency"
-            _train_predictors(model, p, win, act, act_t, ranks, o, add, report, in_freq_order)
+            _train_predictors(model, p, win, act, act_t, ranks, o, add, report, in_freq_order, pinned(p, o))
         else:
             report.layers = [{"sparsity": 1.0 - float(f.mean())} for f in add.act_freq]
     else:
@@ -275,11 +277,41 @@ def _write_choosing_down_type(inp: InputFile, out_path: Path, add: Additions, L:
                          "tokens": float(sum(len(w) for w in windows))}
 
 
+SINK_FIRST_FREQ = 0.5   # fires on at least half of the windows' first tokens
+SINK_CONTRAST = 10.0    # and at least 10x as often as on an average token
+
+
+def pinned(p, o: Options) -> Optional[List[np.ndarray]]:
+    """Per layer, the sink neurons: those firing on the first token of at least half of the
+    calibration windows and at least 10x as often there as on an average token, most specific first;
+    none in a layer that has more than o.pin_first of its neurons so (there the first token's FFN
+    is dense-like and the predictor is left to it). None: off. On the sparsified SmolLM2 a missed
+    sink neuron of layer 0 made predict's whole window diverge (docs/calibrate.md)."""
+    if p.first_counts is None or not o.pin_first > 0:
+        return None
+    out = []
+    for f0, f in zip(p.first_freq(), p.freq()):
+        sel = np.nonzero((f0 >= SINK_FIRST_FREQ) & (f0 >= SINK_CONTRAST * f))[0]
+        if len(sel) > o.pin_first * len(f):
+            sel = sel[:0]
+        out.append(sel[np.argsort(-(f0[sel] / np.maximum(f[sel], 1e-9)), kind="stable")].astype(np.int64))
+    return out
+
+
+def order_with_pins(freq: np.ndarray, pins: Optional[np.ndarray]) -> np.ndarray:
+    """New position -> neuron: the pinned neurons first, then the rest hottest first (stable)."""
+    hot = np.argsort(-np.asarray(freq), kind="stable")
+    if pins is None or not len(pins):
+        return hot
+    return np.concatenate([np.asarray(pins, np.int64), hot[~np.isin(hot, pins)]])
+
+
 def _train_predictors(model, p, win, act, act_t, ranks, o: Options, add: Additions, report: Report,
-                      in_freq_order: bool) -> None:
+                      in_freq_order: bool, pins: Optional[List[np.ndarray]] = None) -> None:
     """Trains each layer's predictor on the calibration windows, chooses its cut-off (and always-on
     prefix) on the tuning windows to reach o.recall there, and reports its quality on the test
-    windows, which neither saw (cutoffs.py)."""
+    windows, which neither saw (cutoffs.py). `pins`: per layer, neurons that are always computed
+    (first in the order, inside the always-on prefix; frequency order only)."""
     from tqdm import tqdm
 
     L, F = model.hparams["n_layer"], model.hparams["n_ff"]
@@ -291,9 +323,24 @@ def _train_predictors(model, p, win, act, act_t, ranks, o: Options, add: Additio
 
     tune, test = held(win.tune, "profiling tuning windows", o.seed + 1), held(win.test, "profiling test windows", o.seed + 2)
     # always-on neurons are a prefix of the output's order, so only a file in frequency order has them
-    orders = hottest_first(add.act_freq) if o.neuron_order == "frequency" else [
-        np.arange(F)] * L
-    use_on = o.always_on == "auto" and in_freq_order
+    if pins is not None and o.neuron_order != "frequency":
+        if any(len(q) for q in pins):
+            log.warning("%d sink neurons (--pin-first) can be pinned only in frequency order (--neuron-order "
+                        "frequency): not pinned", sum(len(q) for q in pins))
+        pins = None
+    n_pin = [len(q) for q in pins] if pins is not None else [0] * L
+    orders = [order_with_pins(add.act_freq[l], pins[l] if pins is not None else None) for l in range(L)] \
+        if o.neuron_order == "frequency" else [np.arange(F)] * L
+    if pins is not None:
+        add.neuron_perms = orders
+        # pinned neurons run on every token under predict: the file stores them as hot as the layer's
+        # hottest, so that its frequencies stay non-increasing (the runtime's GPU placement reads them
+        # as a hot prefix, and refuses a file whose frequencies are not in order)
+        add.act_freq = [f.copy() for f in add.act_freq]
+        for f, q in zip(add.act_freq, pins):
+            if len(q):
+                f[q] = f.max()
+    use_on = (o.always_on == "auto" and in_freq_order) or any(n_pin)
     recalls = _recalls(o, L)
 
     def fit(l: int):
@@ -301,7 +348,11 @@ def _train_predictors(model, p, win, act, act_t, ranks, o: Options, add: Additio
         fc1, fc2 = predictor.train(x, y, ranks[l], epochs=o.epochs, pos_weight=o.pos_weight, seed=o.seed + l)
         del x, y
         fc1q, fc2q = _roundtrip(fc1, o.predictor_type), _roundtrip(fc2, o.predictor_type)
-        cand = cutoffs.prefix_candidates(add.act_freq[l], orders[l]) if use_on else [0]
+        if o.always_on == "auto" and in_freq_order:
+            # the pinned neurons, then prefixes of the rest (hottest first)
+            cand = [n_pin[l] + k for k in cutoffs.prefix_candidates(add.act_freq[l], orders[l][n_pin[l]:])]
+        else:
+            cand = [n_pin[l]]
         t1, t2 = (quant.tensor_type(w.shape, quant.outtype(o.predictor_type)).name.lower() for w in (fc1, fc2))
         lg = lambda x: predictor.runtime_logits(fc1q, fc2q, x.astype(np.float32), t1, t2)  # noqa: E731
         ch = cutoffs.choose(lg(tune.x[l, :tune.n_samples]),
@@ -320,7 +371,7 @@ def _train_predictors(model, p, win, act, act_t, ranks, o: Options, add: Additio
         done = list(tqdm(pool.map(fit, range(L)), total=L, desc="training predictors", disable=not o.progress))
     trained, thr, on, tests = [], [], [], []
     for l, (fc, ch, q) in enumerate(done):
-        report.layers.append({"rank": ranks[l], "cutoff": ch.cutoff, "always_on": ch.always_on,
+        report.layers.append({"rank": ranks[l], "cutoff": ch.cutoff, "always_on": ch.always_on, "pinned": n_pin[l],
                               "tune_recall": ch.recall, **q.as_dict()})
         trained.append(fc)
         thr.append(ch.cutoff)

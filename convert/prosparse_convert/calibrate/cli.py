@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--always-on", default=d.always_on, choices=["auto", "none"],
                    help="auto (default): per layer, the prefix of most frequent neurons always computed, chosen "
                         "on the tuning windows; only with frequency order (--neuron-order frequency)")
+    g.add_argument("--pin-first", type=float, default=d.pin_first,
+                   help="sink neurons (firing on the first token of most calibration windows, rarely elsewhere) are "
+                        "always computed, first in the neuron order, in layers where they are at most this fraction "
+                        f"of the neurons; frequency order only; 0: off (default {d.pin_first:g})")
     g.add_argument("--policy-rounds", type=int, default=d.policy_rounds,
                    help="times the cut-offs are re-chosen on the written file's own predict runs over the tuning "
                         f"windows (0: on the dense model's activations only; default {d.policy_rounds})")
@@ -89,7 +93,7 @@ def main(argv=None) -> int:
     o = Options(text=args.text, tokens=args.tokens, ctx=args.ctx, target_sparsity=args.target_sparsity,
                 allocation=args.allocation, probe_tokens=args.probe_tokens, predictors=args.predictors,
                 rank=args.rank, epochs=args.epochs, pos_weight=args.pos_weight,
-                recall=args.recall, always_on=args.always_on, policy_rounds=args.policy_rounds,
+                recall=args.recall, always_on=args.always_on, pin_first=args.pin_first, policy_rounds=args.policy_rounds,
                 predictor_type=args.predictor_type, neuron_order=args.neuron_order, down_type=args.down_type,
                 max_samples=args.max_samples, max_memory=args.max_memory_mb << 20, eval_text=args.eval,
                 eval_tokens=args.eval_tokens, n_threads=args.threads, seed=args.seed,

@@ -6,6 +6,11 @@ memory is `slots x n_layer x bytes per sample` however many tokens stream past):
 - ReLU/FATReLU: the residual stream entering the FFN (the predictor's input, float16) and the active
   mask (bit-packed): the predictors' training pairs.
 - SiLU: |SiLU(gate)| (float16): the distribution that per-layer thresholds are quantiles of.
+
+ReLU/FATReLU also count, per neuron, the windows in which it fires on the window's first token
+(Profile.first_counts): without a BOS token the first token is the attention sink every later
+token reads, and a few rare neurons fire there and almost nowhere else (docs/calibrate.md, "One
+neuron, one window").
 """
 
 from __future__ import annotations
@@ -55,6 +60,12 @@ class Profile:
     mask: Optional[np.ndarray] = None    # [n_layer, slots, n_ff/8] packed bits (relu/fatrelu)
     act_abs: Optional[np.ndarray] = None  # [n_layer, slots, n_ff] f16 |SiLU(gate)| (silu)
     n_samples: int = 0
+    first_counts: Optional[List[np.ndarray]] = None  # per layer [n_ff]: windows whose first token fires it
+    n_windows: int = 0
+
+    def first_freq(self) -> List[np.ndarray]:
+        """Per layer, the fraction of windows whose first token fires each neuron."""
+        return [(c / max(1, self.n_windows)).astype(np.float32) for c in self.first_counts]
 
     def freq(self) -> List[np.ndarray]:
         """Per layer, the fraction of tokens on which each neuron fired."""
@@ -84,6 +95,7 @@ def profile(model, windows, activation_kind: str, act_t: float, *, max_samples: 
     res = Reservoir(slots, rng)
     prof = Profile(activation_kind, counts=[np.zeros(F, np.int64) for _ in range(L)])
     if sparse:
+        prof.first_counts = [np.zeros(F, np.int64) for _ in range(L)]
         prof.x = np.zeros((L, slots, E), np.float16)
         prof.mask = np.zeros((L, slots, (F + 7) // 8), np.uint8)
     else:
@@ -102,6 +114,7 @@ def profile(model, windows, activation_kind: str, act_t: float, *, max_samples: 
                 if sparse:
                     m = active(activation_kind, g, act_t)
                     prof.counts[l] += m.sum(0)
+                    prof.first_counts[l] += m[0]
                     if len(pos):
                         prof.x[l, slot] = x[pos].astype(np.float16)
                         prof.mask[l, slot] = np.packbits(m[pos], axis=1)
@@ -112,6 +125,7 @@ def profile(model, windows, activation_kind: str, act_t: float, *, max_samples: 
                     if len(pos):
                         prof.act_abs[l, slot] = np.minimum(a[pos], 65504.0).astype(np.float16)
             prof.n_tokens += len(w)
+            prof.n_windows += 1
             bar.update(len(w))
     finally:
         model.set_capture(False)

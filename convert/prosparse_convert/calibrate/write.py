@@ -38,6 +38,8 @@ class Additions:
     predictor_always_on: Optional[List[int]] = None  # per layer, neurons [0, k) of the output always run
     layer_thresholds: Optional[List[float]] = None
     neuron_order: str = "original"                    # "frequency": reorder by act_freq
+    neuron_perms: Optional[List[np.ndarray]] = None   # with "frequency": per layer new -> old index, instead of
+                                                      # hottest first (calibration's pinned neurons first)
     down_type: str = "q8_0"                           # ffn_down_t made from ffn_down: f16 or q8_0
     extra: Dict[str, object] = field(default_factory=dict)
 
@@ -90,7 +92,7 @@ def plan(inp: InputFile, add: Additions, n_layer: int, n_ff: int) -> List[_Out]:
     if add.neuron_order == "frequency":
         if add.act_freq is None:
             raise ConvertError("--neuron-order frequency needs activation frequencies")
-        perms = hottest_first(add.act_freq)
+        perms = hottest_first(add.act_freq) if add.neuron_perms is None else list(add.neuron_perms)
     replaced = set()
     if add.predictors is not None:
         replaced |= {N.blk(k, i) for i in range(n_layer) for k in (N.FC1, N.FC2)}
