@@ -339,3 +339,28 @@ def exact_predictor_dir(model, d):
         fc2 = torch.cat([g, -g], 1)
         torch.save({"fc1.weight": fc1, "fc2.weight": fc2}, d / f"model_{i}.pt")
     return d
+
+
+def interleaving_changes_no_bit(path, monkeypatch, ids, batch_kw=None, single_kw=None) -> int:
+    """Logits of a prompt batch and token by token (n_batch=1), with the interleaved copies the
+    loader makes and without them (PROSPARSE_INTERLEAVE=0): all four must be the same bits (a row
+    gives the same bits in either layout, cpu/kernels.h). Returns how many matrices the first
+    load interleaved (the second must interleave none)."""
+    import numpy as np
+    from prosparse_rt import Model
+
+    def run():
+        with Model(str(path), n_ctx=64, sparsity="dense", kv_type="f32", **(batch_kw or {})) as m:
+            batch, n = m.logits(ids), m.stats["n_interleaved"]
+        with Model(str(path), n_ctx=64, n_batch=1, sparsity="dense", kv_type="f32", **(single_kw or {})) as m:
+            single = m.logits(ids)
+        return batch, single, n
+
+    batch, single, n = run()
+    monkeypatch.setenv("PROSPARSE_INTERLEAVE", "0")
+    batch0, single0, n0 = run()
+    assert n0 == 0
+    np.testing.assert_array_equal(batch, batch0)
+    np.testing.assert_array_equal(single, single0)
+    np.testing.assert_array_equal(single, batch)
+    return n

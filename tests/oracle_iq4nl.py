@@ -3,31 +3,14 @@ oracle of tests/test_quant_fast.py: the straightforward numpy port, one candidat
 over whole rows of blocks, that bench/bench_quant.py validated against llama.cpp's quantizer
 (README, "K-quants"). prosparse_convert/iq4nl.py must give the same bytes. Do not optimise this.
 
-IQ4_NL quantizer: llama.cpp's algorithm (ggml-quants.c, quantize_iq4_nl without an importance
-matrix: quantize_row_iq4_nl_impl with 32-weight blocks and ntry = 7), vectorised over blocks with
-numpy. The gguf package only dequantizes IQ4_NL; its dequantizer reads what this writes
-(tests/test_kquants.py).
-
-Per block of 32: the codes index the non-linear grid KVALUES (x ~ d * KVALUES[code]). Each
-element weighs x^2. Starting from d = max / 127 (max: the element of largest magnitude, sign
-kept), then for the 15 inverse scales (t - 127) / max, t = -7..7, the codes are the nearest grid
-points and the least-squares scale sumqx / sumq2 is kept when it lowers the weighted error
-(sumqx^2 / sumq2 largest). The codes are then redone with the chosen (float) scale, which is
-stored as fp16. Arithmetic is float32 as in C; sums run in numpy's order, so a tie between two
-candidate scales to the last bit may go the other way than llama.cpp's (bench/bench_quant.py
-compares the errors).
+The algorithm, its arithmetic and its limits: prosparse_convert/iq4nl.py's docstring.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-QK = 32
-F32 = np.float32
-GROUP_MAX_EPS = F32(1e-15)
-NTRY = 7
-KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
-_KV = KVALUES.astype(F32)
+from prosparse_convert.iq4nl import _KV, F32, GROUP_MAX_EPS, KVALUES, NTRY, QK  # the grid and constants
 
 
 def _nearest(v):

@@ -3,15 +3,7 @@ oracle of tests/test_quant_fast.py: the straightforward numpy port, one candidat
 over whole rows of blocks, that bench/bench_quant.py validated against llama.cpp's quantizer
 (README, "K-quants"). prosparse_convert/kquants.py must give the same bytes. Do not optimise this.
 
-Quantizers for the K-quants (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K): llama.cpp's reference algorithms
-(ggml-quants.c quantize_row_q*_K_ref, what its quantize tool runs without an importance matrix),
-vectorised over blocks with numpy. The gguf package only dequantizes these types; its
-dequantizer reads what this writes (tests/test_kquants.py).
-
-Arithmetic is float32 as in C, with nearest_int = round half to even (np.rint). Sums over a block
-run in numpy's order rather than C's sequential one, so a choice between two candidate scales
-that tie to the last bit may differ from llama.cpp's; the error stays the same (bench/bench_quant.py
-measures it against llama.cpp's quantizer).
+The algorithm, its arithmetic and its limits: prosparse_convert/kquants.py's docstring.
 """
 
 from __future__ import annotations
@@ -22,18 +14,7 @@ import numpy as np
 
 from prosparse_convert import kquants as _fast
 
-QK_K = 256
-F32 = np.float32
-GROUP_MAX_EPS = F32(1e-15)
-
-
-def _rint(x):
-    return np.rint(x).astype(np.int32)
-
-
-def _f16(x):
-    """fp16 rounding as ggml stores a scale, back as float32."""
-    return np.asarray(x, F32).astype(np.float16).astype(F32)
+from prosparse_convert.kquants import F32, GROUP_MAX_EPS, QK_K, _f16, _rint  # helpers the rewrite kept
 
 
 def _make_qkx2(x, w, nmax, rmin, rdelta, nstep, use_mad):

@@ -120,24 +120,8 @@ def test_interleaved_weights_compute_the_same_model(tmp_path, kind, outtype, mon
     # token by token.
     _, path = _case(tmp_path, kind)
     out = convert(path, tmp_path / "m.gguf", outtype=outtype, progress=False)
-    ids = H.prompt_ids(20)
-
-    def run():
-        with prosparse_rt.Model(str(out), n_ctx=64, sparsity="dense", kv_type="f32") as m:
-            batch = m.logits(ids)
-            n = m.stats["n_interleaved"]
-        with prosparse_rt.Model(str(out), n_ctx=64, n_batch=1, sparsity="dense", kv_type="f32") as m:
-            single = m.logits(ids)
-        return batch, single, n
-
-    batch, single, n = run()
+    n = H.interleaving_changes_no_bit(out, monkeypatch, H.prompt_ids(20))
     # per layer (2) q, k, v, o, gate, up; down only in the SiLU file (the ReLU one's down
     # projection is the neuron-major ffn_down_t, which the axpy reads); and the output head
     # (tied: a copy)
     assert n == 2 * (7 if kind.startswith("silu") else 6) + 1
-    monkeypatch.setenv("PROSPARSE_INTERLEAVE", "0")
-    batch0, single0, n0 = run()
-    assert n0 == 0
-    np.testing.assert_array_equal(batch, batch0)
-    np.testing.assert_array_equal(single, single0)
-    np.testing.assert_array_equal(single, batch)

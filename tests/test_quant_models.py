@@ -162,25 +162,12 @@ def test_llama_cpp_q4_k_m_file_gives_the_same_logits_interleaved(monkeypatch):
 
     path = Path(__file__).resolve().parent / "data" / "tiny-llama-cpp-q4_k_m.gguf"
 
-    def run():
-        with Model(str(path), n_ctx=64, kv_type="f32", n_threads=2, sparsity="dense") as m:
-            batch, n = m.logits(H.prompt_ids(20)), m.stats["n_interleaved"]
-        with Model(str(path), n_ctx=64, kv_type="f32", n_threads=1, n_batch=1, sparsity="dense") as m:
-            single = m.logits(H.prompt_ids(20))
-        return batch, single, n
-
-    batch, single, n = run()
+    n = H.interleaving_changes_no_bit(path, monkeypatch, H.prompt_ids(20), {"n_threads": 2}, {"n_threads": 1})
     types = _types(path)
     # q, k, v, o, gate, up, down per layer and the output head, all Q4_K or Q6_K here
     n_layer = sum(1 for name in types if name.endswith("attn_q.weight"))
     assert {types["blk.0.attn_q.weight"], types["blk.0.attn_v.weight"], types["output.weight"]} == {T.Q4_K, T.Q6_K}
     assert n == 7 * n_layer + 1
-    monkeypatch.setenv("PROSPARSE_INTERLEAVE", "0")
-    batch0, single0, n0 = run()
-    assert n0 == 0
-    np.testing.assert_array_equal(batch, batch0)
-    np.testing.assert_array_equal(single, single0)
-    np.testing.assert_array_equal(single, batch)
 
 
 @pytest.mark.parametrize("kind,outtype", [("silu", "q2_k"), ("silu", "q3_k_m"), ("relu", "q2_k")])
@@ -193,25 +180,12 @@ def test_q2_k_and_q3_k_files_give_the_same_logits_interleaved(models, monkeypatc
     k23 = {name for name, t in types.items() if t in (T.Q2_K, T.Q3_K)}
     assert {"blk.0.attn_q.weight", "blk.0.ffn_gate.weight"} & k23  # the mix's own types
 
-    def run():
-        with Model(str(path), n_ctx=64, kv_type="f32", n_threads=2, sparsity="dense") as m:
-            batch, n = m.logits(H.prompt_ids(20)), m.stats["n_interleaved"]
-        with Model(str(path), n_ctx=64, kv_type="f32", n_threads=1, n_batch=1, sparsity="dense") as m:
-            single = m.logits(H.prompt_ids(20))
-        return batch, single, n
-
-    batch, single, n = run()
+    n = H.interleaving_changes_no_bit(path, monkeypatch, H.prompt_ids(20), {"n_threads": 2}, {"n_threads": 1})
     n_layer = sum(1 for name in types if name.endswith("attn_q.weight"))
     if kind == "silu":  # q, k, v, o, gate, up, down per layer and the untied head: every one copied
         assert n == 7 * n_layer + 1
     else:
         assert n >= 5 * n_layer
-    monkeypatch.setenv("PROSPARSE_INTERLEAVE", "0")
-    batch0, single0, n0 = run()
-    assert n0 == 0
-    np.testing.assert_array_equal(batch, batch0)
-    np.testing.assert_array_equal(single, single0)
-    np.testing.assert_array_equal(single, batch)
 
 
 def test_iq4_nl_file_holds_llama_cpps_mix(models):
