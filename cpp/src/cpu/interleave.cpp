@@ -2,6 +2,7 @@
 // cpu/kernels.h, "Interleaved rows"). Plain byte moves: the values are not touched.
 #include <cstddef>
 #include <cstring>
+#include <iterator>
 
 #include "common.h"
 #include "cpu/kernels.h"
@@ -10,75 +11,46 @@ namespace ps::cpu {
 
 namespace {
 
-// One field of a block: its offset and size in the plain block and in the x8 block; half: an
-// fp16 (2 bytes, an array of 8 in the x8 block), else bytes in 4-byte chunks.
-struct Field {
-    size_t plain, x8, bytes;
-    bool half;
-};
-#define PS_HALF(P, X, f) Field{offsetof(P, f), offsetof(X, f), 2, true}
-#define PS_BYTES(P, X, f) Field{offsetof(P, f), offsetof(X, f), sizeof(P::f), false}
-
+// A type's block fields (kernels.h's X8Layout table) as a value the byte moves below loop over.
 struct Layout {
     size_t plain_bytes = 0;
     int n = 0;
-    Field f[5] = {};
+    X8Field f[5] = {};
 };
+
+template <GgmlType T>
+Layout layout_from() {
+    using L8 = X8Layout<T>;
+    static_assert(std::size(L8::f) <= 5, "Layout holds 5 fields");
+    Layout L;
+    L.plain_bytes = sizeof(typename L8::Plain);
+    for (const X8Field& f : L8::f) L.f[L.n++] = f;
+    return L;
+}
 
 Layout layout_of(GgmlType w) {
     switch (w) {
-        case GgmlType::Q4_0:
-            return {sizeof(block_q4_0), 2, {PS_HALF(block_q4_0, block_q4_0x8, d), PS_BYTES(block_q4_0, block_q4_0x8, qs)}};
-        case GgmlType::Q4_1:
-            return {sizeof(block_q4_1), 3,
-                    {PS_HALF(block_q4_1, block_q4_1x8, d), PS_HALF(block_q4_1, block_q4_1x8, m),
-                     PS_BYTES(block_q4_1, block_q4_1x8, qs)}};
-        case GgmlType::Q8_0:
-            return {sizeof(block_q8_0), 2, {PS_HALF(block_q8_0, block_q8_0x8, d), PS_BYTES(block_q8_0, block_q8_0x8, qs)}};
-        case GgmlType::Q5_0:
-            return {sizeof(block_q5_0), 3,
-                    {PS_HALF(block_q5_0, block_q5_0x8, d), PS_BYTES(block_q5_0, block_q5_0x8, qh),
-                     PS_BYTES(block_q5_0, block_q5_0x8, qs)}};
-        case GgmlType::Q4_K:
-            return {sizeof(block_q4_K), 4,
-                    {PS_HALF(block_q4_K, block_q4_Kx8, d), PS_HALF(block_q4_K, block_q4_Kx8, dmin),
-                     PS_BYTES(block_q4_K, block_q4_Kx8, scales), PS_BYTES(block_q4_K, block_q4_Kx8, qs)}};
-        case GgmlType::Q6_K:
-            return {sizeof(block_q6_K), 4,
-                    {PS_HALF(block_q6_K, block_q6_Kx8, d), PS_BYTES(block_q6_K, block_q6_Kx8, scales),
-                     PS_BYTES(block_q6_K, block_q6_Kx8, ql), PS_BYTES(block_q6_K, block_q6_Kx8, qh)}};
-        case GgmlType::Q5_1:
-            return {sizeof(block_q5_1), 4,
-                    {PS_HALF(block_q5_1, block_q5_1x8, d), PS_HALF(block_q5_1, block_q5_1x8, m),
-                     PS_BYTES(block_q5_1, block_q5_1x8, qh), PS_BYTES(block_q5_1, block_q5_1x8, qs)}};
-        case GgmlType::IQ4_NL:
-            return {sizeof(block_iq4_nl), 2,
-                    {PS_HALF(block_iq4_nl, block_iq4_nlx8, d), PS_BYTES(block_iq4_nl, block_iq4_nlx8, qs)}};
-        case GgmlType::Q5_K:
-            return {sizeof(block_q5_K), 5,
-                    {PS_HALF(block_q5_K, block_q5_Kx8, d), PS_HALF(block_q5_K, block_q5_Kx8, dmin),
-                     PS_BYTES(block_q5_K, block_q5_Kx8, scales), PS_BYTES(block_q5_K, block_q5_Kx8, qh),
-                     PS_BYTES(block_q5_K, block_q5_Kx8, qs)}};
-        case GgmlType::Q2_K:
-            return {sizeof(block_q2_K), 4,
-                    {PS_HALF(block_q2_K, block_q2_Kx8, d), PS_HALF(block_q2_K, block_q2_Kx8, dmin),
-                     PS_BYTES(block_q2_K, block_q2_Kx8, scales), PS_BYTES(block_q2_K, block_q2_Kx8, qs)}};
-        case GgmlType::Q3_K:
-            return {sizeof(block_q3_K), 4,
-                    {PS_HALF(block_q3_K, block_q3_Kx8, d), PS_BYTES(block_q3_K, block_q3_Kx8, scales),
-                     PS_BYTES(block_q3_K, block_q3_Kx8, hmask), PS_BYTES(block_q3_K, block_q3_Kx8, qs)}};
+        case GgmlType::Q4_0: return layout_from<GgmlType::Q4_0>();
+        case GgmlType::Q4_1: return layout_from<GgmlType::Q4_1>();
+        case GgmlType::Q8_0: return layout_from<GgmlType::Q8_0>();
+        case GgmlType::Q5_0: return layout_from<GgmlType::Q5_0>();
+        case GgmlType::Q5_1: return layout_from<GgmlType::Q5_1>();
+        case GgmlType::IQ4_NL: return layout_from<GgmlType::IQ4_NL>();
+        case GgmlType::Q4_K: return layout_from<GgmlType::Q4_K>();
+        case GgmlType::Q5_K: return layout_from<GgmlType::Q5_K>();
+        case GgmlType::Q6_K: return layout_from<GgmlType::Q6_K>();
+        case GgmlType::Q2_K: return layout_from<GgmlType::Q2_K>();
+        case GgmlType::Q3_K: return layout_from<GgmlType::Q3_K>();
         default:
             fail(strfmt("cannot interleave rows of type %s", type_name(w)));
     }
 }
-#undef PS_HALF
-#undef PS_BYTES
 
 // Row i's block between its plain form and its place in an x8 block: to_x8 copies from (a plain
 // block) to (an x8 block), else from (an x8 block) to (row i's plain block).
 void move_block(const Layout& L, int i, const uint8_t* from, uint8_t* to, bool to_x8) {
     for (int n = 0; n < L.n; ++n) {
-        const Field& f = L.f[n];
+        const X8Field& f = L.f[n];
         const size_t chunks = f.half ? 1 : f.bytes / 4, len = f.half ? 2 : 4;
         for (size_t m = 0; m < chunks; ++m) {
             const size_t p = f.plain + 4 * m, x = f.x8 + (f.half ? 2 * size_t(i) : m * 32 + 4 * size_t(i));

@@ -131,6 +131,40 @@ static_assert(sizeof(block_q5_Kx8) == 8 * sizeof(block_q5_K), "block_q5_Kx8 layo
 static_assert(sizeof(block_q2_Kx8) == 8 * sizeof(block_q2_K), "block_q2_Kx8 layout");
 static_assert(sizeof(block_q3_Kx8) == 8 * sizeof(block_q3_K), "block_q3_Kx8 layout");
 constexpr int kGroupRows = 8;
+
+// Each type's block fields for the rule above, one table that the load-time copies
+// (interleave.cpp) and the on-the-fly transposition of gathered rows (kernels_x86_rows.inc) both
+// read: offset and size in the plain block and in the x8 block; half: an fp16 (an array of 8 in
+// the x8 block), else bytes in 4-byte chunks.
+struct X8Field {
+    uint16_t plain, x8, bytes;
+    bool half;
+};
+template <GgmlType T> struct X8Layout;
+#define PS_X8_HALF(f) X8Field{uint16_t(offsetof(Plain, f)), uint16_t(offsetof(X8, f)), 2, true}
+#define PS_X8_BYTES(f) X8Field{uint16_t(offsetof(Plain, f)), uint16_t(offsetof(X8, f)), uint16_t(sizeof(Plain::f)), false}
+#define PS_X8_LAYOUT(T, P, X, ...)                  \
+    template <> struct X8Layout<GgmlType::T> {       \
+        using Plain = P;                             \
+        using X8 = X;                                \
+        static constexpr X8Field f[] = {__VA_ARGS__}; \
+    };
+PS_X8_LAYOUT(Q4_0, block_q4_0, block_q4_0x8, PS_X8_HALF(d), PS_X8_BYTES(qs))
+PS_X8_LAYOUT(Q4_1, block_q4_1, block_q4_1x8, PS_X8_HALF(d), PS_X8_HALF(m), PS_X8_BYTES(qs))
+PS_X8_LAYOUT(Q8_0, block_q8_0, block_q8_0x8, PS_X8_HALF(d), PS_X8_BYTES(qs))
+PS_X8_LAYOUT(Q5_0, block_q5_0, block_q5_0x8, PS_X8_HALF(d), PS_X8_BYTES(qh), PS_X8_BYTES(qs))
+PS_X8_LAYOUT(Q5_1, block_q5_1, block_q5_1x8, PS_X8_HALF(d), PS_X8_HALF(m), PS_X8_BYTES(qh), PS_X8_BYTES(qs))
+PS_X8_LAYOUT(IQ4_NL, block_iq4_nl, block_iq4_nlx8, PS_X8_HALF(d), PS_X8_BYTES(qs))
+PS_X8_LAYOUT(Q4_K, block_q4_K, block_q4_Kx8, PS_X8_HALF(d), PS_X8_HALF(dmin), PS_X8_BYTES(scales), PS_X8_BYTES(qs))
+PS_X8_LAYOUT(Q5_K, block_q5_K, block_q5_Kx8, PS_X8_HALF(d), PS_X8_HALF(dmin), PS_X8_BYTES(scales), PS_X8_BYTES(qh),
+             PS_X8_BYTES(qs))
+PS_X8_LAYOUT(Q6_K, block_q6_K, block_q6_Kx8, PS_X8_HALF(d), PS_X8_BYTES(scales), PS_X8_BYTES(ql), PS_X8_BYTES(qh))
+PS_X8_LAYOUT(Q2_K, block_q2_K, block_q2_Kx8, PS_X8_HALF(d), PS_X8_HALF(dmin), PS_X8_BYTES(scales), PS_X8_BYTES(qs))
+PS_X8_LAYOUT(Q3_K, block_q3_K, block_q3_Kx8, PS_X8_HALF(d), PS_X8_BYTES(scales), PS_X8_BYTES(hmask), PS_X8_BYTES(qs))
+#undef PS_X8_LAYOUT
+#undef PS_X8_BYTES
+#undef PS_X8_HALF
+
 inline bool can_interleave(GgmlType w, int64_t k, int64_t n_rows) {
     return traits(w).x8 && k > 0 && k % traits(w).block == 0 && n_rows % kGroupRows == 0 && n_rows > 0;
 }
