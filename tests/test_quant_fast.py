@@ -154,3 +154,38 @@ def test_bench_quant_speed_mode_times_every_type_and_checks_the_bytes(tmp_path):
     rows = json.loads(out.read_text())["seconds_per_mweight"]
     assert [row["type"] for row in rows] == ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL"]
     assert all(row["same_bytes"] and row["now"] > 0 and row["before"] > 0 for row in rows)
+
+
+def test_native_searches_refuse_arrays_that_do_not_fit():
+    """The C++ searches read and write through raw pointers: arrays whose shapes disagree, or a
+    block size or code range they do not handle, are refused with an error naming the problem."""
+    from prosparse_rt._core import _quant_search as q
+
+    n, k = 4, 32
+    x, w = np.zeros((n, k), F32), np.ones((n, k), F32)
+    per_block = lambda m=n: np.zeros(m, F32)  # noqa: E731
+    flags = np.zeros(n, np.uint8)
+    codes = np.zeros((n, k), np.int32)
+
+    def qkx2(**kw):
+        a = dict(x=x, w=w, mn=per_block(), span=per_block(), flat=flags, nmax=15, rmin=-1.0, rdelta=0.1, nstep=20,
+                 use_mad=False, scale=per_block(), the_min=per_block(), codes=codes)
+        a.update(kw)
+        q.qkx2(**a)
+
+    qkx2()  # fits
+    with pytest.raises(ValueError, match="same shape"):
+        qkx2(w=np.ones((n, 16), F32))
+    with pytest.raises(ValueError, match="same shape"):
+        qkx2(codes=np.zeros((n + 1, k), np.int32))
+    with pytest.raises(ValueError, match="scale: one value per block"):
+        qkx2(scale=per_block(n - 1))
+    with pytest.raises(ValueError, match="blocks of 16 or 32"):
+        qkx2(x=np.zeros((n, 24), F32), w=np.ones((n, 24), F32), codes=np.zeros((n, 24), np.int32))
+    with pytest.raises(ValueError, match="nmax or nstep"):
+        qkx2(nmax=0)
+    q.qx(x=x, mxs=per_block(), zero=flags, nmax=31, scale=per_block(), codes=codes)  # fits
+    with pytest.raises(ValueError, match="mxs: one value per block"):
+        q.qx(x=x, mxs=per_block(2), zero=flags, nmax=31, scale=per_block(), codes=codes)
+    with pytest.raises(ValueError, match="nmax out of range"):
+        q.qx(x=x, mxs=per_block(), zero=flags, nmax=200, scale=per_block(), codes=codes)
