@@ -73,8 +73,10 @@ void gemm_chunks(ThreadPool& pool, const Tensor& W, const int32_t* rows, int64_t
     const uint8_t* xa = scratch.data();
     const size_t stride = W.row_stride();
     // Each row's result comes from one tile whatever the chunk, so this choice never changes
-    // results; chunks hold whole tiles (4 rows) and whole interleaved groups (8).
-    const int64_t rc = std::max<int64_t>(kRowChunk, (kChunkBytes / int64_t(stride) + 7) / 8 * 8);
+    // results; chunks hold whole tiles (4 rows) and whole pairs of interleaved groups (16: the
+    // AVX-512 batch tiles take two groups at once, and a 7B row of 2304 bytes made 7-group
+    // chunks, one group in seven through the narrower tile).
+    const int64_t rc = std::max<int64_t>(kRowChunk, (kChunkBytes / int64_t(stride) + 15) / 16 * 16);
     const int64_t n_chunks = (n + rc - 1) / rc;
     pool.parallel_for(n_chunks, [&](int64_t ch, int) {
         const int64_t i0 = ch * rc, cnt = std::min(rc, n - i0);
