@@ -61,6 +61,9 @@ inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 }
 
+// acc + a[2i] * b[2i] + a[2i + 1] * b[2i + 1] per int32 lane (int16 operands; exact)
+inline __m256i dot_s16(__m256i acc, __m256i a, __m256i b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
+
 #include "cpu/kernels_x86.inc"
 
 inline float vhsum(VF v) { return hsum8(v); }
