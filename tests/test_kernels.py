@@ -574,6 +574,22 @@ def test_attention_tile_matches_numpy_in_every_isa(n, hd):
         np.testing.assert_allclose(got[2:] / got[1], (e @ V) / e.sum(), rtol=0, atol=1e-5, err_msg=isa)
 
 
+@pytest.mark.parametrize("n, hd", [(1, 64), (37, 64), (128, 64), (100, 40), (5, 24), (128, 128)])
+def test_attention_tile_on_f16_rows_equals_it_on_their_floats(n, hd):
+    # an f16 KV cache's rows are read in place (attn_tile_f16); the conversion is exact, so every
+    # instruction set gives the bits its attn_tile gives on the converted floats (tails included:
+    # hd not a multiple of the vector width, n not a multiple of 4)
+    rng = np.random.default_rng(n * 7 + hd)
+    q = rng.standard_normal(hd).astype(np.float32)
+    K = (3 * rng.standard_normal((n, hd))).astype(np.float16)
+    V = rng.standard_normal((n, hd)).astype(np.float16)
+    scale = 1.0 / np.sqrt(hd)
+    for isa in ISAS:
+        want = T.attn_tile(isa, q, K.astype(np.float32), V.astype(np.float32), scale)
+        got = T.attn_tile_f16(isa, q, K.view(np.uint16), V.view(np.uint16), scale)
+        np.testing.assert_array_equal(got, want, err_msg=isa)
+
+
 def test_axpy_rows_op_refuses_rows_out_of_order():
     wb, _ = make_weights("Q4_0", 8, 64)
     with pytest.raises(ValueError, match="ascending"):

@@ -30,11 +30,19 @@ void rope(float* x, int n_heads, int head_dim, int n_rot, const float* cs) {
 
 namespace {
 
-// One tile's keys and values ([n][head_dim] each) as f32: the cache's own rows for an f32 cache,
-// else converted (KernelSet::dequant_row) into tile (2 * kAttnTile * head_dim floats).
+// One tile's keys and values ([n][head_dim] each): the cache's own rows for an f32 or f16 cache
+// (attn_tile / attn_tile_f16 read them in place), else converted (KernelSet::dequant_row) into
+// tile (2 * kAttnTile * head_dim floats).
 struct TileRows {
     const float* k;
     const float* v;
+    const uint16_t* kh = nullptr;  // an f16 cache's rows: k and v unset
+    const uint16_t* vh = nullptr;
+    // one query head's tile of n keys into part (kernels.h, attn_tile)
+    void attend(const cpu::KernelSet& ks, const float* q, int n, int hd, float scale, float* part) const {
+        if (kh) ks.attn_tile_f16(q, kh, vh, n, hd, scale, part);
+        else ks.attn_tile(q, k, v, n, hd, scale, part);
+    }
 };
 
 TileRows tile_rows(const KvCache& kv, int layer, int seq, int kvh, int p0, int n, float* tile) {
@@ -43,6 +51,8 @@ TileRows tile_rows(const KvCache& kv, int layer, int seq, int kvh, int p0, int n
     const uint8_t* k = kv.keys(layer, seq, kvh) + size_t(p0) * rb;
     const uint8_t* v = kv.values(layer, seq, kvh) + size_t(p0) * rb;
     if (kv.type() == KvType::F32) return {reinterpret_cast<const float*>(k), reinterpret_cast<const float*>(v)};
+    if (kv.type() == KvType::F16)  // rows of HD halves, back to back
+        return {nullptr, nullptr, reinterpret_cast<const uint16_t*>(k), reinterpret_cast<const uint16_t*>(v)};
     const cpu::KernelSet& ks = cpu::kernels();
     const GgmlType t = kv_ggml_type(kv.type());
     float* kb = tile;
@@ -90,8 +100,7 @@ void attention(ThreadPool& pool, const HParams& hp, const KvCache& kv, int layer
             const int p0 = j * kAttnTile, n = std::min(kAttnTile, n_keys - p0);
             const TileRows rows = tile_rows(kv, layer, seq, kvh, p0, n, s.tiles.data() + size_t(thread) * tile_floats);
             for (int h = kvh * G; h < (kvh + 1) * G; ++h)
-                ks.attn_tile(q + size_t(h) * HD, rows.k, rows.v, n, HD, scale,
-                             s.partials.data() + (size_t(h) * n_tiles + j) * ps);
+                rows.attend(ks, q + size_t(h) * HD, n, HD, scale, s.partials.data() + (size_t(h) * n_tiles + j) * ps);
         });
         pool.parallel_for(NH, [&](int64_t h, int) {
             float* parts = s.partials.data() + size_t(h) * n_tiles * ps;  // merged into tile 0's slot
@@ -126,8 +135,7 @@ void attention(ThreadPool& pool, const HParams& hp, const KvCache& kv, int layer
                 if (n <= 0) continue;  // this token's keys ended in an earlier tile
                 for (int g = 0; g < G; ++g) {
                     float* st = state.data() + (size_t(t - t0) * G + g) * ps;
-                    ks.attn_tile(q + size_t(t) * H + size_t(kvh * G + g) * HD, rows.k, rows.v, n, HD, scale,
-                                 j == 0 ? st : part.data());
+                    rows.attend(ks, q + size_t(t) * H + size_t(kvh * G + g) * HD, n, HD, scale, j == 0 ? st : part.data());
                     if (j > 0) merge(st, part.data(), HD);
                 }
             }

@@ -202,6 +202,19 @@ void register_test_hooks(nb::module_& m) {
         ks->attn_tile(q.data(), K.data(), V.data(), n, hd, scale, part.data());
         return owned_array(std::move(part), {size_t(hd) + 2});
     }, "isa"_a, "q"_a, "K"_a, "V"_a, "scale"_a);
+    t.def("attn_tile_f16", [kset](const std::string& isa, nb::ndarray<const float, nb::ndim<1>, nb::c_contig> q,
+                                  nb::ndarray<const uint16_t, nb::ndim<2>, nb::c_contig> K,
+                                  nb::ndarray<const uint16_t, nb::ndim<2>, nb::c_contig> V, float scale) {
+        // the same on an f16 cache's rows: K and V [n][hd] as IEEE halves (numpy float16 viewed as uint16)
+        const ps::cpu::KernelSet* ks = kset(isa);
+        const int n = int(K.shape(0)), hd = int(K.shape(1));
+        if (n < 1 || n > ps::cpu::kAttnTileMax || int(q.shape(0)) != hd || int(V.shape(0)) != n ||
+            int(V.shape(1)) != hd)
+            throw ps::Error("shape mismatch");
+        std::vector<float> part(size_t(hd) + 2);
+        ks->attn_tile_f16(q.data(), K.data(), V.data(), n, hd, scale, part.data());
+        return owned_array(std::move(part), {size_t(hd) + 2});
+    }, "isa"_a, "q"_a, "K"_a, "V"_a, "scale"_a);
     t.def("axpy_rows", [kset, check_rows](const std::string& isa, uint32_t type, nb::bytes W, int64_t nr,
                                           int64_t k, std::optional<std::vector<int32_t>> rows,
                                           nb::ndarray<const float, nb::ndim<2>, nb::c_contig> C,

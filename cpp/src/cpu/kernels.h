@@ -220,6 +220,10 @@ struct KernelSet {
     // per-lane sums, then across the lanes) and a dot's lane order are fixed per instruction set
     // (as for float weights), so results are the same for any batch and thread count.
     void (*attn_tile)(const float* q, const float* K, const float* V, int n, int hd, float scale, float* part) = nullptr;
+    // The same on an f16 cache's rows read in place (IEEE halves): the bits attn_tile gives on their
+    // float values (the conversion is exact), without converting the tile into a float buffer first.
+    void (*attn_tile_f16)(const float* q, const uint16_t* K, const uint16_t* V, int n, int hd, float scale,
+                          float* part) = nullptr;
 
     // Residual-stream vector routines (vec.h), the same bits in every set: y[i] = fma(a, x[i], y[i]);
     // y[i] *= a; RMSNorm with the sum of squares in double, fma-accumulated in index order, then

@@ -488,12 +488,16 @@ void gemm_interleaved_t(int64_t k, const uint8_t* W, int64_t n_groups, const uin
 
 // ---- the type-independent kernels ---------------------------------------------------------------
 
-void attn_tile(const float* q, const float* K, const float* V, int n, int hd, float scale, float* part) {
+inline float kv_value(float v) { return v; }
+inline float kv_value(uint16_t h) { return half_to_float(h); }
+
+template <class E>  // the cache's element: float, or an f16 cache's uint16_t halves
+void attn_tile_t(const float* q, const E* K, const E* V, int n, int hd, float scale, float* part) {
     float e[kAttnTileMax];
     float m = -INFINITY;
     for (int p = 0; p < n; ++p) {
         float s = 0.0f;
-        for (int d = 0; d < hd; ++d) s = std::fma(q[d], K[p * hd + d], s);
+        for (int d = 0; d < hd; ++d) s = std::fma(q[d], kv_value(K[p * hd + d]), s);
         e[p] = s * scale;
         m = std::max(m, e[p]);
     }
@@ -504,7 +508,7 @@ void attn_tile(const float* q, const float* K, const float* V, int n, int hd, fl
     }
     for (int d = 0; d < hd; ++d) {
         float o = 0.0f;
-        for (int p = 0; p < n; ++p) o = std::fma(e[p], V[p * hd + d], o);
+        for (int p = 0; p < n; ++p) o = std::fma(e[p], kv_value(V[p * hd + d]), o);
         part[2 + d] = o;
     }
     part[0] = m;
@@ -549,7 +553,8 @@ KernelSet build() {
     add_types<GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1,
               GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::IQ4_NL, GgmlType::Q2_K, GgmlType::Q3_K, GgmlType::Q4_K,
               GgmlType::Q5_K, GgmlType::Q6_K>(ks);
-    ks.attn_tile = attn_tile;
+    ks.attn_tile = attn_tile_t<float>;
+    ks.attn_tile_f16 = attn_tile_t<uint16_t>;
     ks.vec_axpy = vec_axpy;
     ks.vec_scale = vec_scale;
     ks.rms_norm = rms_norm;
