@@ -189,31 +189,28 @@ void register_test_hooks(nb::module_& m) {
         ks->gemm_rows(w.t.type, k, w.t.data, w.t.row_stride(), rows.data(), n, xa.data(), xs, nc, Y.data(), n);
         return owned_array(std::move(Y), {size_t(nc), size_t(n)});
     }, "isa"_a, "type"_a, "W"_a, "nr"_a, "k"_a, "rows"_a, "X"_a);
-    t.def("attn_tile", [kset](const std::string& isa, nb::ndarray<const float, nb::ndim<1>, nb::c_contig> q,
-                              nb::ndarray<const float, nb::ndim<2>, nb::c_contig> K,
-                              nb::ndarray<const float, nb::ndim<2>, nb::c_contig> V, float scale) {
-        // one attention tile: K and V [n][hd] as the cache holds them; returns (m, l, o[hd])
+    // one attention tile through tile (attn_tile, or attn_tile_f16 with K and V as IEEE halves:
+    // numpy float16 viewed as uint16): K and V [n][hd] as the cache holds them; returns (m, l, o[hd])
+    auto attn_hook = [kset](auto tile, const std::string& isa, nb::ndarray<const float, nb::ndim<1>, nb::c_contig> q,
+                            auto K, auto V, float scale) {
         const ps::cpu::KernelSet* ks = kset(isa);
         const int n = int(K.shape(0)), hd = int(K.shape(1));
         if (n < 1 || n > ps::cpu::kAttnTileMax || int(q.shape(0)) != hd || int(V.shape(0)) != n ||
             int(V.shape(1)) != hd)
             throw ps::Error("shape mismatch");
         std::vector<float> part(size_t(hd) + 2);
-        ks->attn_tile(q.data(), K.data(), V.data(), n, hd, scale, part.data());
+        (ks->*tile)(q.data(), K.data(), V.data(), n, hd, scale, part.data());
         return owned_array(std::move(part), {size_t(hd) + 2});
+    };
+    using F32Rows = nb::ndarray<const float, nb::ndim<2>, nb::c_contig>;
+    using F16Rows = nb::ndarray<const uint16_t, nb::ndim<2>, nb::c_contig>;
+    t.def("attn_tile", [attn_hook](const std::string& isa, nb::ndarray<const float, nb::ndim<1>, nb::c_contig> q,
+                                   F32Rows K, F32Rows V, float scale) {
+        return attn_hook(&ps::cpu::KernelSet::attn_tile, isa, q, K, V, scale);
     }, "isa"_a, "q"_a, "K"_a, "V"_a, "scale"_a);
-    t.def("attn_tile_f16", [kset](const std::string& isa, nb::ndarray<const float, nb::ndim<1>, nb::c_contig> q,
-                                  nb::ndarray<const uint16_t, nb::ndim<2>, nb::c_contig> K,
-                                  nb::ndarray<const uint16_t, nb::ndim<2>, nb::c_contig> V, float scale) {
-        // the same on an f16 cache's rows: K and V [n][hd] as IEEE halves (numpy float16 viewed as uint16)
-        const ps::cpu::KernelSet* ks = kset(isa);
-        const int n = int(K.shape(0)), hd = int(K.shape(1));
-        if (n < 1 || n > ps::cpu::kAttnTileMax || int(q.shape(0)) != hd || int(V.shape(0)) != n ||
-            int(V.shape(1)) != hd)
-            throw ps::Error("shape mismatch");
-        std::vector<float> part(size_t(hd) + 2);
-        ks->attn_tile_f16(q.data(), K.data(), V.data(), n, hd, scale, part.data());
-        return owned_array(std::move(part), {size_t(hd) + 2});
+    t.def("attn_tile_f16", [attn_hook](const std::string& isa, nb::ndarray<const float, nb::ndim<1>, nb::c_contig> q,
+                                       F16Rows K, F16Rows V, float scale) {
+        return attn_hook(&ps::cpu::KernelSet::attn_tile_f16, isa, q, K, V, scale);
     }, "isa"_a, "q"_a, "K"_a, "V"_a, "scale"_a);
     t.def("axpy_rows", [kset, check_rows](const std::string& isa, uint32_t type, nb::bytes W, int64_t nr,
                                           int64_t k, std::optional<std::vector<int32_t>> rows,
